@@ -1,0 +1,39 @@
+# make demo: set up and run the demo end to end (embedded Prefect server, output in ./outputs)
+# make test: set up and run every test (unit, integration with real Prefect and S3 servers, end to end)
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup model demo test test-fast clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, so no dependency pulls a different build. Override TORCH for your CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+model: setup
+	$(BIN)/python demo/prepare_model.py
+
+demo: model
+	$(BIN)/python demo/run.py
+
+test: model
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not integration and not e2e"
+
+clean:
+	rm -rf $(VENV) .prefect .finetune-work outputs .pytest_cache

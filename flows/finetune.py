@@ -1,0 +1,43 @@
+"""The fine-tuning pipeline: ingest -> plan -> evaluate base -> train -> evaluate tuned -> publish."""
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel
+
+from tasks.config import FinetuneConfig
+from tasks.evaluate import evaluate
+from tasks.ingest import ingest
+from tasks.plan import plan_training
+from tasks.publish import package_run, report, upload_run
+from tasks.runs import start_run
+from tasks.train import train_model
+
+
+class FinetuneResult(BaseModel):
+    run_id: str
+    output_uri: str
+    method: str
+    metric: str
+    base_score: float
+    tuned_score: float
+    base_eval_loss: float
+    tuned_eval_loss: float
+    summary: str
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    run = start_run(config)
+    data = ingest(config, run)
+    planned = plan_training(config, data)
+    base = evaluate(config, data, planned, label="base")
+    trained = train_model(config, run, data, planned)
+    tuned = evaluate(config, data, planned, label="tuned", trained=trained)
+    manifest = package_run(config, run, data, planned, trained, base, tuned)
+    output_uri = upload_run(run)
+    summary = report(config, manifest, output_uri)
+    return FinetuneResult(
+        run_id=run.run_id, output_uri=output_uri, method=trained.method, metric=base.metric,
+        base_score=base.score, tuned_score=tuned.score, base_eval_loss=base.loss, tuned_eval_loss=tuned.loss,
+        summary=summary,
+    )

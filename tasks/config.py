@@ -1,0 +1,120 @@
+"""The fine-tuning run's parameters: one typed pydantic model.
+
+The flow takes a single `FinetuneConfig`, so the Prefect UI renders it as a form (Literal fields
+become dropdowns) and the server rejects bad values before a run is created. Pure: no Prefect,
+no torch.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.storage import is_s3_uri, split_s3_uri
+
+Method = Literal["auto", "full", "lora", "qlora"]
+DataFormat = Literal["auto", "instruction", "prompt_completion", "chat"]
+PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class _Settings(BaseModel):
+    # Unknown keys are typos (e.g. `learning_rte`): reject them instead of silently ignoring.
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Settings):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str = Field(
+        "all-linear",
+        description="'all-linear', or a comma-separated list of module names, e.g. 'q_proj,v_proj'.",
+    )
+
+    def target_list(self) -> list[str] | str:
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+class TrainingSettings(_Settings):
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="After warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps (at most; early stopping may end sooner).")
+    batch_size: int = Field(8, ge=1, description="Rows per optimizer step (micro-batch x accumulation).")
+    micro_batch_size: int = Field(
+        8, ge=1, description="Largest rows per forward pass; the planner lowers it when memory is short."
+    )
+    max_seq_len: int = Field(1024, ge=16, le=131072, description="Tokens per row; longer rows are truncated.")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="'auto' turns it on only when the plan needs it to fit."
+    )
+    eval_every: int = Field(10, ge=1, description="Evaluate eval loss every N optimizer steps.")
+    early_stopping_patience: int = Field(
+        3, ge=0, description="Stop after this many evaluations without improvement (0: never stop early)."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts.")
+    seed: int = Field(0, description="Seed for data order, split and initialisation.")
+
+
+class EvaluationSettings(_Settings):
+    metric: Literal["exact_match"] = Field(
+        "exact_match", description="Task metric on generated answers (case, punctuation and spaces normalised)."
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length for the task metric.")
+    max_generation_rows: int = Field(64, ge=1, description="Eval rows used for generation (loss uses all).")
+    batch_size: int = Field(16, ge=1, description="Rows per batch for eval loss and generation.")
+    examples_in_report: int = Field(4, ge=0, le=50, description="Base-vs-tuned answers shown in the report.")
+
+
+class FinetuneConfig(_Settings):
+    model: str = Field(description="Local folder of a Hugging Face causal LM (config.json, safetensors, tokenizer).")
+    data: str = Field(description="Training data: a local path or s3://bucket/key (.jsonl, .json, .csv, .parquet).")
+    eval_data: str | None = Field(None, description="Held-out data; when empty, a split of `data` is used.")
+    data_format: DataFormat = Field(
+        "auto", description="Row format; 'auto' detects it from the columns."
+    )
+    eval_fraction: float = Field(0.1, gt=0, le=0.5, description="Share of `data` held out when no eval_data.")
+    method: Method = Field(
+        "auto", description="'auto' picks the best method that fits memory: full > lora > qlora."
+    )
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="Memory to plan within; default: free GPU memory, or available RAM on CPU."
+    )
+    output: str = Field("outputs", description="Where runs are published: a local folder or s3://bucket/prefix.")
+    work_dir: str = Field(".finetune-work", description="Local scratch folder for data, checkpoints and staging.")
+    publish_dtype: PublishDtype = Field(
+        "float32",
+        description="dtype of the merged weights. float32 publishes exactly the model that was evaluated; "
+        "'base' keeps the base checkpoint's dtype (half the size for a bf16 base, but rounding can change "
+        "greedy answers where the model is unsure).",
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+
+    @model_validator(mode="after")
+    def _check_locations(self) -> FinetuneConfig:
+        # Collect every problem, then raise once (pydantic reports them all together).
+        problems = []
+        for name in ("data", "eval_data"):
+            uri = getattr(self, name)
+            if uri is None:
+                continue
+            if not uri.strip():
+                problems.append(f"{name} is empty: give a local path or s3://bucket/key")
+            elif is_s3_uri(uri) and not split_s3_uri(uri)[1]:
+                problems.append(f"{name}={uri!r} names a bucket but no object: use s3://bucket/path/file.jsonl")
+            elif not uri.lower().endswith(DATA_SUFFIXES):
+                problems.append(f"{name}={uri!r} has an unsupported suffix: use one of {', '.join(DATA_SUFFIXES)}")
+        if is_s3_uri(self.output) and not split_s3_uri(self.output)[0]:
+            problems.append(f"output={self.output!r} has no bucket: use s3://bucket/prefix")
+        if not self.model.strip():
+            problems.append("model is empty: give the folder of a Hugging Face model")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+

@@ -1,0 +1,67 @@
+"""Turn the best checkpoint into a standalone model folder, and prove it computes the same thing.
+
+An adapter is merged into a full-precision (fp32) reload of the base, never into 4-bit weights
+(peft would merge into re-quantised weights, which is lossy). Two checks on a probe batch:
+1. merge: merged fp32 logits equal base + adapter logits (a broken merge fails the publish);
+2. saved: the folder written to disk, in the publish dtype, reloads and mostly agrees on the
+   next token (rounding to bf16 moves logits a little; a large disagreement fails the publish).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tasks.modeling import load_for_inference
+
+MERGE_TOLERANCE = 1e-3  # max |logit difference| between merged and unmerged fp32 models
+MIN_SAVED_AGREEMENT = 0.9  # share of probe positions whose top-1 token survives the dtype cast
+
+
+class ExportError(RuntimeError):
+    """The exported model does not reproduce the trained one."""
+
+
+def publish_dtype(base_path: str, requested: str) -> torch.dtype:
+    if requested != "base":
+        return getattr(torch, requested)
+    config = json.loads((Path(base_path) / "config.json").read_text())
+    return getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+@torch.no_grad()
+def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir: Path, dtype: torch.dtype,
+                 tokenizer, probe_texts: list[str], device: str) -> dict:
+    tokenizer.padding_side = "right"
+    probe = tokenizer(probe_texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+    mask = probe["attention_mask"].bool()
+    if is_adapter:
+        model = load_for_inference(base_path, device, adapter=checkpoint_dir, dtype=torch.float32)
+        expected = model(**probe).logits[mask]
+        model = model.merge_and_unload()
+        merge_error = (model(**probe).logits[mask] - expected).abs().max().item()
+        if merge_error > MERGE_TOLERANCE:
+            raise ExportError(f"merged model differs from base + adapter by {merge_error:.2e} (> {MERGE_TOLERANCE})")
+    else:
+        model = load_for_inference(checkpoint_dir, device, dtype=torch.float32)
+        expected, merge_error = model(**probe).logits[mask], 0.0
+    model.to(dtype).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    del model
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(device).eval()
+    saved = reloaded(**probe).logits[mask]
+    agreement = (saved.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    verification = {
+        "probe_rows": len(probe_texts),
+        "probe_tokens": int(mask.sum()),
+        "merge_max_abs_logit_diff": merge_error,
+        "saved_dtype": str(dtype).removeprefix("torch."),
+        "saved_max_abs_logit_diff": (saved - expected).abs().max().item(),
+        "saved_top1_agreement": agreement,
+    }
+    if agreement < MIN_SAVED_AGREEMENT:
+        raise ExportError(f"saved model agrees with the trained one on only {agreement:.1%} of probe tokens: "
+                          f"{verification}")
+    return verification

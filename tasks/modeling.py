@@ -1,0 +1,86 @@
+"""Loading models for training and inference: full, LoRA, or QLoRA (= LoRA on a 4-bit base).
+
+On CUDA the frozen base runs in bf16; on CPU everything is fp32 (bf16 matmuls are slow on most
+CPUs). tasks/memory.py models exactly these choices: change them together.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tasks.config import LoraSettings
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def load_for_training(path: str, method: str, device: str, lora: LoraSettings, gradient_checkpointing: bool):
+    if method == "qlora":
+        model = _load_4bit(path, device)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    else:
+        # Full fine-tuning keeps fp32 master weights (bf16 autocast on CUDA); LoRA freezes a
+        # compute-dtype base.
+        dtype = torch.float32 if method == "full" else compute_dtype(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.config.use_cache = False  # the KV cache is for generation; it only costs memory here
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method == "full":
+        return model
+    return attach_lora(model, lora)
+
+
+def _load_4bit(path: str, device: str):
+    from transformers import BitsAndBytesConfig  # bitsandbytes itself is imported by transformers here
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(device),
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization, dtype=compute_dtype(device), device_map={"": device}
+    )
+
+
+def attach_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_list(), task_type="CAUSAL_LM",
+    )
+    # Non-reentrant checkpointing (set above) needs no enable_input_require_grads() on a frozen base.
+    return get_peft_model(model, config)
+
+
+def load_for_inference(path: str, device: str, adapter: str | None = None, dtype: torch.dtype | None = None):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or compute_dtype(device)).to(device)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their logical size."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = parameter.numel()
+        if parameter.__class__.__name__ == "Params4bit":
+            count = count * 2  # two 4-bit values per stored byte
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,99 @@
+"""Stage 2, plan: estimate memory for each method and pick what fits, before loading any weights."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from tasks.config import FinetuneConfig
+from tasks.dataset import read_conversations
+from tasks.ingest import IngestResult
+from tasks.memory import GIB, ModelShape
+from tasks.schemas import DatasetError
+from tasks.selector import TrainingPlan, select_plan
+from tasks.tokenization import encode_all, length_stats, load_tokenizer
+
+GPU_SAFETY = 0.9  # share of free GPU memory we plan to use
+RAM_SAFETY = 0.8  # share of available RAM we plan to use on CPU
+
+
+class PlanResult(BaseModel):
+    plan: TrainingPlan
+    token_stats: dict
+    model_parameters: int
+    model_type: str
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
+    logger = get_run_logger()
+    shape = ModelShape.from_config(_read_model_config(config.model), source=f"{config.model}/config.json")
+    tokenizer = load_tokenizer(config.model)
+    settings = config.training
+    stats = length_stats(encode_all(tokenizer, read_conversations(data.train_path), settings.max_seq_len),
+                         settings.max_seq_len)
+    if stats["trainable_tokens"] == 0:
+        raise DatasetError(f"{config.data}: no answer token survives truncation to {settings.max_seq_len} tokens "
+                           f"(longest row: {stats['tokens_max']}); raise training.max_seq_len")
+    if stats["rows_truncated"]:
+        logger.warning("%d of %d train rows are longer than max_seq_len=%d and will be truncated "
+                       "(%d lose every answer token)", stats["rows_truncated"], stats["rows"],
+                       settings.max_seq_len, stats["rows_without_trainable_tokens"])
+    device = _device()
+    budget, source = _memory_budget(config, device)
+    plan = select_plan(
+        shape, budget_bytes=budget, budget_source=source, device=device, method=config.method,
+        seq_len=min(settings.max_seq_len, stats["tokens_max"]), batch_size=settings.batch_size,
+        micro_batch_size=settings.micro_batch_size, gradient_checkpointing=settings.gradient_checkpointing,
+        lora_r=config.lora.r, lora_targets=config.lora.target_list(), lora_dropout=config.lora.dropout,
+    )
+    logger.info("plan: %s", plan.reason)
+    create_table_artifact(plan.table(), key="finetune-plan", description=f"Memory plan. {plan.reason}")
+    return PlanResult(plan=plan, token_stats=stats, model_parameters=shape.parameters, model_type=shape.model_type)
+
+
+def _read_model_config(model: str) -> dict:
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; `model` must be a local folder holding a Hugging Face "
+                                "model (config.json, safetensors weights, tokenizer)")
+    return json.loads(path.read_text())
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _memory_budget(config: FinetuneConfig, device: str) -> tuple[int, str]:
+    if config.memory_budget_gib:
+        return int(config.memory_budget_gib * GIB), "memory_budget_gib"
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * GPU_SAFETY), f"{GPU_SAFETY:.0%} of free memory on {torch.cuda.get_device_name()}"
+    return int(_available_ram() * RAM_SAFETY), f"{RAM_SAFETY:.0%} of available RAM"
+
+
+def _available_ram() -> int:
+    """MemAvailable, capped by a cgroup memory limit when the process runs in one."""
+    available = None
+    if Path("/proc/meminfo").is_file():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    if available is None:  # not Linux: total physical memory
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit_file = Path("/sys/fs/cgroup/memory.max")
+    if limit_file.is_file() and limit_file.read_text().strip().isdigit():
+        limit = int(limit_file.read_text())
+        usage = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        available = min(available, limit - usage)
+    return available

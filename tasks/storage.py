@@ -1,0 +1,107 @@
+"""Object storage: a local folder or S3 (boto3), behind the same few calls.
+
+S3 honours the usual boto3 settings, including `AWS_ENDPOINT_URL` for S3-compatible stores.
+boto3 is imported lazily so the pure modules stay light. Transient S3 errors are retried by
+botocore's standard retry mode (idempotent single-object calls only).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+MARKER_LAST = "manifest.json"  # written last: its presence means the run folder is complete
+
+
+class StorageNotFoundError(FileNotFoundError):
+    """The object or file does not exist (a user error, never retried)."""
+
+
+def is_s3_uri(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def join_uri(base: str, *parts: str) -> str:
+    if is_s3_uri(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def s3_client():
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_s3_uri(uri):
+        path = Path(uri)
+        if not path.is_file():
+            raise StorageNotFoundError(f"{uri}: file not found (working directory {Path.cwd()})")
+        return path.read_bytes()
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3_uri(uri)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            raise StorageNotFoundError(f"{uri}: {code} (check the bucket and key)") from error
+        raise
+
+
+def publish_folder(local_dir: Path, dest_uri: str) -> str:
+    """Copy a finished run folder to `dest_uri` so readers never see half of it.
+
+    Local: copy to a hidden sibling, then rename (atomic on one filesystem).
+    S3: upload every file, `manifest.json` last; a run without a manifest is incomplete.
+    """
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    if not is_s3_uri(dest_uri):
+        dest = Path(dest_uri)
+        if dest.exists():
+            raise FileExistsError(f"{dest} already exists: run ids are unique, refusing to overwrite")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(local_dir, partial)
+        os.replace(partial, dest)
+        return str(dest)
+    from boto3.s3.transfer import TransferConfig
+
+    client = s3_client()
+    bucket, prefix = split_s3_uri(dest_uri)
+    transfer = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+    files.sort(key=lambda p: p.name == MARKER_LAST)  # manifest last
+    for path in files:
+        key = "/".join(filter(None, [prefix.rstrip("/"), path.relative_to(local_dir).as_posix()]))
+        client.upload_file(str(path), bucket, key, Config=transfer)
+    return dest_uri
+
+
+def download_folder(uri: str, local_dir: Path) -> Path:
+    """Fetch a published run folder (local or S3) into `local_dir`."""
+    local_dir.mkdir(parents=True, exist_ok=True)
+    if not is_s3_uri(uri):
+        shutil.copytree(uri, local_dir, dirs_exist_ok=True)
+        return local_dir
+    client = s3_client()
+    bucket, prefix = split_s3_uri(uri)
+    prefix = prefix.rstrip("/") + "/"
+    found = False
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            found = True
+            target = local_dir / obj["Key"][len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(target))
+    if not found:
+        raise StorageNotFoundError(f"{uri}: no objects under this prefix")
+    return local_dir

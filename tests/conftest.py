@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DATA = ROOT / "demo" / "data"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def demo_texts() -> list[str]:
+    texts = []
+    for name in ("train.jsonl", "eval.jsonl"):
+        for line in (DEMO_DATA / name).read_text().splitlines():
+            texts += [m["content"] for m in json.loads(line)["messages"]]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), demo_texts())
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from tasks.tokenization import load_tokenizer
+
+    return load_tokenizer(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real temporary Prefect server (SQLite) for the session; results kept out of the repo."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results)
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """moto's S3 server on 127.0.0.1 (real HTTP), with boto3 pointed at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="finetune-test")
+    return "finetune-test"
+
+
+def tiny_config(model: Path, tmp_path: Path, **overrides):
+    """A fast flow configuration on the tiny model and the demo data."""
+    from tasks.config import FinetuneConfig
+
+    settings = {
+        "model": str(model),
+        "data": str(DEMO_DATA / "train.jsonl"),
+        "eval_data": str(DEMO_DATA / "eval.jsonl"),
+        "output": str(tmp_path / "out"),
+        "work_dir": str(tmp_path / "work"),
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"learning_rate": 3e-3, "lr_schedule": "constant", "max_steps": 8, "batch_size": 8,
+                     "max_seq_len": 128, "eval_every": 4, "early_stopping_patience": 0},
+        "evaluation": {"max_new_tokens": 12, "max_generation_rows": 4},
+    }
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

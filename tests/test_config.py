@@ -1,0 +1,52 @@
+import pytest
+from pydantic import ValidationError
+
+from tasks.config import FinetuneConfig
+
+
+def test_defaults_are_valid():
+    config = FinetuneConfig(model="m", data="d.jsonl")
+    assert config.method == "auto" and config.lora.target_list() == "all-linear"
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ValidationError) as caught:
+        FinetuneConfig(model="m", data="s3://bucket-only", eval_data="e.txt", method="lorra",
+                       training={"learning_rate": -1, "learning_rte": 1e-4})
+    text = str(caught.value)
+    for expected in ("method", "learning_rate", "learning_rte", "Extra inputs"):
+        assert expected in text
+
+
+def test_location_rules_collected_in_one_error():
+    with pytest.raises(ValidationError) as caught:
+        FinetuneConfig(model=" ", data="s3://bucket-only", eval_data="e.txt", output="s3://")
+    text = str(caught.value)
+    assert "names a bucket but no object" in text
+    assert "unsupported suffix" in text
+    assert "has no bucket" in text
+    assert "model is empty" in text
+
+
+def test_lora_target_list():
+    config = FinetuneConfig(model="m", data="d.csv", lora={"target_modules": "q_proj, v_proj"})
+    assert config.lora.target_list() == ["q_proj", "v_proj"]
+
+
+def test_flow_parameters_render_as_a_typed_form():
+    from flows.finetune import finetune
+
+    schema = finetune.parameters.model_dump()
+    assert schema["required"] == ["config"]
+    definitions = schema["definitions"]
+    config = definitions["FinetuneConfig"]["properties"]
+    assert config["method"]["enum"] == ["auto", "full", "lora", "qlora"]
+    assert "description" in config["data"]
+    assert set(definitions) >= {"LoraSettings", "TrainingSettings", "EvaluationSettings"}
+
+
+def test_flow_rejects_bad_parameters_before_running():
+    from flows.finetune import finetune
+
+    with pytest.raises(Exception, match="method"):
+        finetune.validate_parameters({"config": {"model": "m", "data": "d.jsonl", "method": "huge"}})

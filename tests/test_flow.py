@@ -1,0 +1,98 @@
+"""The whole flow against a real temporary Prefect server, on a tiny model built from a config."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEMO_DATA, tiny_config
+from flows.finetune import finetune
+from tasks.manifest import sha256_file
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_api")]
+
+
+def task_names(state) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return sorted(run.name.rsplit("-", 1)[0] if not run.name.startswith("evaluate-") else run.name for run in runs)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_each_method_fine_tunes_and_publishes(tiny_model, tmp_path, method):
+    base_sha = sha256_file(tiny_model / "model.safetensors")
+    dtype = "bfloat16" if method == "qlora" else "float32"
+    result = finetune(tiny_config(tiny_model, tmp_path, method=method, publish_dtype=dtype))
+    run_dir = tmp_path / "out" / result.run_id
+    assert result.output_uri == str(run_dir) and result.method == method
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+
+    # Every file is listed with its checksum, and nothing half-written is left beside the run.
+    listed = {f["path"]: f["sha256"] for f in manifest["files"]}
+    on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(listed) == on_disk
+    assert all(sha256_file(run_dir / path) == digest for path, digest in listed.items())
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [result.run_id]
+    assert ("adapter/adapter_model.safetensors" in listed) == (method != "full")
+    assert {"merged/model.safetensors", "merged/config.json", "merged/tokenizer.json"} <= set(listed)
+
+    # The manifest says what was trained, from what, how, and how well.
+    assert manifest["run"]["run_id"] == result.run_id and manifest["run"]["flow_run_id"]
+    assert manifest["base_model"]["path"] == str(tiny_model)
+    assert manifest["data"]["sources"][0]["sha256"] == sha256_file(DEMO_DATA / "train.jsonl")
+    assert manifest["plan"]["method"] == method and manifest["plan"]["estimate"]["total"] > 0
+    assert manifest["training"]["peak_memory_bytes"] > 0
+    assert manifest["libraries"]["torch"] == torch.__version__
+    assert manifest["export"]["merge_max_abs_logit_diff"] < 1e-3
+
+    # It learned, and the base model on disk is untouched while the merged one differs from it.
+    assert result.tuned_eval_loss < result.base_eval_loss
+    assert sha256_file(tiny_model / "model.safetensors") == base_sha
+    base = load_file(tiny_model / "model.safetensors")
+    merged = load_file(run_dir / "merged" / "model.safetensors")
+    assert {str(t.dtype) for t in merged.values()} == {f"torch.{dtype}"}
+    assert manifest["export"]["saved_dtype"] == dtype and manifest["export"]["saved_top1_agreement"] >= 0.9
+    changed = [k for k in base if not torch.equal(base[k], merged[k].to(base[k].dtype))]
+    assert any("mlp" in k for k in changed)
+    if method == "full":
+        assert "model.embed_tokens.weight" in changed
+    else:  # LoRA touches only the linear layers
+        assert "model.embed_tokens.weight" not in changed
+
+
+def test_summary_artifact_is_written(tiny_model, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    result = finetune(tiny_config(tiny_model, tmp_path, method="lora"))
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-summary"])))
+    latest = max(artifacts, key=lambda a: a.created)
+    assert result.run_id in latest.data and "| base |" in latest.data and "| tuned |" in latest.data
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("missing.jsonl", None, "missing.jsonl: file not found"),
+    ("columns.jsonl", '{"question": "q", "answer": "a"}\n', "cannot tell the row format from the columns (question, answer)"),
+    ("empty.jsonl", "", "empty.jsonl: the dataset has no rows"),
+    ("blank.jsonl", '{"prompt": "q", "completion": " "}\n', "blank.jsonl line 1: got ' '"),
+])
+def test_bad_data_fails_in_ingest_before_any_model_is_loaded(tiny_model, tmp_path, name, content, expected):
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    state = finetune(tiny_config(tiny_model, tmp_path, data=str(tmp_path / name), eval_data=None), return_state=True)
+    assert state.is_failed()
+    assert expected in str(state.result(raise_on_failure=False))
+    assert task_names(state) == ["ingest"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_forced_method_that_does_not_fit_fails_in_plan(tiny_model, tmp_path):
+    state = finetune(tiny_config(tiny_model, tmp_path, method="full", memory_budget_gib=0.5), return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "method 'full' needs at least" in message and "budget is 0.50 GiB (memory_budget_gib)" in message
+    assert task_names(state) == ["ingest", "plan"]

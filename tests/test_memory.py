@@ -1,0 +1,95 @@
+import pytest
+
+from tasks.memory import GIB, ModelShape, UnsupportedModelError, estimate_memory
+from tasks.selector import PlanError, select_plan
+
+SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+           "tie_word_embeddings": True}
+LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+            "tie_word_embeddings": False}
+
+
+def test_parameter_counts_match_real_models():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for settings in (SMOLLM2, {**SMOLLM2, "tie_word_embeddings": False, "num_hidden_layers": 2}):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**settings))
+        real = sum(p.numel() for p in model.parameters())
+        assert ModelShape.from_config(settings).parameters == real
+    assert round(ModelShape.from_config(LLAMA_8B).parameters / 1e9, 2) == 8.03  # as in ANCHORS.md
+
+
+def test_lora_parameter_count_matches_peft(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    import json
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shape = ModelShape.from_config(json.loads((tiny_model / "config.json").read_text()))
+    assert shape.lora_parameters(8) == trainable
+
+
+def test_methods_order_and_checkpointing():
+    shape = ModelShape.from_config(LLAMA_8B)
+    est = {m: estimate_memory(shape, m, "cuda", 4, 2048, False) for m in ("full", "lora", "qlora")}
+    assert est["full"].total > est["lora"].total > est["qlora"].total
+    assert est["full"].gib > 16 * 8.03e9 / GIB  # 16 bytes per parameter before activations
+    checkpointed = estimate_memory(shape, "lora", "cuda", 4, 2048, True)
+    assert checkpointed.activations < est["lora"].activations / 5
+    assert estimate_memory(shape, "lora", "cuda", 8, 2048, False).activations == 2 * est["lora"].activations
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(UnsupportedModelError, match=r"my.json: model_type 'mamba' lacks intermediate_size"):
+        ModelShape.from_config({"model_type": "mamba", "hidden_size": 8, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "vocab_size": 10}, source="my.json")
+
+
+def plan(budget_gib, method="auto", **kw):
+    return select_plan(ModelShape.from_config(LLAMA_8B), budget_bytes=int(budget_gib * GIB),
+                       budget_source="test", device="cuda", method=method, seq_len=2048, batch_size=8,
+                       micro_batch_size=8, **kw)
+
+
+def need(method, micro_batch, checkpointing):
+    return estimate_memory(ModelShape.from_config(LLAMA_8B), method, "cuda", micro_batch, 2048, checkpointing).gib
+
+
+def test_auto_prefers_quality_then_speed():
+    big = plan(need("full", 8, False) + 1)
+    assert (big.method, big.micro_batch_size, big.gradient_checkpointing, big.gradient_accumulation) == ("full", 8, False, 1)
+    # Just short of full at its smallest: the best LoRA configuration, without checkpointing if it fits.
+    lora = plan(need("full", 1, True) - 0.1)
+    assert lora.method == "lora" and lora.estimate.total <= (need("full", 1, True) - 0.1) * GIB
+    assert lora.micro_batch_size * lora.gradient_accumulation >= 8
+    assert [c.estimate.method for c in lora.candidates] == ["full", "lora", "qlora"]
+    assert [c.fits for c in lora.candidates] == [False, True, True]
+    assert plan(need("lora", 1, True) - 0.1).method == "qlora"
+
+
+def test_smaller_micro_batch_before_checkpointing():
+    chosen = plan(need("lora", 2, False) + 0.01, method="lora")
+    assert (chosen.micro_batch_size, chosen.gradient_checkpointing, chosen.gradient_accumulation) == (2, False, 4)
+    checkpointed = plan(need("lora", 1, False) - 0.1, method="lora")
+    assert checkpointed.gradient_checkpointing
+
+
+def test_forced_method_that_cannot_fit_says_what_it_needs():
+    budget = need("full", 1, True) - 0.1
+    with pytest.raises(PlanError, match=rf"method 'full' needs at least {need('full', 1, True):.2f} GiB .*"
+                                        rf"budget is {budget:.2f} GiB .*use lora"):
+        plan(budget, method="full")
+    with pytest.raises(PlanError, match="no method fits: the smallest, qlora"):
+        plan(need("qlora", 1, True) - 0.1)
+
+
+def test_checkpointing_off_is_respected():
+    budget = need("lora", 1, False) - 0.1
+    assert plan(budget).method == "lora"
+    assert plan(budget, gradient_checkpointing="off").method == "qlora"

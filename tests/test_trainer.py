@@ -1,0 +1,90 @@
+"""The training loop on a tiny model: what changes, what stays frozen, and that it learns."""
+import logging
+
+import pytest
+import torch
+
+from conftest import DEMO_DATA
+from tasks.config import LoraSettings, TrainingSettings
+from tasks.dataset import read_dataset
+from tasks.modeling import load_for_training
+from tasks.tokenization import encode_all
+from tasks.trainer import accumulate_gradients, mean_loss, train
+
+LOG = logging.getLogger("test")
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_tokenizer):
+    train_rows = read_dataset(str(DEMO_DATA / "train.jsonl")).conversations
+    eval_rows = read_dataset(str(DEMO_DATA / "eval.jsonl")).conversations
+    return encode_all(tiny_tokenizer, train_rows, 128), encode_all(tiny_tokenizer, eval_rows, 128)
+
+
+def run(model, examples, tmp_path, pad_id, micro_batch=8, **settings):
+    defaults = {"learning_rate": 3e-3, "lr_schedule": "constant", "max_steps": 10, "batch_size": 8,
+                "eval_every": 5, "early_stopping_patience": 0}
+    return train(model, *examples, TrainingSettings(**{**defaults, **settings}), micro_batch, pad_id, "cpu",
+                 tmp_path / "best", LOG)
+
+
+def snapshot(model, trainable: bool) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad == trainable}
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapters_learn_and_the_base_stays_frozen(tiny_model, tiny_tokenizer, examples, tmp_path, method):
+    model = load_for_training(str(tiny_model), method, "cpu", LoraSettings(r=8, dropout=0.0), False)
+    adapters, frozen = snapshot(model, True), snapshot(model, False)
+    assert adapters and all("lora_" in name for name in adapters)
+    before = mean_loss(model, examples[1], 8, tiny_tokenizer.pad_token_id, "cpu")
+    outcome = run(model, examples, tmp_path, tiny_tokenizer.pad_token_id, learning_rate=3e-2)
+    after_adapters, after_frozen = snapshot(model, True), snapshot(model, False)
+    assert all(not torch.equal(adapters[n], after_adapters[n]) for n in adapters if "lora_B" in n)
+    assert all(torch.equal(frozen[n], after_frozen[n]) for n in frozen)
+    assert outcome.best_eval_loss < before - 0.2  # held-out loss fell
+    assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
+
+
+def test_full_fine_tuning_updates_every_weight(tiny_model, tiny_tokenizer, examples, tmp_path):
+    model = load_for_training(str(tiny_model), "full", "cpu", LoraSettings(), False)
+    before = snapshot(model, True)
+    outcome = run(model, examples, tmp_path, tiny_tokenizer.pad_token_id)
+    after = snapshot(model, True)
+    assert len(before) == len(list(model.parameters()))
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    assert outcome.history[-1]["eval_loss"] < outcome.history[4]["eval_loss"]
+    assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_accumulation_weighs_tokens_like_one_big_batch(tiny_model, tiny_tokenizer, examples):
+    rows = examples[0][:8]  # rows of different lengths and answer sizes
+    gradients = []
+    for micro_batch in (8, 3, 1):
+        model = load_for_training(str(tiny_model), "full", "cpu", LoraSettings(), False)
+        accumulate_gradients(model, rows, micro_batch, tiny_tokenizer.pad_token_id, "cpu")
+        gradients.append({n: p.grad for n, p in model.named_parameters()})
+    for other in gradients[1:]:
+        for name, grad in gradients[0].items():
+            torch.testing.assert_close(other[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_checkpointing_gives_the_same_training(tiny_model, tiny_tokenizer, examples, tmp_path):
+    losses = []
+    for checkpointing in (False, True):
+        model = load_for_training(str(tiny_model), "lora", "cpu", LoraSettings(r=8, dropout=0.0), checkpointing)
+        outcome = run(model, examples, tmp_path / str(checkpointing), tiny_tokenizer.pad_token_id, max_steps=3,
+                      eval_every=3)
+        losses.append([r["train_loss"] for r in outcome.history])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tiny_model, tiny_tokenizer, examples, tmp_path):
+    # A learning rate this high makes eval loss worse after the first evaluations.
+    model = load_for_training(str(tiny_model), "full", "cpu", LoraSettings(), False)
+    outcome = run(model, examples, tmp_path, tiny_tokenizer.pad_token_id, learning_rate=0.5, max_steps=40,
+                  eval_every=1, early_stopping_patience=2)
+    evals = [r["eval_loss"] for r in outcome.history if "eval_loss" in r]
+    assert outcome.stopped_early and outcome.steps < 40
+    assert outcome.best_eval_loss == min(evals)
+    assert evals[-1] > outcome.best_eval_loss and evals[-2] > outcome.best_eval_loss
