@@ -8,7 +8,7 @@ from tasks.config import FinetuneConfig
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.plan import plan_training
-from tasks.publish import package_run, report, upload_run
+from tasks.publish import package_run, upload_run, write_report
 from tasks.runs import start_run
 from tasks.train import train_model
 
@@ -35,7 +35,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     tuned = evaluate(config, data, planned, label="tuned", trained=trained)
     manifest = package_run(config, run, data, planned, trained, base, tuned)
     output_uri = upload_run(run)
-    summary = report(config, manifest, output_uri)
+    summary = write_report(config, manifest, output_uri)
     return FinetuneResult(
         run_id=run.run_id, output_uri=output_uri, method=trained.method, metric=base.metric,
         base_score=base.score, tuned_score=tuned.score, base_eval_loss=base.loss, tuned_eval_loss=tuned.loss,

@@ -1,8 +1,9 @@
 """The fine-tuning run's parameters: one typed pydantic model.
 
 The flow takes a single `FinetuneConfig`, so the Prefect UI renders it as a form (Literal fields
-become dropdowns) and the server rejects bad values before a run is created. Pure: no Prefect,
-no torch.
+become dropdowns) and the server rejects values outside the JSON schema (types, enums, bounds)
+before a run is created; the cross-field checks below run when the flow starts, before any task.
+Pure: no Prefect, no torch.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class TrainingSettings(_Settings):
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="After warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps (at most; early stopping may end sooner).")
     batch_size: int = Field(8, ge=1, description="Rows per optimizer step (micro-batch x accumulation).")
     micro_batch_size: int = Field(

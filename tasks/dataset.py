@@ -62,6 +62,15 @@ def read_dataset(uri: str, data_format: str = "auto") -> Dataset:
 
 def parse_table(raw: bytes, uri: str) -> tuple[pd.DataFrame, str]:
     """Bytes of a .jsonl/.json/.csv/.parquet file -> a frame with a 1-based `_row` column."""
+    try:
+        return _parse(raw, uri)
+    except DatasetError:
+        raise
+    except Exception as error:  # pyarrow, the CSV parser, json: name the file, keep their detail
+        raise DatasetError(f"{uri}: cannot be read as {uri.rsplit('.', 1)[-1]} ({type(error).__name__}: {error})") from error
+
+
+def _parse(raw: bytes, uri: str) -> tuple[pd.DataFrame, str]:
     suffix = uri.lower().rsplit(".", 1)[-1]
     if suffix == "parquet":
         frame = pd.read_parquet(io.BytesIO(raw))
@@ -178,6 +187,8 @@ def write_conversations(dataset: Dataset, path) -> None:
             out.write(json.dumps({"row": row, "messages": messages}, ensure_ascii=False) + "\n")
 
 
-def read_conversations(path) -> list[Conversation]:
+def read_conversations(path) -> tuple[list[int], list[Conversation]]:
+    """A split written by write_conversations: (source row numbers, conversations)."""
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line)["messages"] for line in handle if line.strip()]
+        records = [json.loads(line) for line in handle if line.strip()]
+    return [r["row"] for r in records], [r["messages"] for r in records]

@@ -31,13 +31,15 @@ def evaluate(config: FinetuneConfig, data: IngestResult, planned: PlanResult, la
     from tasks.modeling import load_for_inference
 
     device = planned.plan.device
+    # Evaluate in the precision the run trained in: a QLoRA plan means a bf16 base may not fit.
+    quantized = planned.plan.method == "qlora"
     tokenizer = load_tokenizer(config.model)
-    conversations = read_conversations(data.eval_path)
+    _, conversations = read_conversations(data.eval_path)
     examples = encode_all(tokenizer, conversations, config.training.max_seq_len)
     if trained is None:
-        model = load_for_inference(config.model, device)
+        model = load_for_inference(config.model, device, quantized=quantized)
     elif trained.is_adapter:
-        model = load_for_inference(config.model, device, adapter=trained.checkpoint_dir)
+        model = load_for_inference(config.model, device, adapter=trained.checkpoint_dir, quantized=quantized)
     else:
         model = load_for_inference(trained.checkpoint_dir, device)
     scores = evaluate_model(model, tokenizer, conversations, examples, config.evaluation, device)

@@ -3,8 +3,9 @@
 An adapter is merged into a full-precision (fp32) reload of the base, never into 4-bit weights
 (peft would merge into re-quantised weights, which is lossy). Two checks on a probe batch:
 1. merge: merged fp32 logits equal base + adapter logits (a broken merge fails the publish);
-2. saved: the folder written to disk, in the publish dtype, reloads and mostly agrees on the
-   next token (rounding to bf16 moves logits a little; a large disagreement fails the publish).
+2. saved: the folder written to disk reloads and gives the same logits (fp32), or, in a 16-bit
+   publish dtype whose rounding moves logits a little, mostly the same next token.
+It runs on `device`; the caller picks the CPU when an fp32 copy of the model would not fit the GPU.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from transformers import AutoModelForCausalLM
 from tasks.modeling import load_for_inference
 
 MERGE_TOLERANCE = 1e-3  # max |logit difference| between merged and unmerged fp32 models
-MIN_SAVED_AGREEMENT = 0.9  # share of probe positions whose top-1 token survives the dtype cast
+MIN_SAVED_AGREEMENT = 0.9  # share of probe positions whose top-1 token survives a cast to 16 bits
+PROBE_TOKENS = 128  # per probe row: enough to check, small enough that fp32 logits stay cheap
 
 
 class ExportError(RuntimeError):
@@ -35,7 +37,8 @@ def publish_dtype(base_path: str, requested: str) -> torch.dtype:
 def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir: Path, dtype: torch.dtype,
                  tokenizer, probe_texts: list[str], device: str) -> dict:
     tokenizer.padding_side = "right"
-    probe = tokenizer(probe_texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+    probe = tokenizer(probe_texts, add_special_tokens=False, padding=True, truncation=True,
+                      max_length=PROBE_TOKENS, return_tensors="pt").to(device)
     mask = probe["attention_mask"].bool()
     if is_adapter:
         model = load_for_inference(base_path, device, adapter=checkpoint_dir, dtype=torch.float32)
@@ -47,6 +50,7 @@ def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir:
     else:
         model = load_for_inference(checkpoint_dir, device, dtype=torch.float32)
         expected, merge_error = model(**probe).logits[mask], 0.0
+    model.config.use_cache = True  # training turned the KV cache off; users generate with it
     model.to(dtype).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     del model
@@ -61,7 +65,7 @@ def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir:
         "saved_max_abs_logit_diff": (saved - expected).abs().max().item(),
         "saved_top1_agreement": agreement,
     }
-    if agreement < MIN_SAVED_AGREEMENT:
-        raise ExportError(f"saved model agrees with the trained one on only {agreement:.1%} of probe tokens: "
-                          f"{verification}")
+    lossless = dtype == torch.float32
+    if (lossless and verification["saved_max_abs_logit_diff"] > MERGE_TOLERANCE) or agreement < MIN_SAVED_AGREEMENT:
+        raise ExportError(f"the saved model does not reproduce the trained one: {verification}")
     return verification

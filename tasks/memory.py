@@ -9,6 +9,8 @@ It models this project's trainer (tasks/trainer.py) as it is:
          parameters (embeddings, norms) are upcast to fp32 by peft's prepare_model_for_kbit_training.
 Activations are what autograd keeps for a Llama-style decoder layer, for every token of the
 largest micro-batch; with gradient checkpointing, only each layer's input plus one layer.
+Logits are counted for every token: the worst case, since the trainer projects to the vocabulary
+only where a row has an answer token. benchmarks/results/ holds measured peaks to compare with.
 Pure: no torch, no Prefect.
 """
 from __future__ import annotations
@@ -50,7 +52,7 @@ class ModelShape:
             raise UnsupportedModelError(
                 f"{source}: model_type {config.get('model_type', '?')!r} lacks {', '.join(missing)}; "
                 "the memory estimator supports decoder-only Llama-style configs "
-                "(llama, mistral, qwen2, qwen3, gemma, phi3). Set method explicitly and memory_budget_gib "
+                "(llama, mistral, qwen2, qwen3, gemma). Set method explicitly and memory_budget_gib "
                 "generously to skip the estimate's guidance, or file an issue with the config."
             )
         heads = config["num_attention_heads"]

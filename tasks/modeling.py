@@ -24,14 +24,17 @@ def load_for_training(path: str, method: str, device: str, lora: LoraSettings, g
         model = _load_4bit(path, device)
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     else:
         # Full fine-tuning keeps fp32 master weights (bf16 autocast on CUDA); LoRA freezes a
         # compute-dtype base.
         dtype = torch.float32 if method == "full" else compute_dtype(device)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
     model.config.use_cache = False  # the KV cache is for generation; it only costs memory here
-    if gradient_checkpointing:
+    if gradient_checkpointing and method != "qlora":  # prepare_model_for_kbit_training did it
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "full":
         return model
@@ -55,8 +58,6 @@ def _load_4bit(path: str, device: str):
 def attach_lora(model, lora: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_list(), task_type="CAUSAL_LM",
@@ -65,8 +66,14 @@ def attach_lora(model, lora: LoraSettings):
     return get_peft_model(model, config)
 
 
-def load_for_inference(path: str, device: str, adapter: str | None = None, dtype: torch.dtype | None = None):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or compute_dtype(device)).to(device)
+def load_for_inference(path: str, device: str, adapter: str | None = None, dtype: torch.dtype | None = None,
+                       quantized: bool = False):
+    """The base (4-bit when `quantized`, as QLoRA trained it), with the adapter on top if given."""
+    if quantized:
+        model = _load_4bit(path, device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or compute_dtype(device),
+                                                     device_map={"": device})
     if adapter:
         from peft import PeftModel
 

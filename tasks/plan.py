@@ -35,16 +35,11 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     shape = ModelShape.from_config(_read_model_config(config.model), source=f"{config.model}/config.json")
     tokenizer = load_tokenizer(config.model)
     settings = config.training
-    stats = length_stats(encode_all(tokenizer, read_conversations(data.train_path), settings.max_seq_len),
-                         settings.max_seq_len)
-    if stats["trainable_tokens"] == 0:
-        raise DatasetError(f"{config.data}: no answer token survives truncation to {settings.max_seq_len} tokens "
-                           f"(longest row: {stats['tokens_max']}); raise training.max_seq_len")
-    if stats["rows_truncated"]:
-        logger.warning("%d of %d train rows are longer than max_seq_len=%d and will be truncated "
-                       "(%d lose every answer token)", stats["rows_truncated"], stats["rows"],
-                       settings.max_seq_len, stats["rows_without_trainable_tokens"])
-    device = _device()
+    stats = _check_lengths(tokenizer, data.train_path, config.data, settings.max_seq_len, logger)
+    _check_lengths(tokenizer, data.eval_path, config.eval_data or config.data, settings.max_seq_len, logger)
+    from tasks.modeling import pick_device  # torch loads here, not when the flow is imported
+
+    device = pick_device()
     budget, source = _memory_budget(config, device)
     plan = select_plan(
         shape, budget_bytes=budget, budget_source=source, device=device, method=config.method,
@@ -57,18 +52,29 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     return PlanResult(plan=plan, token_stats=stats, model_parameters=shape.parameters, model_type=shape.model_type)
 
 
+def _check_lengths(tokenizer, split_path: str, source: str, max_seq_len: int, logger) -> dict:
+    """Token-length statistics of a split; fails when truncation leaves no answer to learn or score."""
+    rows, conversations = read_conversations(split_path)
+    examples = encode_all(tokenizer, conversations, max_seq_len)
+    stats = length_stats(examples, max_seq_len)
+    if stats["trainable_tokens"] == 0:
+        raise DatasetError(f"{source}: no answer token survives truncation to {max_seq_len} tokens "
+                           f"(longest row: {stats['tokens_max']}); raise training.max_seq_len")
+    truncated = [row for row, example in zip(rows, examples) if example.truncated]
+    if truncated:
+        logger.warning("%s: %d of %d rows are longer than max_seq_len=%d and are truncated (rows %s); "
+                       "%d lose every answer token", source, len(truncated), len(rows), max_seq_len,
+                       ", ".join(map(str, truncated[:10])) + (" ..." if len(truncated) > 10 else ""),
+                       stats["rows_without_trainable_tokens"])
+    return stats
+
+
 def _read_model_config(model: str) -> dict:
     path = Path(model) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; `model` must be a local folder holding a Hugging Face "
                                 "model (config.json, safetensors weights, tokenizer)")
     return json.loads(path.read_text())
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _memory_budget(config: FinetuneConfig, device: str) -> tuple[int, str]:

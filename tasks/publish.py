@@ -21,10 +21,11 @@ from tasks.manifest import build_manifest, file_entries, sha256_file
 from tasks.plan import PlanResult
 from tasks.report import headline, summary_markdown
 from tasks.runs import RunInfo
-from tasks.storage import MARKER_LAST, publish_folder
+from tasks.storage import MANIFEST_NAME, is_transient, publish_folder
 from tasks.train import TrainResult
 
-PROBE_ROWS = 8  # eval rows whose logits must survive merging and saving
+PROBE_ROWS = 4  # eval rows whose logits must survive merging and saving
+FP32_EXPORT_HEADROOM = 1.5  # an fp32 copy of the model plus probe logits and allocator slack
 
 
 @task(name="package", cache_policy=NO_CACHE)
@@ -40,10 +41,11 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     if trained.is_adapter:
         shutil.copytree(trained.checkpoint_dir, staging / "adapter")
     tokenizer = load_tokenizer(trained.checkpoint_dir)
-    probe = [render(tokenizer, c) for c in read_conversations(data.eval_path)[:PROBE_ROWS]]
+    _, conversations = read_conversations(data.eval_path)
+    probe = [render(tokenizer, c) for c in conversations[:PROBE_ROWS]]
     verification = export_model(config.model, trained.checkpoint_dir, trained.is_adapter, staging / "merged",
                                 publish_dtype(config.model, config.publish_dtype), tokenizer, probe,
-                                planned.plan.device)
+                                _export_device(planned))
     get_run_logger().info("export verified: %s", verification)
     manifest = build_manifest(
         run={**run.model_dump(exclude={"run_dir"})},
@@ -57,22 +59,22 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
         export=verification,
         files=file_entries(staging),
     )
-    (staging / MARKER_LAST).write_text(json.dumps(manifest, indent=2))
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _export_device(planned: PlanResult) -> str:
+    """Merge on the GPU when an fp32 copy of the model fits its budget, else in CPU RAM."""
+    fits = 4 * planned.model_parameters * FP32_EXPORT_HEADROOM <= planned.plan.budget_bytes
+    return planned.plan.device if fits else "cpu"
 
 
 def _transient_storage_error(task, task_run, state) -> bool:
     """Retry uploads only when the store or network hiccuped, never on a user error."""
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
-
     try:
         state.result()
-    except (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError):
-        return True
-    except ClientError as error:
-        return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
-    except Exception:
-        return False
+    except Exception as error:
+        return is_transient(error)
     return False
 
 
@@ -87,7 +89,7 @@ def upload_run(run: RunInfo) -> str:
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(config: FinetuneConfig, manifest: dict, output_uri: str) -> str:
+def write_report(config: FinetuneConfig, manifest: dict, output_uri: str) -> str:
     create_markdown_artifact(summary_markdown(manifest, output_uri, config.evaluation.examples_in_report),
                              key="finetune-summary", description=headline(manifest))
     return headline(manifest)

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-MARKER_LAST = "manifest.json"  # written last: its presence means the run folder is complete
+MANIFEST_NAME = "manifest.json"  # written last: its presence means the run folder is complete
 
 
 class StorageNotFoundError(FileNotFoundError):
@@ -37,6 +37,25 @@ def s3_client():
     from botocore.config import Config
 
     return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+
+
+def is_transient(error: BaseException) -> bool:
+    """A network failure or a 5xx from the store, anywhere in the exception's chain.
+
+    boto3's transfer manager wraps the real error (S3UploadFailedError from ClientError), so the
+    chain is walked rather than the outer type checked.
+    """
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(error, ClientError):
+            return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def read_bytes(uri: str) -> bytes:
@@ -67,7 +86,9 @@ def publish_folder(local_dir: Path, dest_uri: str) -> str:
     if not is_s3_uri(dest_uri):
         dest = Path(dest_uri)
         if dest.exists():
-            raise FileExistsError(f"{dest} already exists: run ids are unique, refusing to overwrite")
+            if _same_manifest(dest, local_dir):
+                return str(dest)  # an earlier attempt of this publish finished: nothing to do
+            raise FileExistsError(f"{dest} already exists with another manifest; refusing to overwrite")
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(f".{dest.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -79,11 +100,16 @@ def publish_folder(local_dir: Path, dest_uri: str) -> str:
     client = s3_client()
     bucket, prefix = split_s3_uri(dest_uri)
     transfer = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
-    files.sort(key=lambda p: p.name == MARKER_LAST)  # manifest last
+    files.sort(key=lambda p: p.name == MANIFEST_NAME)  # manifest last
     for path in files:
         key = "/".join(filter(None, [prefix.rstrip("/"), path.relative_to(local_dir).as_posix()]))
         client.upload_file(str(path), bucket, key, Config=transfer)
     return dest_uri
+
+
+def _same_manifest(published: Path, staged: Path) -> bool:
+    done = published / MANIFEST_NAME
+    return done.is_file() and done.read_bytes() == (staged / MANIFEST_NAME).read_bytes()
 
 
 def download_folder(uri: str, local_dir: Path) -> Path:
@@ -94,7 +120,7 @@ def download_folder(uri: str, local_dir: Path) -> Path:
         return local_dir
     client = s3_client()
     bucket, prefix = split_s3_uri(uri)
-    prefix = prefix.rstrip("/") + "/"
+    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     found = False
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):

@@ -21,7 +21,8 @@ class Example:
 
     @property
     def trainable_tokens(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        """Tokens the loss counts: labels shift by one, so the first position is never predicted."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 def load_tokenizer(path: str):
@@ -70,6 +71,9 @@ def assistant_spans(tokenizer, conversation: list[dict]) -> tuple[str, list[tupl
 
 
 def encode(tokenizer, conversation: list[dict], max_seq_len: int) -> Example:
+    if not tokenizer.is_fast:
+        raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer; answer masking needs character "
+                         "offsets, which only fast tokenizers give: save the model with a tokenizer.json")
     text, spans = assistant_spans(tokenizer, conversation)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoding["input_ids"]

@@ -36,14 +36,17 @@ class TrainResult(BaseModel):
 def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult) -> TrainResult:
     # torch, transformers and peft load here, not at import: the flow module stays light for workers
     # and deployment tooling.
+    import torch
+
     from tasks.modeling import load_for_training, parameter_counts
     from tasks.trainer import train
 
     logger = get_run_logger()
     plan, settings = planned.plan, config.training
     tokenizer = load_tokenizer(config.model)
-    train_examples = encode_all(tokenizer, read_conversations(data.train_path), settings.max_seq_len)
-    eval_examples = encode_all(tokenizer, read_conversations(data.eval_path), settings.max_seq_len)
+    train_examples = encode_all(tokenizer, read_conversations(data.train_path)[1], settings.max_seq_len)
+    eval_examples = encode_all(tokenizer, read_conversations(data.eval_path)[1], settings.max_seq_len)
+    torch.manual_seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
     model = load_for_training(config.model, plan.method, plan.device, config.lora, plan.gradient_checkpointing)
     trainable, total = parameter_counts(model)
     logger.info("training %s on %s: %s of %s parameters trainable, micro-batch %d x %d accumulation",

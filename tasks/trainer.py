@@ -10,7 +10,8 @@ import contextlib
 import logging
 import math
 import random
-import resource
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,7 @@ def collate(examples: list[Example], pad_id: int, device: str) -> dict[str, torc
 
 
 def predicted_tokens(examples: list[Example]) -> int:
-    """Tokens the loss counts: labels are shifted by one, so the first position never counts."""
-    return sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples)
+    return sum(e.trainable_tokens for e in examples)
 
 
 def summed_loss(model, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
@@ -95,6 +95,27 @@ def accumulate_gradients(model, rows: list[Example], micro_batch_size: int, pad_
     return loss_sum, step_tokens
 
 
+@dataclass
+class EarlyStopping:
+    """Tracks the best eval loss; says when `patience` evaluations in a row brought no gain."""
+    patience: int  # 0: never stop early
+    min_delta: float = 0.0
+    best_loss: float = math.inf
+    best_step: int = 0
+    evals_without_gain: int = 0
+
+    def improved(self, step: int, loss: float) -> bool:
+        if loss < self.best_loss - self.min_delta:  # NaN compares False: never "best"
+            self.best_loss, self.best_step, self.evals_without_gain = loss, step, 0
+            return True
+        self.evals_without_gain += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.evals_without_gain >= self.patience
+
+
 def train(
     model,
     train_examples: list[Example],
@@ -106,53 +127,52 @@ def train(
     checkpoint_dir: Path,
     log: logging.Logger | logging.LoggerAdapter,
 ) -> TrainOutcome:
+    """Train up to max_steps; the best checkpoint by eval loss is saved to `checkpoint_dir`."""
     torch.manual_seed(settings.seed)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                   fused=device == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
     batches = _batches(len(train_examples), settings.batch_size, settings.seed)
-    log_every = max(1, settings.max_steps // 20)
-    history, best_loss, best_step, evals_without_gain = [], math.inf, 0, 0
-    stopped_early, trained_tokens, started = False, 0, time.perf_counter()
+    stopping = EarlyStopping(settings.early_stopping_patience, settings.early_stopping_min_delta)
+    log_every, history, trained_tokens = max(1, settings.max_steps // 20), [], 0
+    started = time.perf_counter()
     model.train()
-    for step in range(1, settings.max_steps + 1):
-        step_started = time.perf_counter()
-        rows = [train_examples[i] for i in next(batches)]
-        loss_sum, step_tokens = accumulate_gradients(model, rows, micro_batch_size, pad_id, device)
-        if step_tokens:
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        trained_tokens += step_tokens
-        record = {"step": step, "train_loss": loss_sum / max(step_tokens, 1), "lr": scheduler.get_last_lr()[0],
-                  "tokens_per_s": step_tokens / (time.perf_counter() - step_started)}
-        if step % settings.eval_every == 0 or step == settings.max_steps:
-            record["eval_loss"] = mean_loss(model, eval_examples, micro_batch_size, pad_id, device)
-            if record["eval_loss"] < best_loss - settings.early_stopping_min_delta:
-                best_loss, best_step, evals_without_gain = record["eval_loss"], step, 0
-                model.save_pretrained(checkpoint_dir)
-            else:
-                evals_without_gain += 1
-        history.append(record)
-        if step % log_every == 0 or "eval_loss" in record:
-            log.info("step %d/%d train_loss %.4f%s lr %.2e %.0f tok/s", step, settings.max_steps,
-                     record["train_loss"],
-                     f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else "",
-                     record["lr"], record["tokens_per_s"])
-        if settings.early_stopping_patience and evals_without_gain >= settings.early_stopping_patience:
-            stopped_early = True
-            log.info("early stopping at step %d: no eval-loss gain in %d evaluations; best step %d (%.4f)",
-                     step, evals_without_gain, best_step, best_loss)
-            break
-    peak, kind = _peak_memory(device)
-    return TrainOutcome(steps=len(history), best_step=best_step, best_eval_loss=best_loss,
-                        stopped_early=stopped_early, seconds=time.perf_counter() - started,
-                        trained_tokens=trained_tokens, peak_memory_bytes=peak, peak_memory_kind=kind,
-                        history=history)
+    with PeakMemory(device) as memory:
+        for step in range(1, settings.max_steps + 1):
+            step_started = time.perf_counter()
+            rows = [train_examples[i] for i in next(batches)]
+            loss_sum, step_tokens = accumulate_gradients(model, rows, micro_batch_size, pad_id, device)
+            if step_tokens:
+                torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            trained_tokens += step_tokens
+            record = {"step": step, "train_loss": loss_sum / max(step_tokens, 1),
+                      "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": step_tokens / (time.perf_counter() - step_started)}
+            if step % settings.eval_every == 0 or step == settings.max_steps:
+                record["eval_loss"] = mean_loss(model, eval_examples, micro_batch_size, pad_id, device)
+                if stopping.improved(step, record["eval_loss"]):
+                    model.save_pretrained(checkpoint_dir)
+            history.append(record)
+            if step % log_every == 0 or "eval_loss" in record:
+                log.info("step %d/%d train_loss %.4f%s lr %.2e %.0f answer tok/s", step, settings.max_steps,
+                         record["train_loss"],
+                         f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else "",
+                         record["lr"], record["tokens_per_s"])
+            if stopping.should_stop:
+                log.info("early stopping at step %d: no eval-loss gain in %d evaluations; best step %d (%.4f)",
+                         step, stopping.evals_without_gain, stopping.best_step, stopping.best_loss)
+                break
+    if stopping.best_step == 0:
+        losses = [r["eval_loss"] for r in history if "eval_loss" in r]
+        raise FloatingPointError(f"eval loss was never finite ({losses}); lower training.learning_rate")
+    return TrainOutcome(steps=len(history), best_step=stopping.best_step, best_eval_loss=stopping.best_loss,
+                        stopped_early=stopping.should_stop, seconds=time.perf_counter() - started,
+                        trained_tokens=trained_tokens, peak_memory_bytes=memory.peak,
+                        peak_memory_kind=memory.kind, history=history)
 
 
 def _batches(n_rows: int, batch_size: int, seed: int):
@@ -184,7 +204,35 @@ def _autocast(device: str):
     return contextlib.nullcontext()
 
 
-def _peak_memory(device: str) -> tuple[int, str]:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated during training"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (CPU)"
+class PeakMemory:
+    """Peak memory while training: CUDA's allocator peak, or on CPU the highest resident set size
+    sampled from /proc/self/statm (the process's lifetime peak would include earlier stages)."""
+
+    def __init__(self, device: str, interval_s: float = 0.02):
+        self.device, self.interval_s, self.peak = device, interval_s, 0
+        self.kind = ("cuda max_memory_allocated during training" if device == "cuda"
+                     else "peak resident set size during training (CPU)")
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while True:
+            with open("/proc/self/statm") as statm:
+                self.peak = max(self.peak, int(statm.read().split()[1]) * page)
+            if self._stop.wait(self.interval_s):
+                return

@@ -21,7 +21,7 @@ def test_demo_learns_publishes_and_reloads(smollm2, bucket, tmp_path):
 
     from demo.run import demo_config
     from flows.finetune import finetune
-    from tasks.dataset import read_conversations
+    from tasks.dataset import read_dataset
     from tasks.evaluation import generate_answers
     from tasks.manifest import verify_files
     from tasks.storage import download_folder
@@ -37,7 +37,7 @@ def test_demo_learns_publishes_and_reloads(smollm2, bucket, tmp_path):
     local = download_folder(result.output_uri, tmp_path / "download")
     assert verify_files(local) == []
     tokenizer = load_tokenizer(str(local / "merged"))
-    questions = [c for c in read_conversations_from(ROOT / "demo" / "data" / "eval.jsonl")][:6]
+    questions = read_dataset(str(ROOT / "demo" / "data" / "eval.jsonl")).conversations[:6]
     merged = AutoModelForCausalLM.from_pretrained(local / "merged", dtype=torch.float32)
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32),
                                         local / "adapter")
@@ -46,8 +46,3 @@ def test_demo_learns_publishes_and_reloads(smollm2, bucket, tmp_path):
     print(answers_merged)
     assert answers_merged == answers_adapted
 
-
-def read_conversations_from(path):
-    from tasks.dataset import read_dataset
-
-    return read_dataset(str(path)).conversations

@@ -88,3 +88,15 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_model, tiny_tokenizer, ex
     assert outcome.stopped_early and outcome.steps < 40
     assert outcome.best_eval_loss == min(evals)
     assert evals[-1] > outcome.best_eval_loss and evals[-2] > outcome.best_eval_loss
+
+
+def test_early_stopping_on_a_crafted_curve():
+    from tasks.trainer import EarlyStopping
+
+    stopping = EarlyStopping(patience=2, min_delta=0.01)
+    decisions = [(stopping.improved(step, loss), stopping.should_stop)
+                 for step, loss in [(1, 2.0), (2, 1.5), (3, 1.495), (4, 1.7)]]
+    assert decisions == [(True, False), (True, False), (False, False), (False, True)]
+    assert (stopping.best_step, stopping.best_loss) == (2, 1.5)
+    nan_only = EarlyStopping(patience=0)
+    assert not nan_only.improved(1, float("nan")) and nan_only.best_step == 0 and not nan_only.should_stop
