@@ -37,9 +37,10 @@ def summary_markdown(manifest: dict, output_uri: str, examples: int) -> str:
         f"max {stats['tokens_max']} (max_seq_len {stats['max_seq_len']}, {stats['rows_truncated']} truncated).",
         "## Plan",
         plan["reason"],
-        _table(["method", "micro-batch", "grad ckpt", "estimated GiB", "fits"],
+        _table(["method", "micro-batch", "grad ckpt", "estimated GiB", "fits", "chosen"],
                [[c["estimate"]["method"], c["estimate"]["micro_batch_size"],
-                 c["estimate"]["gradient_checkpointing"], f"{c['estimate']['total'] / GIB:.2f}", c["fits"]]
+                 c["estimate"]["gradient_checkpointing"], f"{c['estimate']['total'] / GIB:.2f}", c["fits"],
+                 "yes" if c["estimate"]["method"] == plan["method"] else ""]
                 for c in plan["candidates"]]),
         "## Training",
         f"{training['steps']} steps in {training['seconds']:.1f} s, {training['trained_tokens']:,} answer tokens; "

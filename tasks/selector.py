@@ -66,7 +66,6 @@ def select_plan(
     lora_targets: list[str] | str = "all-linear",
     lora_dropout: float = 0.05,
 ) -> TrainingPlan:
-    methods = METHODS_BY_QUALITY if method == "auto" else (method,)
     checkpointing = {"auto": (False, True), "off": (False,), "on": (True,)}[gradient_checkpointing]
     micro_batches = _halvings(min(micro_batch_size, batch_size))
 
@@ -79,19 +78,20 @@ def select_plan(
                     return Candidate(estimate=tried, fits=True)
         return Candidate(estimate=tried, fits=False)  # the smallest configuration: what it needs at least
 
-    candidates = [best_for(m) for m in methods]
-    chosen = next((c for c in candidates if c.fits), None)
+    # Every method is estimated, so the plan's table shows what else would (not) have fitted.
+    candidates = [best_for(m) for m in METHODS_BY_QUALITY]
+    allowed = [c for c in candidates if method in ("auto", c.estimate.method)]
+    chosen = next((c for c in allowed if c.fits), None)
     budget = f"{budget_bytes / GIB:.2f} GiB ({budget_source})"
     if chosen is None:
         if method != "auto":
-            others = [best_for(m) for m in METHODS_BY_QUALITY if m != method]
-            fitting = [f"{c.estimate.method} ({c.estimate.gib:.2f} GiB)" for c in others if c.fits]
+            needed = allowed[0].estimate
+            fitting = [f"{c.estimate.method} ({c.estimate.gib:.2f} GiB)" for c in candidates if c.fits]
             hint = f"use {' or '.join(fitting)}" if fitting else "use a larger GPU"
             raise PlanError(
-                f"method {method!r} needs at least {candidates[0].estimate.gib:.2f} GiB "
-                f"(micro-batch 1, gradient checkpointing {'on' if candidates[0].estimate.gradient_checkpointing else 'off'}, "
-                f"{seq_len} tokens) but the budget is {budget}; {hint}, lower max_seq_len, "
-                "or set method to 'auto'"
+                f"method {method!r} needs at least {needed.gib:.2f} GiB (micro-batch 1, gradient checkpointing "
+                f"{'on' if needed.gradient_checkpointing else 'off'}, {seq_len} tokens) but the budget is "
+                f"{budget}; {hint}, lower max_seq_len, or set method to 'auto'"
             )
         smallest = min(candidates, key=lambda c: c.estimate.total)
         raise PlanError(

@@ -1,6 +1,7 @@
 """Stage 3, train: full, LoRA or QLoRA as planned; keeps the best checkpoint by eval loss."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -16,6 +17,8 @@ from tasks.tokenization import encode_all, load_tokenizer
 
 
 class TrainResult(BaseModel):
+    """What the train task hands on: the engine's TrainOutcome (tasks/trainer.py, which imports
+    torch and so cannot be imported here) plus where the checkpoint is and what it holds."""
     method: str
     checkpoint_dir: str  # the best checkpoint: a peft adapter, or a whole model for full fine-tuning
     is_adapter: bool
@@ -59,10 +62,5 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     logger.info("trained %d steps in %.1f s; best eval loss %.4f at step %d; peak memory %.2f GiB (%s), "
                 "estimated %.2f GiB", outcome.steps, outcome.seconds, outcome.best_eval_loss, outcome.best_step,
                 outcome.peak_memory_bytes / 2**30, outcome.peak_memory_kind, plan.estimate.gib)
-    return TrainResult(
-        method=plan.method, checkpoint_dir=str(checkpoint), is_adapter=plan.method != "full",
-        steps=outcome.steps, best_step=outcome.best_step, best_eval_loss=outcome.best_eval_loss,
-        stopped_early=outcome.stopped_early, seconds=outcome.seconds, trained_tokens=outcome.trained_tokens,
-        trainable_parameters=trainable, total_parameters=total, peak_memory_bytes=outcome.peak_memory_bytes,
-        peak_memory_kind=outcome.peak_memory_kind, history=outcome.history,
-    )
+    return TrainResult(method=plan.method, checkpoint_dir=str(checkpoint), is_adapter=plan.method != "full",
+                       trainable_parameters=trainable, total_parameters=total, **dataclasses.asdict(outcome))

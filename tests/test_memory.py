@@ -93,3 +93,10 @@ def test_checkpointing_off_is_respected():
     budget = need("lora", 1, False) - 0.1
     assert plan(budget).method == "lora"
     assert plan(budget, gradient_checkpointing="off").method == "qlora"
+
+
+def test_forced_method_still_shows_every_candidate():
+    forced = plan(need("full", 8, False) + 1, method="lora")
+    assert forced.method == "lora"
+    assert [(c.estimate.method, c.fits) for c in forced.candidates] == [("full", True), ("lora", True), ("qlora", True)]
+    assert [row["chosen"] for row in forced.table()] == [False, True, False]
