@@ -54,7 +54,7 @@ def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir:
     model.to(dtype).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     del model
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(device).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, device_map={"": device}).eval()
     saved = reloaded(**probe).logits[mask]
     agreement = (saved.argmax(-1) == expected.argmax(-1)).float().mean().item()
     verification = {

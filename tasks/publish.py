@@ -48,7 +48,7 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
                                 _export_device(planned))
     get_run_logger().info("export verified: %s", verification)
     manifest = build_manifest(
-        run={**run.model_dump(exclude={"run_dir"})},
+        run=run.model_dump(exclude={"run_dir"}),
         base_model={"path": config.model, "model_type": planned.model_type, "parameters": planned.model_parameters,
                     "config_sha256": sha256_file(Path(config.model) / "config.json")},
         data={**data.model_dump(exclude={"train_path", "eval_path"}), "token_stats": planned.token_stats},
@@ -83,7 +83,7 @@ def _transient_storage_error(task, task_run, state) -> bool:
 def upload_run(run: RunInfo) -> str:
     staging = Path(run.run_dir) / "publish"
     uri = publish_folder(staging, run.output_uri)
-    shutil.rmtree(staging)  # the published copy is the one to keep
+    shutil.rmtree(staging, ignore_errors=True)  # the published copy is the one to keep
     get_run_logger().info("published %s", uri)
     return uri
 
