@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from tasks.config import FinetuneConfig
 from tasks.dataset import read_conversations
 from tasks.ingest import IngestResult
+from tasks.memory import GIB
 from tasks.plan import PlanResult
 from tasks.runs import RunInfo
 from tasks.tokenization import encode_all, load_tokenizer
@@ -61,6 +62,6 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     tokenizer.save_pretrained(checkpoint)
     logger.info("trained %d steps in %.1f s; best eval loss %.4f at step %d; peak memory %.2f GiB (%s), "
                 "estimated %.2f GiB", outcome.steps, outcome.seconds, outcome.best_eval_loss, outcome.best_step,
-                outcome.peak_memory_bytes / 2**30, outcome.peak_memory_kind, plan.estimate.gib)
+                outcome.peak_memory_bytes / GIB, outcome.peak_memory_kind, plan.estimate.gib)
     return TrainResult(method=plan.method, checkpoint_dir=str(checkpoint), is_adapter=plan.method != "full",
                        trainable_parameters=trainable, total_parameters=total, **dataclasses.asdict(outcome))
