@@ -66,8 +66,8 @@ def run_case(shape: str, path: Path, method: str, micro_batch: int, checkpointin
                                 max_seq_len=SEQ, eval_every=10_000, early_stopping_patience=0)
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        outcome = train(model, examples[micro_batch:], examples[:1], settings, micro_batch, 0, "cuda",
-                        Path(scratch) / "best", logging.getLogger("bench"))
+        outcome = train(model, examples[micro_batch:], examples[:1], settings, micro_batch * SEQ, "cuda",
+                        Path(scratch) / "best", logging.getLogger("bench"), progress=False)
         wall = time.perf_counter() - started
     estimate = estimate_memory(ModelShape.from_config(SHAPES[shape]), method, "cuda", micro_batch, SEQ,
                                checkpointing, lora.r, "all-linear", lora.dropout)

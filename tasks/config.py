@@ -60,6 +60,10 @@ class TrainingSettings(_Settings):
     )
     early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts.")
     seed: int = Field(0, description="Seed for data order, split and initialisation.")
+    checkpoint_every: int = Field(
+        50, ge=0, description="Save a resumable checkpoint (to the output's checkpoints/ folder) every N steps "
+        "and at the end; 0: only at the end."
+    )
 
 
 class EvaluationSettings(_Settings):
@@ -93,6 +97,10 @@ class FinetuneConfig(_Settings):
         description="dtype of the merged weights. float32 publishes exactly the model that was evaluated; "
         "'base' keeps the base checkpoint's dtype (half the size for a bf16 base, but rounding can change "
         "greedy answers where the model is unsure).",
+    )
+    resume: bool = Field(
+        False, description="Continue from the newest checkpoint in `output` of an earlier run with the same "
+        "model, data and settings (a retry of the same flow run always continues from its own)."
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)

@@ -29,7 +29,8 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
 
 def evaluate_model(model, tokenizer, conversations: list[list[dict]], examples: list[Example],
                    settings: EvaluationSettings, device: str) -> dict:
-    loss = mean_loss(model, examples, settings.batch_size, tokenizer.pad_token_id, device)
+    capacity = settings.batch_size * max(len(e.input_ids) for e in examples)  # rows per pass, packed
+    loss = mean_loss(model, examples, capacity, device)
     chosen = conversations[: settings.max_generation_rows]
     predictions = generate_answers(model, tokenizer, chosen, settings.max_new_tokens, settings.batch_size, device)
     references = [c[-1]["content"] for c in chosen]

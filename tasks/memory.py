@@ -23,6 +23,7 @@ GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
 RUNTIME_OVERHEAD = {"cuda": int(0.75 * GIB), "cpu": int(1.5 * GIB)}  # allocator/context; Python + libraries
 FRAGMENTATION = {"cuda": 0.10, "cpu": 0.0}
+LOSS_CHUNK_BYTES = 512 * 2**20  # fp32 logits per chunk of the fused loss (tasks/loss.py)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -139,12 +140,17 @@ def estimate_memory(
     else:
         raise ValueError(f"unknown method {method!r}")
     tokens = micro_batch_size * seq_len
-    per_layer = _layer_activation_bytes(shape, compute, seq_len, device, method, lora_dropout, lora_r)
+    per_layer = _layer_activation_bytes(shape, compute, tokens, device, method, lora_dropout, lora_r)
     if gradient_checkpointing:
         activations = tokens * (shape.num_layers * shape.hidden_size * compute + per_layer)
     else:
         activations = tokens * shape.num_layers * per_layer
-    logits = tokens * shape.vocab_size * (2 * compute + 8)  # logits, their grad, fp32 upcast + log-softmax
+    # The loss is fused with the vocabulary projection (tasks/loss.py): a chunk of fp32 logits and its
+    # gradient at a time, the gradient for the hidden states, and the head's fp32 gradient when it trains.
+    chunk = min(tokens, max(64, LOSS_CHUNK_BYTES // (4 * shape.vocab_size)))
+    logits = chunk * shape.vocab_size * (4 + compute) + tokens * shape.hidden_size * compute
+    if method == "full":
+        logits += 4 * shape.vocab_size * shape.hidden_size
     base = weights + trainable + activations + logits
     return MemoryEstimate(
         method=method, device=device, micro_batch_size=micro_batch_size, seq_len=seq_len,
@@ -154,16 +160,16 @@ def estimate_memory(
     )
 
 
-def _layer_activation_bytes(shape: ModelShape, compute: int, seq_len: int, device: str,
+def _layer_activation_bytes(shape: ModelShape, compute: int, packed_tokens: int, device: str,
                             method: str, lora_dropout: float, lora_r: int) -> int:
-    """Bytes autograd keeps per token for one decoder layer."""
+    """Bytes autograd keeps per token for one decoder layer (rows packed `packed_tokens` to a pass)."""
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     # norm outputs; q/k before and after RoPE; v; k/v repeated for GQA; attention output; MLP gate,
     # up, activation and product.
     elements = 2 * h + 3 * q + 3 * kv + 2 * q + 4 * i
     if device == "cpu":
-        elements += 2 * shape.num_heads * seq_len  # CPU SDPA with a padding mask materialises scores
+        elements += 2 * shape.num_heads * packed_tokens  # CPU SDPA with a block mask materialises scores
     if method != "full":
         elements += 7 * lora_r  # LoRA A outputs
         if lora_dropout > 0:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
+from tasks.attention import use_packed_attention
 from tasks.config import LoraSettings
+from tasks.kernels import use_fused_kernels
+from tasks.lora_dropout import fuse_lora_dropout
 
 
 def pick_device() -> str:
@@ -22,20 +25,28 @@ def compute_dtype(device: str) -> torch.dtype:
 def load_for_training(path: str, method: str, device: str, lora: LoraSettings, gradient_checkpointing: bool):
     if method == "qlora":
         model = _load_4bit(path, device)
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
     else:
         # Full fine-tuning keeps fp32 master weights (bf16 autocast on CUDA); LoRA freezes a
         # compute-dtype base.
         dtype = torch.float32 if method == "full" else compute_dtype(device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+    return prepare_for_training(model, method, device, lora, gradient_checkpointing)
+
+
+def prepare_for_training(model, method: str, device: str, lora: LoraSettings, gradient_checkpointing: bool):
+    """Checkpointing, packed attention and adapters on a loaded model (4-bit already for QLoRA).
+
+    Not peft's prepare_model_for_kbit_training for QLoRA: it upcasts the embeddings, norms and
+    output head to fp32, which costs memory and makes the vocabulary projection several times slower.
+    """
     model.config.use_cache = False  # the KV cache is for generation; it only costs memory here
-    if gradient_checkpointing and method != "qlora":  # prepare_model_for_kbit_training did it
+    if method != "full":
+        model.requires_grad_(False)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no enable_input_require_grads() on a frozen base.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    use_packed_attention(model, device)
+    use_fused_kernels(model, device)
     if method == "full":
         return model
     return attach_lora(model, lora)
@@ -62,8 +73,9 @@ def attach_lora(model, lora: LoraSettings):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_list(), task_type="CAUSAL_LM",
     )
-    # Non-reentrant checkpointing (set above) needs no enable_input_require_grads() on a frozen base.
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    fuse_lora_dropout(model)
+    return model
 
 
 def load_for_inference(path: str, device: str, adapter: str | None = None, dtype: torch.dtype | None = None,

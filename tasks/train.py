@@ -1,4 +1,5 @@
-"""Stage 3, train: full, LoRA or QLoRA as planned; keeps the best checkpoint by eval loss."""
+"""Stage 3, train: full, LoRA or QLoRA as planned; keeps the best model by eval loss, checkpoints to
+the output as it goes, and continues from a checkpoint after a retry or with `resume: true`."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from tasks.checkpoint_store import candidate_checkpoints, fetch_checkpoint, fingerprint, upload_checkpoint
 from tasks.config import FinetuneConfig
 from tasks.dataset import read_conversations
 from tasks.ingest import IngestResult
@@ -15,6 +17,8 @@ from tasks.memory import GIB
 from tasks.plan import PlanResult
 from tasks.runs import RunInfo
 from tasks.tokenization import encode_all, load_tokenizer
+
+KEEP_IN_OUTPUT = 2  # newest checkpoints kept in the output per run
 
 
 class TrainResult(BaseModel):
@@ -29,6 +33,9 @@ class TrainResult(BaseModel):
     stopped_early: bool
     seconds: float
     trained_tokens: int
+    processed_tokens: int
+    resumed_from_step: int
+    resumed_from: str | None
     trainable_parameters: int
     total_parameters: int
     peak_memory_bytes: int
@@ -53,15 +60,49 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     torch.manual_seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
     model = load_for_training(config.model, plan.method, plan.device, config.lora, plan.gradient_checkpointing)
     trainable, total = parameter_counts(model)
-    logger.info("training %s on %s: %s of %s parameters trainable, micro-batch %d x %d accumulation",
-                plan.method, plan.device, f"{trainable:,}", f"{total:,}", plan.micro_batch_size,
-                plan.gradient_accumulation)
-    checkpoint = Path(run.run_dir) / "checkpoints" / "best"
-    outcome = train(model, train_examples, eval_examples, settings, plan.micro_batch_size,
-                    tokenizer.pad_token_id, plan.device, checkpoint, logger)
-    tokenizer.save_pretrained(checkpoint)
+    # The plan sized memory for micro_batch_size rows of seq_len tokens; packing fills that many tokens.
+    capacity = plan.micro_batch_size * plan.estimate.seq_len
+    logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed tokens; "
+                "attention %s", plan.method, plan.device, f"{trainable:,}", f"{total:,}", capacity,
+                model.config._attn_implementation)
+    checkpoints, resumed_from = _checkpoints(config, run, data, planned, logger)
+    best = Path(run.run_dir) / "best"
+    outcome = train(model, train_examples, eval_examples, settings, capacity, plan.device, best, logger,
+                    checkpoints)
+    tokenizer.save_pretrained(best)
     logger.info("trained %d steps in %.1f s; best eval loss %.4f at step %d; peak memory %.2f GiB (%s), "
                 "estimated %.2f GiB", outcome.steps, outcome.seconds, outcome.best_eval_loss, outcome.best_step,
                 outcome.peak_memory_bytes / GIB, outcome.peak_memory_kind, plan.estimate.gib)
-    return TrainResult(method=plan.method, checkpoint_dir=str(checkpoint), is_adapter=plan.method != "full",
-                       trainable_parameters=trainable, total_parameters=total, **dataclasses.asdict(outcome))
+    return TrainResult(method=plan.method, checkpoint_dir=str(best), is_adapter=plan.method != "full",
+                       trainable_parameters=trainable, total_parameters=total,
+                       resumed_from=resumed_from, **dataclasses.asdict(outcome))
+
+
+def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult, logger):
+    """Where checkpoints go, and which one to continue from: this flow run's own (a retry), or with
+    `resume`, the newest one in the output that trained the same model, data and settings."""
+    from tasks.checkpointing import read_manifest
+    from tasks.trainer import Checkpoints
+
+    run_key = run.flow_run_id or run.run_id
+    settings = config.training.model_dump(exclude={"max_steps", "eval_every", "checkpoint_every",
+                                                   "early_stopping_patience", "early_stopping_min_delta"})
+    identity = fingerprint(model=config.model, data=[s.sha256 for s in data.sources], method=planned.plan.method,
+                         lora=config.lora.model_dump(), training=settings, eval_origin=data.eval_origin)
+    local = Path(run.run_dir) / "checkpoints"
+    resume_from = found = None
+    for uri in candidate_checkpoints(config.output, run_key, identity if config.resume else None):
+        fetched = fetch_checkpoint(uri, Path(run.run_dir) / "resume-from")
+        if read_manifest(fetched) is not None:
+            resume_from, found = fetched, uri
+            logger.info("continuing from checkpoint %s", uri)
+            break
+        logger.warning("skipping checkpoint %s: its files do not match its manifest (corrupt or partial)", uri)
+    if config.resume and found is None:
+        logger.warning("resume: no checkpoint in %s matches this model, data and settings; starting afresh",
+                       config.output)
+    checkpoints = Checkpoints(
+        folder=local, every=config.training.checkpoint_every, fingerprint=identity, resume_from=resume_from,
+        on_saved=lambda folder: upload_checkpoint(folder, config.output, run_key, KEEP_IN_OUTPUT),
+    )
+    return checkpoints, found

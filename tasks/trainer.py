@@ -1,25 +1,35 @@
-"""The training loop: AdamW, padding per micro-batch, loss on assistant tokens only, early stopping.
+"""The training loop: AdamW over packed micro-batches, loss on answer tokens only, checkpoints.
 
-Gradient accumulation weighs every trained token equally: each micro-batch's summed loss is divided
-by the trainable tokens of the whole optimizer step, not averaged per micro-batch. The best
-checkpoint by eval loss is saved as training goes, so what gets published is the best, not the last.
+Rows are packed without padding (tasks/packing.py) into micro-batches of at most `token_capacity`
+tokens; attention never crosses a row boundary (tasks/attention.py) and the vocabulary projection
+is fused with the loss (tasks/loss.py), so the engine computes what a padded batch computes, minus
+the padding. Gradient accumulation weighs every trained token equally: each micro-batch's summed
+loss is divided by the trainable tokens of the whole optimizer step. The best model by eval loss is
+kept as training goes (what gets published), and a checkpoint every `checkpoint_every` steps lets
+a killed run continue where it stopped, with the same data order and random state.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
-import random
 import os
+import random
+import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from tasks.attention import cu_seq_lens
+from tasks.checkpointing import load_checkpoint, save_checkpoint, step_name
 from tasks.config import TrainingSettings
+from tasks.loss import linear_cross_entropy_sum
+from tasks.packing import PackedRows, micro_batches, pack
 from tasks.tokenization import IGNORE_INDEX, Example
 
 
@@ -30,66 +40,73 @@ class TrainOutcome:
     best_eval_loss: float
     stopped_early: bool
     seconds: float
-    trained_tokens: int
+    trained_tokens: int  # answer tokens the loss counted
+    processed_tokens: int  # every token through the model (prompts included, no padding)
     peak_memory_bytes: int
     peak_memory_kind: str
+    resumed_from_step: int = 0
     history: list[dict] = field(default_factory=list)
 
 
-def collate(examples: list[Example], pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row of this micro-batch."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+def _batch_tensors(packed: PackedRows, device: str) -> dict:
+    batch = {
+        "input_ids": torch.tensor([packed.input_ids], device=device),
+        "position_ids": torch.tensor([packed.position_ids], device=device),
+    }
+    if device == "cuda":  # read by the varlen attention (tasks/attention.py); harmless elsewhere
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens(packed.lengths, device)
+        batch["max_length_q"] = batch["max_length_k"] = max(packed.lengths)
+    return batch
 
 
-def predicted_tokens(examples: list[Example]) -> int:
+def summed_loss(model, packed: PackedRows, device: str) -> torch.Tensor:
+    """Summed cross-entropy over the answer tokens of one packed micro-batch."""
+    batch = _batch_tensors(packed, device)
+    targets = torch.tensor(packed.targets, device=device)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    head = model.get_output_embeddings()
+    if not _plain_head(model, head):
+        # softcapped, scaled or adapted heads: let the model apply them, on answer positions only
+        with _autocast(device):
+            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits[0]
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    with _autocast(device):
+        hidden = model.get_decoder()(**batch, use_cache=False).last_hidden_state[0]
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    return linear_cross_entropy_sum(hidden[keep], head.weight, targets[keep], compute)
+
+
+def _plain_head(model, head) -> bool:
+    config = model.config
+    return (type(head) is torch.nn.Linear and head.bias is None
+            and getattr(config, "final_logit_softcapping", None) is None
+            and getattr(config, "logit_scale", None) is None)
+
+
+def trainable_tokens(examples: list[Example]) -> int:
     return sum(e.trainable_tokens for e in examples)
 
 
-def summed_loss(model, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    # Project to the vocabulary only where some row has an answer token to predict: prompts are
-    # most of a chat row, and the vocabulary projection is a large share of the compute and memory.
-    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    with _autocast(device):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=positions).logits
-    labels = targets[:, positions]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 @torch.no_grad()
-def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, device: str) -> float:
-    """Token-weighted mean loss over the assistant tokens of `examples`."""
+def mean_loss(model, examples: list[Example], token_capacity: int, device: str) -> float:
+    """Token-weighted mean loss over the answer tokens of `examples`."""
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        total += summed_loss(model, collate(chunk, pad_id, device), device).item()
-        tokens += predicted_tokens(chunk)
+    total = 0.0
+    for rows in micro_batches(examples, token_capacity):
+        if trainable_tokens(rows):
+            total += summed_loss(model, pack(rows), device).item()
     model.train(was_training)
-    return total / max(tokens, 1)
+    return total / max(trainable_tokens(examples), 1)
 
 
-def accumulate_gradients(model, rows: list[Example], micro_batch_size: int, pad_id: int,
-                         device: str) -> tuple[float, int]:
-    """Backward over `rows` in micro-batches; gradients equal those of one batch of all rows."""
-    step_tokens, loss_sum = predicted_tokens(rows), 0.0
-    for start in range(0, len(rows), micro_batch_size):
-        chunk = rows[start:start + micro_batch_size]
-        if predicted_tokens(chunk) == 0:
+def accumulate_gradients(model, rows: list[Example], token_capacity: int, device: str) -> tuple[float, int]:
+    """Backward over `rows` in packed micro-batches; gradients equal those of one batch of all rows."""
+    step_tokens, loss_sum = trainable_tokens(rows), 0.0
+    for chunk in micro_batches(rows, token_capacity):
+        if trainable_tokens(chunk) == 0:
             continue  # every answer token was truncated away: nothing to learn from these rows
-        loss = summed_loss(model, collate(chunk, pad_id, device), device)
+        loss = summed_loss(model, pack(chunk), device)
         (loss / step_tokens).backward()
         loss_sum += loss.item()
     return loss_sum, step_tokens
@@ -116,63 +133,127 @@ class EarlyStopping:
         return bool(self.patience) and self.evals_without_gain >= self.patience
 
 
+@dataclass
+class Checkpoints:
+    """Where and how often to checkpoint, and what to do with each one written."""
+    folder: Path  # local; one sub-folder per step
+    every: int  # 0: only at the end
+    fingerprint: str = ""  # what was trained (tasks/checkpoint_store.fingerprint), kept in the state
+    resume_from: Path | None = None
+    on_saved: Callable[[Path], None] | None = None  # e.g. copy to the run's output (local or S3)
+    keep: int = 1  # local copies kept; the output keeps its own
+
+
 def train(
     model,
     train_examples: list[Example],
     eval_examples: list[Example],
     settings: TrainingSettings,
-    micro_batch_size: int,
-    pad_id: int,
+    token_capacity: int,
     device: str,
-    checkpoint_dir: Path,
+    best_dir: Path,
     log: logging.Logger | logging.LoggerAdapter,
+    checkpoints: Checkpoints | None = None,
+    progress: bool = True,
 ) -> TrainOutcome:
-    """Train up to max_steps; the best checkpoint by eval loss is saved to `checkpoint_dir`."""
-    torch.manual_seed(settings.seed)
+    """Train up to max_steps; the best model by eval loss is saved to `best_dir`."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                   fused=device == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
-    batches = _batches(len(train_examples), settings.batch_size, settings.seed)
     stopping = EarlyStopping(settings.early_stopping_patience, settings.early_stopping_min_delta)
-    log_every, history, trained_tokens = max(1, settings.max_steps // 20), [], 0
-    started = time.perf_counter()
+    history, start_step, counts = [], 0, {"trained": 0, "processed": 0}
+    if checkpoints and checkpoints.resume_from:
+        state = load_checkpoint(checkpoints.resume_from, model, optimizer, scheduler)
+        start_step, history, counts = state["step"], state["history"], state["counts"]
+        stopping = EarlyStopping(**state["stopping"])
+        _restore_best(checkpoints.resume_from, best_dir)
+        log.info("resumed from %s at step %d (best eval loss %.4f at step %d)", checkpoints.resume_from,
+                 start_step, stopping.best_loss, stopping.best_step)
+    else:
+        torch.manual_seed(settings.seed)
+    batches = _batches(len(train_examples), settings.batch_size, settings.seed)
+    for _ in range(start_step):  # the same data order as a run that never stopped
+        next(batches)
+    log_every, started = max(1, settings.max_steps // 20), time.perf_counter()
+    bar = _progress_bar(progress, settings.max_steps, start_step)
     model.train()
     with PeakMemory(device) as memory:
-        for step in range(1, settings.max_steps + 1):
+        step = start_step
+        while step < settings.max_steps and not stopping.should_stop:
+            step += 1
             step_started = time.perf_counter()
             rows = [train_examples[i] for i in next(batches)]
-            loss_sum, step_tokens = accumulate_gradients(model, rows, micro_batch_size, pad_id, device)
+            loss_sum, step_tokens = accumulate_gradients(model, rows, token_capacity, device)
             if step_tokens:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            trained_tokens += step_tokens
-            record = {"step": step, "train_loss": loss_sum / max(step_tokens, 1),
-                      "lr": scheduler.get_last_lr()[0],
-                      "tokens_per_s": step_tokens / (time.perf_counter() - step_started)}
+            seconds = time.perf_counter() - step_started
+            processed = sum(len(r.input_ids) for r in rows)
+            counts["trained"] += step_tokens
+            counts["processed"] += processed
+            record = {"step": step, "train_loss": loss_sum / max(step_tokens, 1), "lr": scheduler.get_last_lr()[0],
+                      "tokens": processed, "seconds": seconds, "tokens_per_s": processed / seconds,
+                      "answer_tokens_per_s": step_tokens / seconds}
             if step % settings.eval_every == 0 or step == settings.max_steps:
-                record["eval_loss"] = mean_loss(model, eval_examples, micro_batch_size, pad_id, device)
+                record["eval_loss"] = mean_loss(model, eval_examples, token_capacity, device)
                 if stopping.improved(step, record["eval_loss"]):
-                    model.save_pretrained(checkpoint_dir)
+                    model.save_pretrained(best_dir)
             history.append(record)
-            if step % log_every == 0 or "eval_loss" in record:
-                log.info("step %d/%d train_loss %.4f%s lr %.2e %.0f answer tok/s", step, settings.max_steps,
-                         record["train_loss"],
-                         f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else "",
-                         record["lr"], record["tokens_per_s"])
-            if stopping.should_stop:
-                log.info("early stopping at step %d: no eval-loss gain in %d evaluations; best step %d (%.4f)",
-                         step, stopping.evals_without_gain, stopping.best_step, stopping.best_loss)
-                break
+            _report(log, bar, record, settings.max_steps, log_every)
+            last = step == settings.max_steps or stopping.should_stop
+            if checkpoints and (last or (checkpoints.every and step % checkpoints.every == 0)):
+                state = {"step": step, "history": history, "counts": counts, "stopping": vars(stopping),
+                         "fingerprint": checkpoints.fingerprint}
+                _checkpoint(checkpoints, model, optimizer, scheduler, state, best_dir, log)
+        if stopping.should_stop:
+            log.info("early stopping at step %d: no eval-loss gain in %d evaluations; best step %d (%.4f)",
+                     step, stopping.evals_without_gain, stopping.best_step, stopping.best_loss)
+    bar.close()
     if stopping.best_step == 0:
         losses = [r["eval_loss"] for r in history if "eval_loss" in r]
         raise FloatingPointError(f"eval loss was never finite ({losses}); lower training.learning_rate")
     return TrainOutcome(steps=len(history), best_step=stopping.best_step, best_eval_loss=stopping.best_loss,
                         stopped_early=stopping.should_stop, seconds=time.perf_counter() - started,
-                        trained_tokens=trained_tokens, peak_memory_bytes=memory.peak,
-                        peak_memory_kind=memory.kind, history=history)
+                        trained_tokens=counts["trained"], processed_tokens=counts["processed"],
+                        peak_memory_bytes=memory.peak, peak_memory_kind=memory.kind,
+                        resumed_from_step=start_step, history=history)
+
+
+def _checkpoint(checkpoints: Checkpoints, model, optimizer, scheduler, state: dict, best_dir: Path, log) -> None:
+    folder = save_checkpoint(checkpoints.folder / step_name(state["step"]), model, optimizer, scheduler, state,
+                             best_dir)
+    if checkpoints.on_saved:
+        checkpoints.on_saved(folder)
+    local = sorted(p for p in checkpoints.folder.glob("step-*") if p.is_dir())
+    for old in local[:-checkpoints.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint at step %d: %s", state["step"], folder)
+
+
+def _restore_best(checkpoint: Path, best_dir: Path) -> None:
+    if (checkpoint / "best").is_dir():
+        shutil.rmtree(best_dir, ignore_errors=True)
+        shutil.copytree(checkpoint / "best", best_dir)
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal, nothing in a worker's log file
+    return tqdm(total=total, initial=initial, unit="step", disable=None if enabled else True, leave=False)
+
+
+def _report(log, bar, record: dict, max_steps: int, log_every: int) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    if record["step"] % log_every == 0 or "eval_loss" in record:
+        log.info("step %d/%d train_loss %.4f%s lr %.2e %.0f tok/s (%.0f answer tok/s)", record["step"], max_steps,
+                 record["train_loss"],
+                 f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else "",
+                 record["lr"], record["tokens_per_s"], record["answer_tokens_per_s"])
 
 
 def _batches(n_rows: int, batch_size: int, seed: int):

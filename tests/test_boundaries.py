@@ -4,7 +4,7 @@ import sys
 
 from conftest import ROOT
 
-PURE = ["tasks.config", "tasks.schemas", "tasks.dataset", "tasks.storage", "tasks.memory", "tasks.selector",
+PURE = ["tasks.config", "tasks.packing", "tasks.checkpoint_store", "tasks.schemas", "tasks.dataset", "tasks.storage", "tasks.memory", "tasks.selector",
         "tasks.manifest", "tasks.metrics", "tasks.report", "tasks.tokenization"]
 HEAVY = ["prefect", "torch", "transformers", "peft", "bitsandbytes"]
 

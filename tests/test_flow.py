@@ -36,7 +36,8 @@ def test_each_method_fine_tunes_and_publishes(tiny_model, tmp_path, method):
     on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(listed) == on_disk
     assert all(sha256_file(run_dir / path) == digest for path, digest in listed.items())
-    assert [p.name for p in (tmp_path / "out").iterdir()] == [result.run_id]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["checkpoints", result.run_id])
+    assert manifest["training"]["resumed_from_step"] == 0
     assert ("adapter/adapter_model.safetensors" in listed) == (method != "full")
     assert {"merged/model.safetensors", "merged/config.json", "merged/tokenizer.json"} <= set(listed)
 
@@ -97,3 +98,26 @@ def test_forced_method_that_does_not_fit_fails_in_plan(tiny_model, tmp_path):
     message = str(state.result(raise_on_failure=False))
     assert "method 'full' needs at least" in message and "budget is 0.50 GiB (memory_budget_gib)" in message
     assert task_names(state) == ["ingest", "plan"]
+
+
+def test_a_new_run_with_resume_continues_from_the_last_checkpoint(tiny_model, tmp_path):
+    training = {"learning_rate": 3e-3, "lr_schedule": "constant", "batch_size": 8, "max_seq_len": 128,
+                "eval_every": 2, "early_stopping_patience": 0, "checkpoint_every": 2}
+    first = finetune(tiny_config(tiny_model, tmp_path, method="lora", training={**training, "max_steps": 4}))
+    checkpoints = tmp_path / "out" / "checkpoints"
+    (run_key,) = [p.name for p in checkpoints.iterdir()]
+    assert sorted(p.name for p in (checkpoints / run_key).iterdir()) == ["step-0000002", "step-0000004"]
+
+    second = finetune(tiny_config(tiny_model, tmp_path, method="lora", resume=True,
+                                  training={**training, "max_steps": 6}))
+    manifest = json.loads((tmp_path / "out" / second.run_id / "manifest.json").read_text())
+    assert manifest["training"]["resumed_from_step"] == 4
+    assert manifest["training"]["resumed_from"] == str(checkpoints / run_key / "step-0000004")
+    assert [r["step"] for r in manifest["training"]["history"]] == [1, 2, 3, 4, 5, 6]
+    assert first.run_id != second.run_id
+
+    # Other settings train something else: resume finds nothing to continue and starts afresh.
+    third = finetune(tiny_config(tiny_model, tmp_path, method="lora", resume=True,
+                                 training={**training, "max_steps": 2, "learning_rate": 1e-3}))
+    manifest = json.loads((tmp_path / "out" / third.run_id / "manifest.json").read_text())
+    assert manifest["training"]["resumed_from_step"] == 0 and manifest["training"]["resumed_from"] is None

@@ -11,3 +11,29 @@ pytestmark = [pytest.mark.gpu, pytest.mark.integration, pytest.mark.usefixtures(
 def test_methods_on_gpu(tiny_model, tmp_path, method):
     result = finetune(tiny_config(tiny_model, tmp_path, method=method))
     assert result.tuned_eval_loss < result.base_eval_loss
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_varlen_packing_matches_padded_batches_on_gpu(tiny_model, tiny_tokenizer, method):
+    """On CUDA the packed rows go through varlen FlashAttention and the fused loss in bf16."""
+    import torch
+
+    from conftest import DEMO_DATA
+    from tasks.config import LoraSettings
+    from tasks.dataset import read_dataset
+    from tasks.modeling import load_for_training
+    from tasks.tokenization import encode_all
+    from tasks.trainer import accumulate_gradients, mean_loss
+    from test_packing import padded_loss
+
+    rows = encode_all(tiny_tokenizer, read_dataset(str(DEMO_DATA / "train.jsonl")).conversations[:12], 128)
+    torch.manual_seed(0)
+    model = load_for_training(str(tiny_model), method, "cuda", LoraSettings(r=8, dropout=0.0), False)
+    assert model.config._attn_implementation == "packed_varlen"
+    tokens = sum(r.trainable_tokens for r in rows)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = padded_loss(model, rows, tiny_tokenizer.pad_token_id).item() / tokens
+    assert mean_loss(model, rows, 3 * 128, "cuda") == pytest.approx(reference, rel=2e-2)
+    loss_sum, _ = accumulate_gradients(model, rows, 3 * 128, "cuda")
+    assert loss_sum / tokens == pytest.approx(reference, rel=2e-2)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -21,11 +21,11 @@ def examples(tiny_tokenizer):
     return encode_all(tiny_tokenizer, train_rows, 128), encode_all(tiny_tokenizer, eval_rows, 128)
 
 
-def run(model, examples, tmp_path, pad_id, micro_batch=8, **settings):
+def run(model, examples, tmp_path, capacity=8 * 128, **settings):
     defaults = {"learning_rate": 3e-3, "lr_schedule": "constant", "max_steps": 10, "batch_size": 8,
                 "eval_every": 5, "early_stopping_patience": 0}
-    return train(model, *examples, TrainingSettings(**{**defaults, **settings}), micro_batch, pad_id, "cpu",
-                 tmp_path / "best", LOG)
+    return train(model, *examples, TrainingSettings(**{**defaults, **settings}), capacity, "cpu",
+                 tmp_path / "best", LOG, progress=False)
 
 
 def snapshot(model, trainable: bool) -> dict:
@@ -37,8 +37,8 @@ def test_adapters_learn_and_the_base_stays_frozen(tiny_model, tiny_tokenizer, ex
     model = load_for_training(str(tiny_model), method, "cpu", LoraSettings(r=8, dropout=0.0), False)
     adapters, frozen = snapshot(model, True), snapshot(model, False)
     assert adapters and all("lora_" in name for name in adapters)
-    before = mean_loss(model, examples[1], 8, tiny_tokenizer.pad_token_id, "cpu")
-    outcome = run(model, examples, tmp_path, tiny_tokenizer.pad_token_id, learning_rate=3e-2)
+    before = mean_loss(model, examples[1], 8 * 128, "cpu")
+    outcome = run(model, examples, tmp_path, learning_rate=3e-2)
     after_adapters, after_frozen = snapshot(model, True), snapshot(model, False)
     assert all(not torch.equal(adapters[n], after_adapters[n]) for n in adapters if "lora_B" in n)
     assert all(torch.equal(frozen[n], after_frozen[n]) for n in frozen)
@@ -49,7 +49,7 @@ def test_adapters_learn_and_the_base_stays_frozen(tiny_model, tiny_tokenizer, ex
 def test_full_fine_tuning_updates_every_weight(tiny_model, tiny_tokenizer, examples, tmp_path):
     model = load_for_training(str(tiny_model), "full", "cpu", LoraSettings(), False)
     before = snapshot(model, True)
-    outcome = run(model, examples, tmp_path, tiny_tokenizer.pad_token_id)
+    outcome = run(model, examples, tmp_path)
     after = snapshot(model, True)
     assert len(before) == len(list(model.parameters()))
     assert all(not torch.equal(before[n], after[n]) for n in before)
@@ -60,9 +60,9 @@ def test_full_fine_tuning_updates_every_weight(tiny_model, tiny_tokenizer, examp
 def test_accumulation_weighs_tokens_like_one_big_batch(tiny_model, tiny_tokenizer, examples):
     rows = examples[0][:8]  # rows of different lengths and answer sizes
     gradients = []
-    for micro_batch in (8, 3, 1):
+    for capacity in (8 * 128, 3 * 128, 128):  # one micro-batch, a few, one row each
         model = load_for_training(str(tiny_model), "full", "cpu", LoraSettings(), False)
-        accumulate_gradients(model, rows, micro_batch, tiny_tokenizer.pad_token_id, "cpu")
+        accumulate_gradients(model, rows, capacity, "cpu")
         gradients.append({n: p.grad for n, p in model.named_parameters()})
     for other in gradients[1:]:
         for name, grad in gradients[0].items():
@@ -73,7 +73,7 @@ def test_checkpointing_gives_the_same_training(tiny_model, tiny_tokenizer, examp
     losses = []
     for checkpointing in (False, True):
         model = load_for_training(str(tiny_model), "lora", "cpu", LoraSettings(r=8, dropout=0.0), checkpointing)
-        outcome = run(model, examples, tmp_path / str(checkpointing), tiny_tokenizer.pad_token_id, max_steps=3,
+        outcome = run(model, examples, tmp_path / str(checkpointing), max_steps=3,
                       eval_every=3)
         losses.append([r["train_loss"] for r in outcome.history])
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
@@ -82,7 +82,7 @@ def test_checkpointing_gives_the_same_training(tiny_model, tiny_tokenizer, examp
 def test_early_stopping_keeps_the_best_checkpoint(tiny_model, tiny_tokenizer, examples, tmp_path):
     # A learning rate this high makes eval loss worse after the first evaluations.
     model = load_for_training(str(tiny_model), "full", "cpu", LoraSettings(), False)
-    outcome = run(model, examples, tmp_path, tiny_tokenizer.pad_token_id, learning_rate=0.5, max_steps=40,
+    outcome = run(model, examples, tmp_path, learning_rate=0.5, max_steps=40,
                   eval_every=1, early_stopping_patience=2)
     evals = [r["eval_loss"] for r in outcome.history if "eval_loss" in r]
     assert outcome.stopped_early and outcome.steps < 40

@@ -1,0 +1,115 @@
+"""Attention over packed rows: no token attends to another row of the same micro-batch.
+
+On CUDA, PyTorch's variable-length FlashAttention (`torch.nn.attention.varlen.varlen_attn`) takes
+the row boundaries as cumulative lengths and skips cross-row work entirely. Elsewhere (CPU, or a
+PyTorch without it), transformers' SDPA path builds a block-diagonal causal mask from the position
+ids that restart at 0 for each row: the same result, with the quadratic mask.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+PACKED_VARLEN = "packed_varlen"
+
+
+def varlen_available(device: str) -> bool:
+    if device != "cuda":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (PyTorch >= 2.9)
+    except ImportError:
+        return False
+    return True
+
+
+def _packed_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, **kwargs):
+    """A transformers attention function: query (1, Hq, T, D), key/value (1, Hkv, T, D) ->
+    (1, T, Hq, D). Rows are given by `cu_seq_lens_q` (the trainer passes it with the batch)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu_seq = kwargs.get("cu_seq_lens_q")
+    if cu_seq is None or query.shape[0] != 1 or (dropout and module.training) or attention_mask is not None:
+        # generation, padded batches or attention dropout: the general path handles them
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    # FlashAttention takes 16-bit inputs only; full fine-tuning's fp32 residual stream reaches here
+    # as fp32 after RoPE, so compute in autocast's dtype, as SDPA under autocast would.
+    half = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    q, k, v = (t[0].transpose(0, 1).to(half) for t in (query, key, value))  # (T, heads, D)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and not _takes_grouped_heads():
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = _varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq, int(kwargs["max_length_q"]), scaling)
+    return out.unsqueeze(0), None
+
+
+def _varlen(q, k, v, cu_seq, max_len: int, scale: float | None):
+    from torch.nn.attention.varlen import varlen_attn
+
+    options = _varlen_options()
+    extra = {"scale": scale}
+    if "enable_gqa" in options:
+        extra["enable_gqa"] = q.shape[1] != k.shape[1]
+    if "window_size" in options:
+        extra["window_size"] = (-1, 0)  # causal
+    else:
+        extra["is_causal"] = True
+    return varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, **extra)
+
+
+@functools.cache
+def _takes_grouped_heads() -> bool:
+    """Whether this PyTorch's varlen attention accepts fewer key/value heads than query heads
+    (FlashAttention does; some versions' wrappers do not say so). Checked once on tiny tensors
+    against repeated heads, so a wrong answer can never reach training."""
+    q = torch.randn(16, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, 16, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu_seq = torch.tensor([0, 7, 16], dtype=torch.int32, device="cuda")
+    probe = torch.randn(16, 4, 64, device="cuda", dtype=torch.bfloat16)
+    try:
+        grouped = _varlen(q, k, v, cu_seq, 9, None)
+        grouped_grad = torch.autograd.grad((grouped * probe).sum(), k)[0]
+    except (RuntimeError, ValueError):
+        return False
+    repeated = _varlen(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), cu_seq, 9, None)
+    repeated_grad = torch.autograd.grad((repeated * probe).sum(), k)[0]
+    return torch.allclose(grouped, repeated, atol=2e-2) and torch.allclose(grouped_grad, repeated_grad, atol=5e-2)
+
+
+def _packed_varlen_mask(*args, **kwargs):
+    """No dense mask for packed rows (varlen needs none); SDPA's mask for padded batches."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def _varlen_options() -> set[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return set(inspect.signature(varlen_attn).parameters)
+
+
+def use_packed_attention(model, device: str) -> str:
+    """Switch `model` to the fastest attention that respects packed rows; returns its name."""
+    if not varlen_available(device):
+        return "sdpa (block-diagonal mask from position ids)"
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(PACKED_VARLEN, _packed_varlen_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_VARLEN, _packed_varlen_mask)
+    model.set_attn_implementation(PACKED_VARLEN)
+    return f"{PACKED_VARLEN} (torch varlen FlashAttention)"
+
+
+def cu_seq_lens(lengths: list[int], device: str) -> torch.Tensor:
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return torch.tensor(bounds, dtype=torch.int32, device=device)

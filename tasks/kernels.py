@@ -1,0 +1,31 @@
+"""Fused GPU kernels for the decoder's element-wise work, from Liger (liger-kernel), when installed.
+
+RMSNorm, RoPE and the SwiGLU MLP are chains of small memory-bound operations in transformers'
+PyTorch code; Liger's Triton kernels do each in one pass and keep less for backward (RMSNorm saves
+its 16-bit input instead of an fp32 copy, SwiGLU recomputes the activation). Optional: install the
+`gpu` extra. The vocabulary projection is fused with the loss by tasks/loss.py, not by Liger, so
+the same code runs on CPU. Liger patches the model classes of its module as well as this instance.
+"""
+from __future__ import annotations
+
+import inspect
+
+FUSED = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+         "fused_linear_cross_entropy": False}
+
+
+def use_fused_kernels(model, device: str) -> str:
+    """Apply Liger's kernels to `model` (before adapters are attached); says what was done."""
+    if device != "cuda":
+        return "none (CPU)"
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return "none (liger-kernel not installed: pip install 'prefect-finetune[gpu]')"
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model.config.model_type)
+    if apply is None:
+        return f"none (Liger has no kernels for {model.config.model_type})"
+    accepted = inspect.signature(apply).parameters
+    options = {k: v for k, v in FUSED.items() if k in accepted}
+    apply(model=model, **options)
+    return "liger: " + ", ".join(k for k, v in options.items() if v)

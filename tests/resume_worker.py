@@ -1,0 +1,57 @@
+"""Trains the tiny model with checkpoints; with --kill-in-step N it SIGKILLs itself inside step N.
+
+Run as a separate process by tests/test_resume.py: a kill -9 leaves no chance to clean up, like a
+preempted GPU node or an out-of-memory kill.
+"""
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import tasks.trainer as trainer  # noqa: E402
+from tasks.config import LoraSettings, TrainingSettings  # noqa: E402
+from tasks.dataset import read_dataset  # noqa: E402
+from tasks.modeling import load_for_training  # noqa: E402
+from tasks.tokenization import encode_all, load_tokenizer  # noqa: E402
+
+DEMO_DATA = Path(__file__).resolve().parent.parent / "demo" / "data"
+SETTINGS = TrainingSettings(learning_rate=1e-2, lr_schedule="cosine", warmup_steps=2, max_steps=8, batch_size=6,
+                            eval_every=3, early_stopping_patience=0, checkpoint_every=2, seed=3)
+LORA = LoraSettings(r=4, dropout=0.1)  # dropout: the random state must be restored too
+
+
+def run(model_dir: str, work: Path, resume_from: Path | None = None, kill_in_step: int | None = None):
+    tokenizer = load_tokenizer(model_dir)
+    train_rows = encode_all(tokenizer, read_dataset(str(DEMO_DATA / "train.jsonl")).conversations, 96)
+    eval_rows = encode_all(tokenizer, read_dataset(str(DEMO_DATA / "eval.jsonl")).conversations, 96)
+    torch.manual_seed(SETTINGS.seed)
+    model = load_for_training(model_dir, "lora", "cpu", LORA, False)
+    if kill_in_step is not None:
+        calls, accumulate = [0], trainer.accumulate_gradients
+
+        def accumulate_then_die(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == kill_in_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return accumulate(*args, **kwargs)
+        trainer.accumulate_gradients = accumulate_then_die
+    checkpoints = trainer.Checkpoints(folder=work / "checkpoints", every=SETTINGS.checkpoint_every, keep=10,
+                                      resume_from=resume_from)
+    outcome = trainer.train(model, train_rows, eval_rows, SETTINGS, 4 * 96, "cpu", work / "best",
+                            logging.getLogger("resume"), checkpoints, progress=False)
+    return model, outcome
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--kill-in-step", type=int)
+    args = parser.parse_args()
+    run(args.model_dir, args.work, kill_in_step=args.kill_in_step)
