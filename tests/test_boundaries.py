@@ -4,8 +4,9 @@ import sys
 
 from conftest import ROOT
 
-PURE = ["tasks.config", "tasks.packing", "tasks.checkpoint_store", "tasks.schemas", "tasks.dataset", "tasks.storage", "tasks.memory", "tasks.selector",
-        "tasks.manifest", "tasks.metrics", "tasks.report", "tasks.tokenization"]
+PURE = ["tasks.config", "tasks.schemas", "tasks.dataset", "tasks.storage", "tasks.memory", "tasks.selector",
+        "tasks.manifest", "tasks.metrics", "tasks.report", "tasks.tokenization", "tasks.packing",
+        "tasks.checkpoint_store"]
 HEAVY = ["prefect", "torch", "transformers", "peft", "bitsandbytes"]
 
 
