@@ -26,7 +26,7 @@ def task_names(state) -> list[str]:
 def test_each_method_fine_tunes_and_publishes(tiny_model, tmp_path, method):
     base_sha = sha256_file(tiny_model / "model.safetensors")
     dtype = "bfloat16" if method == "qlora" else "float32"
-    result = finetune(tiny_config(tiny_model, tmp_path, method=method, publish_dtype=dtype))
+    result = finetune(tiny_config(tiny_model, tmp_path, method=method, publish={"dtype": dtype}))
     run_dir = tmp_path / "out" / result.run_id
     assert result.output_uri == str(run_dir) and result.method == method
     manifest = json.loads((run_dir / "manifest.json").read_text())
