@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,9 +50,10 @@ def _read(uri: str) -> tuple[bytes, str] | None:
 
 def _write_local(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)  # readers see the old or the new file, never half of one
+    # A temporary name of its own: two writers of the same file must not share a half-written one.
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False) as partial:
+        partial.write(data)
+    os.replace(partial.name, path)  # readers see the old or the new file, never half of one
 
 
 def _write_if_unchanged(uri: str, data: bytes, version: str | None) -> bool:

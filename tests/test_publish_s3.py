@@ -2,7 +2,6 @@
 proxy): checksums, multipart, idempotent re-publish, and faults in the middle of a multipart upload."""
 import json
 import os
-import urllib.request
 
 import boto3
 import pytest
@@ -19,11 +18,13 @@ BIG = 2 * PART + 123  # three parts
 
 
 @pytest.fixture
+def bucket(empty_bucket):
+    return empty_bucket
+
+
+@pytest.fixture
 def proxy(bucket, s3_server, monkeypatch):
-    """boto3 -> fault proxy -> moto, on an empty bucket; the proxy records every request."""
-    # moto keeps its buckets in process-wide state that outlives one server: start from empty.
-    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")).read()
-    boto3.client("s3").create_bucket(Bucket=bucket)
+    """boto3 -> fault proxy -> moto; the proxy records every request."""
     fault_proxy = FaultProxy(s3_server).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint)
     yield fault_proxy
