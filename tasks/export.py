@@ -45,7 +45,7 @@ def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir:
         expected = model(**probe).logits[mask]
         model = model.merge_and_unload()
         merge_error = (model(**probe).logits[mask] - expected).abs().max().item()
-        if merge_error > MERGE_TOLERANCE:
+        if not merge_error <= MERGE_TOLERANCE:  # written so that NaN fails too
             raise ExportError(f"merged model differs from base + adapter by {merge_error:.2e} (> {MERGE_TOLERANCE})")
     else:
         model = load_for_inference(checkpoint_dir, device, dtype=torch.float32)
@@ -68,7 +68,8 @@ def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir:
     }
     verification["shards"] = len(list(out_dir.glob("*.safetensors")))
     lossless = dtype == torch.float32
-    if (lossless and verification["saved_max_abs_logit_diff"] > MERGE_TOLERANCE) or agreement < MIN_SAVED_AGREEMENT:
+    if (lossless and not verification["saved_max_abs_logit_diff"] <= MERGE_TOLERANCE) or \
+            not agreement >= MIN_SAVED_AGREEMENT:  # NaN fails
         raise ExportError(f"the saved model does not reproduce the trained one: {verification}")
     return verification
 
