@@ -104,8 +104,13 @@ def _s3_etag(uri: str) -> str | None:
         return None
     from tasks.storage import s3_client
 
+    from botocore.exceptions import ClientError
+
     bucket, key = split_s3_uri(uri)
-    return s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    except ClientError:  # gone since ingest: the sha256 recorded at ingest still identifies the data
+        return None
 
 
 def _hardware(planned: PlanResult) -> dict:
