@@ -56,19 +56,15 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     else:
         verification = _merge_and_verify(config, data, planned, trained, staging / "merged")
         get_run_logger().info("export verified: %s", verification)
-    base_model = {"path": config.model, "revision": _base_revision(config.model), "model_type": planned.model_type,
-                  "parameters": planned.model_parameters,
-                  "config_sha256": sha256_file(Path(config.model) / "config.json")}
-    data_record = {**data.model_dump(exclude={"train_path", "eval_path"}), "token_stats": planned.token_stats}
-    data_record["sources"] = [{**s, "etag": s.get("etag") or _s3_etag(s["uri"])} for s in data_record["sources"]]
+    base_model = _describe_base(config, planned)
+    data_record = _describe_data(data, planned)
     evaluation = {"metric": base.metric, "base": base.model_dump(), "tuned": tuned.model_dump()}
     training = trained.model_dump(exclude={"checkpoint_dir"})
+    card = {"run_id": run.run_id, "base_model": base_model, "data": data_record, "method": trained.method,
+            "training": training, "evaluation": evaluation, "publish_dtype": verification.get("saved_dtype", "")}
     for folder, as_adapter in ((staging / "merged", False), (staging / "adapter", True)):
         if folder.is_dir():  # the model card, for the people who deploy the folder
-            (folder / "README.md").write_text(model_card(
-                run_id=run.run_id, base_model=base_model, data=data_record, method=trained.method,
-                training=training, evaluation=evaluation, adapter_only=as_adapter,
-                publish_dtype=verification.get("saved_dtype", "")))
+            (folder / "README.md").write_text(model_card(**card, adapter_only=as_adapter))
     manifest = build_manifest(
         run=run.model_dump(exclude={"run_dir"}), base_model=base_model, data=data_record,
         config=config.model_dump(), plan=planned.plan.model_dump(), training=training, evaluation=evaluation,
@@ -77,6 +73,17 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     )
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _describe_base(config: FinetuneConfig, planned: PlanResult) -> dict:
+    return {"path": config.model, "revision": _base_revision(config.model), "model_type": planned.model_type,
+            "parameters": planned.model_parameters, "config_sha256": sha256_file(Path(config.model) / "config.json")}
+
+
+def _describe_data(data: IngestResult, planned: PlanResult) -> dict:
+    record = {**data.model_dump(exclude={"train_path", "eval_path"}), "token_stats": planned.token_stats}
+    record["sources"] = [{**s, "etag": s.get("etag") or _s3_etag(s["uri"])} for s in record["sources"]]
+    return record
 
 
 def _merge_and_verify(config: FinetuneConfig, data: IngestResult, planned: PlanResult, trained: TrainResult,
