@@ -18,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tasks.manifest import verify_files
-from tasks.registry import fetch_run
-from tasks.storage import StorageNotFoundError
+from tasks.manifest import sha256_file, verify_files
+from tasks.registry import fetch_run, read_latest
+from tasks.storage import MANIFEST_NAME, StorageNotFoundError
 
 
 class CheckFailed(Exception):
@@ -35,7 +35,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fetch_and_check(args: argparse.Namespace, dest: Path) -> tuple[str, dict]:
-    run_id, manifest = fetch_run(args.output, args.run, dest, args.concurrency)
+    pointer = read_latest(args.output) if args.run == "latest" else None
+    run_id, manifest = fetch_run(args.output, pointer["run_id"] if pointer else args.run, dest, args.concurrency)
+    if pointer and sha256_file(dest / MANIFEST_NAME) != pointer["manifest_sha256"]:
+        raise CheckFailed(f"run {run_id}: its manifest.json is not the one latest.json was promoted with")
     if problems := verify_files(dest):
         raise CheckFailed("checksums differ from the manifest:\n  " + "\n  ".join(problems))
     total = sum(f["bytes"] for f in manifest["files"])

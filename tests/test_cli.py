@@ -50,6 +50,11 @@ def test_verify_latest_checks_checksums_and_loads_with_transformers(tiny_model, 
     out = capsys.readouterr().out
     assert "run run-1:" in out and "every sha256 matches" in out and "loaded" in out and "forward pass finite" in out
 
+    latest = tmp_path / "models" / "latest.json"
+    latest.write_text(latest.read_text().replace('"manifest_sha256": "', '"manifest_sha256": "0'))
+    assert main(["verify", output, "--no-load"]) == 1  # the run's manifest is not the promoted one
+    assert "not the one latest.json was promoted with" in capsys.readouterr().err
+
 
 def test_verify_an_adapter_only_run_loads_it_onto_the_base(tiny_model, tmp_path, capsys):
     output = str(tmp_path / "models")
