@@ -1,4 +1,4 @@
-"""The fine-tuning pipeline: ingest -> plan -> evaluate base -> train -> evaluate tuned -> publish."""
+"""The fine-tuning pipeline: ingest -> plan -> evaluate base -> train -> evaluate tuned -> publish -> promote."""
 from __future__ import annotations
 
 from prefect import flow
@@ -8,7 +8,7 @@ from tasks.config import FinetuneConfig
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.plan import plan_training
-from tasks.publish import package_run, upload_run, write_report
+from tasks.publish import decide_promotion, package_run, promote_run, upload_run, write_report
 from tasks.runs import start_run
 from tasks.train import train_model
 
@@ -23,6 +23,7 @@ class FinetuneResult(BaseModel):
     base_eval_loss: float
     tuned_eval_loss: float
     summary: str
+    promoted: bool  # whether <output>/latest.json now points at this run
 
 
 @flow(name="finetune", log_prints=True)
@@ -33,11 +34,13 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     base = evaluate(config, data, planned, label="base")
     trained = train_model(config, run, data, planned)
     tuned = evaluate(config, data, planned, label="tuned", trained=trained)
-    manifest = package_run(config, run, data, planned, trained, base, tuned)
-    output_uri = upload_run(run)
-    summary = write_report(config, manifest, output_uri)
+    decision = decide_promotion(config, base, tuned)
+    manifest = package_run(config, run, data, planned, trained, base, tuned, decision)
+    output_uri = upload_run(config, run)
+    promoted = promote_run(config, run, decision)
+    summary = write_report(config, manifest, output_uri, promoted)
     return FinetuneResult(
         run_id=run.run_id, output_uri=output_uri, method=trained.method, metric=base.metric,
         base_score=base.score, tuned_score=tuned.score, base_eval_loss=base.loss, tuned_eval_loss=tuned.loss,
-        summary=summary,
+        summary=summary, promoted=promoted,
     )

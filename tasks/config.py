@@ -76,6 +76,28 @@ class EvaluationSettings(_Settings):
     examples_in_report: int = Field(4, ge=0, le=50, description="Base-vs-tuned answers shown in the report.")
 
 
+class PublishSettings(_Settings):
+    dtype: PublishDtype = Field(
+        "float32",
+        description="dtype of the merged weights. float32 publishes exactly the model that was evaluated; "
+        "'base' keeps the base checkpoint's dtype (half the size for a bf16 base, but rounding can change "
+        "greedy answers where the model is unsure).",
+    )
+    adapter_only: bool = Field(
+        False, description="Publish only the LoRA/QLoRA adapter (small uploads when the consumer has the base); "
+        "full fine-tuning has no adapter and always publishes the whole model.",
+    )
+    min_improvement: float = Field(
+        0.0, description="Promotion gate: latest.json moves to this run only when the tuned task score is at "
+        "least the base score plus this much.",
+    )
+    max_shard_size_mb: int = Field(2048, ge=1, description="Largest safetensors shard of the merged model (MB).")
+    multipart_chunk_mb: int = Field(
+        64, ge=5, le=5120, description="S3 multipart part size (MB); files larger than one part go multipart."
+    )
+    max_concurrency: int = Field(8, ge=1, le=64, description="Parallel S3 requests while uploading or downloading.")
+
+
 class FinetuneConfig(_Settings):
     model: str = Field(description="Local folder of a Hugging Face causal LM (config.json, safetensors, tokenizer).")
     data: str = Field(description="Training data: a local path or s3://bucket/key (.jsonl, .json, .csv, .parquet).")
@@ -92,12 +114,7 @@ class FinetuneConfig(_Settings):
     )
     output: str = Field("outputs", description="Where runs are published: a local folder or s3://bucket/prefix.")
     work_dir: str = Field(".finetune-work", description="Local scratch folder for data, checkpoints and staging.")
-    publish_dtype: PublishDtype = Field(
-        "float32",
-        description="dtype of the merged weights. float32 publishes exactly the model that was evaluated; "
-        "'base' keeps the base checkpoint's dtype (half the size for a bf16 base, but rounding can change "
-        "greedy answers where the model is unsure).",
-    )
+    publish: PublishSettings = Field(default_factory=PublishSettings)
     resume: bool = Field(
         False, description="Continue from the newest checkpoint in `output` of an earlier run with the same "
         "model, data and settings (a retry of the same flow run always continues from its own)."

@@ -35,7 +35,7 @@ def publish_dtype(base_path: str, requested: str) -> torch.dtype:
 
 @torch.no_grad()
 def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir: Path, dtype: torch.dtype,
-                 tokenizer, probe_texts: list[str], device: str) -> dict:
+                 tokenizer, probe_texts: list[str], device: str, max_shard_size: str = "2GB") -> dict:
     tokenizer.padding_side = "right"
     probe = tokenizer(probe_texts, add_special_tokens=False, padding=True, truncation=True,
                       max_length=PROBE_TOKENS, return_tensors="pt").to(device)
@@ -45,13 +45,14 @@ def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir:
         expected = model(**probe).logits[mask]
         model = model.merge_and_unload()
         merge_error = (model(**probe).logits[mask] - expected).abs().max().item()
-        if merge_error > MERGE_TOLERANCE:
+        if not merge_error <= MERGE_TOLERANCE:  # written so that NaN fails too
             raise ExportError(f"merged model differs from base + adapter by {merge_error:.2e} (> {MERGE_TOLERANCE})")
     else:
         model = load_for_inference(checkpoint_dir, device, dtype=torch.float32)
         expected, merge_error = model(**probe).logits[mask], 0.0
     model.config.use_cache = True  # training turned the KV cache off; users generate with it
-    model.to(dtype).save_pretrained(out_dir)
+    model.to(dtype).save_pretrained(out_dir, max_shard_size=max_shard_size)
+    _save_generation_config(model, tokenizer, out_dir)
     tokenizer.save_pretrained(out_dir)
     del model
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, device_map={"": device}).eval()
@@ -65,7 +66,22 @@ def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir:
         "saved_max_abs_logit_diff": (saved - expected).abs().max().item(),
         "saved_top1_agreement": agreement,
     }
+    verification["shards"] = len(list(out_dir.glob("*.safetensors")))
     lossless = dtype == torch.float32
-    if (lossless and verification["saved_max_abs_logit_diff"] > MERGE_TOLERANCE) or agreement < MIN_SAVED_AGREEMENT:
+    if (lossless and not verification["saved_max_abs_logit_diff"] <= MERGE_TOLERANCE) or \
+            not agreement >= MIN_SAVED_AGREEMENT:  # NaN fails
         raise ExportError(f"the saved model does not reproduce the trained one: {verification}")
     return verification
+
+
+def _save_generation_config(model, tokenizer, out_dir: Path) -> None:
+    """Users generate with the published folder: give it the base's generation settings, or defaults
+    built from the model config, with end-of-sequence and padding tokens the tokenizer really has."""
+    from transformers import GenerationConfig
+
+    if (out_dir / "generation_config.json").exists():
+        return  # save_pretrained wrote the one the base model came with
+    generation = GenerationConfig.from_model_config(model.config)
+    generation.eos_token_id = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
+    generation.pad_token_id = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
+    generation.save_pretrained(out_dir)

@@ -42,7 +42,8 @@ def library_versions() -> dict[str, str | None]:
 
 
 def build_manifest(*, run: dict, base_model: dict, data: dict, config: dict, plan: dict, training: dict,
-                   evaluation: dict, export: dict, files: list[dict]) -> dict:
+                   evaluation: dict, export: dict, files: list[dict], hardware: dict | None = None,
+                   promotion: dict | None = None) -> dict:
     return {
         "schema": MANIFEST_SCHEMA,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -53,10 +54,21 @@ def build_manifest(*, run: dict, base_model: dict, data: dict, config: dict, pla
         "plan": plan,
         "training": training,
         "evaluation": evaluation,
+        "memory": memory_comparison(plan, training),
+        "promotion": promotion,
         "export": export,
         "libraries": library_versions(),
+        "hardware": hardware,
         "files": files,
     }
+
+
+def memory_comparison(plan: dict, training: dict) -> dict:
+    """The planner's peak-memory estimate next to the peak measured while training."""
+    estimated = plan.get("estimate", {}).get("total")
+    measured = training.get("peak_memory_bytes")
+    return {"estimated_bytes": estimated, "measured_bytes": measured, "measured_kind": training.get("peak_memory_kind"),
+            "measured_over_estimated": round(measured / estimated, 4) if estimated and measured else None}
 
 
 def verify_files(folder: Path) -> list[str]:

@@ -1,7 +1,9 @@
-"""Stage 5, publish: merge, verify, write the manifest, upload the run folder, report.
+"""Stage 5, publish: merge, verify, write the manifest, upload the run folder, promote, report.
 
-The run folder is assembled locally first (`adapter/`, `merged/`, `manifest.json`), then copied to
-the output so no reader ever sees half a model: a local rename, or S3 uploads with the manifest last.
+The run folder is assembled locally first (`adapter/`, `merged/` with its model card,
+`manifest.json`), then published to `<output>/runs/<run-id>/` so no reader ever sees half a model:
+a local rename, or S3 uploads with the manifest last. Only then, and only if the promotion gate
+says so, does `<output>/latest.json` move to the run (tasks/registry.py).
 """
 from __future__ import annotations
 
@@ -18,49 +20,114 @@ from tasks.dataset import read_conversations
 from tasks.evaluate import EvalResult
 from tasks.ingest import IngestResult
 from tasks.manifest import build_manifest, file_entries, sha256_file
+from tasks.model_card import model_card
 from tasks.plan import PlanResult
+from tasks.promotion import GateDecision, score_gate
+from tasks.registry import promote
 from tasks.report import headline, summary_markdown
 from tasks.runs import RunInfo
-from tasks.storage import MANIFEST_NAME, is_transient, publish_folder
+from tasks.storage import MANIFEST_NAME, is_s3_uri, is_transient, publish_folder, split_s3_uri
 from tasks.train import TrainResult
 
 PROBE_ROWS = 4  # eval rows whose logits must survive merging and saving
 FP32_EXPORT_HEADROOM = 1.5  # an fp32 copy of the model plus probe logits and allocator slack
 
 
+@task(name="gate", cache_policy=NO_CACHE)
+def decide_promotion(config: FinetuneConfig, base: EvalResult, tuned: EvalResult) -> GateDecision:
+    """The promotion gate's decision; a richer gate replaces `score_gate` here and nowhere else."""
+    decision = score_gate(base.metric, base.score, tuned.score, config.publish.min_improvement)
+    get_run_logger().info("promotion gate: %s", decision.reason)
+    return decision
+
+
 @task(name="package", cache_policy=NO_CACHE)
 def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult,
-                trained: TrainResult, base: EvalResult, tuned: EvalResult) -> dict:
+                trained: TrainResult, base: EvalResult, tuned: EvalResult, decision: GateDecision) -> dict:
     """Build the complete run folder locally; returns the manifest."""
-    from tasks.export import export_model, publish_dtype
-    from tasks.tokenization import load_tokenizer, render
-
     staging = Path(run.run_dir) / "publish"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    adapter_only = trained.is_adapter and config.publish.adapter_only
     if trained.is_adapter:
         shutil.copytree(trained.checkpoint_dir, staging / "adapter")
-    tokenizer = load_tokenizer(trained.checkpoint_dir)
-    _, conversations = read_conversations(data.eval_path)
-    probe = [render(tokenizer, c) for c in conversations[:PROBE_ROWS]]
-    verification = export_model(config.model, trained.checkpoint_dir, trained.is_adapter, staging / "merged",
-                                publish_dtype(config.model, config.publish_dtype), tokenizer, probe,
-                                _export_device(planned))
-    get_run_logger().info("export verified: %s", verification)
+    if adapter_only:
+        verification = {"adapter_only": True}  # nothing merged: the consumer applies the adapter to the base
+    else:
+        verification = _merge_and_verify(config, data, planned, trained, staging / "merged")
+        get_run_logger().info("export verified: %s", verification)
+    base_model = _describe_base(config, planned)
+    data_record = _describe_data(data, planned)
+    evaluation = {"metric": base.metric, "base": base.model_dump(), "tuned": tuned.model_dump()}
+    training = trained.model_dump(exclude={"checkpoint_dir"})
+    card = {"run_id": run.run_id, "base_model": base_model, "data": data_record, "method": trained.method,
+            "training": training, "evaluation": evaluation, "publish_dtype": verification.get("saved_dtype", "")}
+    for folder, as_adapter in ((staging / "merged", False), (staging / "adapter", True)):
+        if folder.is_dir():  # the model card, for the people who deploy the folder
+            (folder / "README.md").write_text(model_card(**card, adapter_only=as_adapter))
     manifest = build_manifest(
-        run=run.model_dump(exclude={"run_dir"}),
-        base_model={"path": config.model, "model_type": planned.model_type, "parameters": planned.model_parameters,
-                    "config_sha256": sha256_file(Path(config.model) / "config.json")},
-        data={**data.model_dump(exclude={"train_path", "eval_path"}), "token_stats": planned.token_stats},
-        config=config.model_dump(),
-        plan=planned.plan.model_dump(),
-        training=trained.model_dump(exclude={"checkpoint_dir"}),
-        evaluation={"metric": base.metric, "base": base.model_dump(), "tuned": tuned.model_dump()},
-        export=verification,
-        files=file_entries(staging),
+        run=run.model_dump(exclude={"run_dir"}), base_model=base_model, data=data_record,
+        config=config.model_dump(), plan=planned.plan.model_dump(), training=training, evaluation=evaluation,
+        export=verification, files=file_entries(staging), hardware=_hardware(planned),
+        promotion=decision.model_dump(),
     )
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _describe_base(config: FinetuneConfig, planned: PlanResult) -> dict:
+    return {"path": config.model, "revision": _base_revision(config.model), "model_type": planned.model_type,
+            "parameters": planned.model_parameters, "config_sha256": sha256_file(Path(config.model) / "config.json")}
+
+
+def _describe_data(data: IngestResult, planned: PlanResult) -> dict:
+    record = {**data.model_dump(exclude={"train_path", "eval_path"}), "token_stats": planned.token_stats}
+    record["sources"] = [{**s, "etag": s.get("etag") or _s3_etag(s["uri"])} for s in record["sources"]]
+    return record
+
+
+def _merge_and_verify(config: FinetuneConfig, data: IngestResult, planned: PlanResult, trained: TrainResult,
+                      out_dir: Path) -> dict:
+    from tasks.export import export_model, publish_dtype
+    from tasks.tokenization import load_tokenizer, render
+
+    tokenizer = load_tokenizer(trained.checkpoint_dir)
+    _, conversations = read_conversations(data.eval_path)
+    probe = [render(tokenizer, c) for c in conversations[:PROBE_ROWS]]
+    return export_model(config.model, trained.checkpoint_dir, trained.is_adapter, out_dir,
+                        publish_dtype(config.model, config.publish.dtype), tokenizer, probe,
+                        _export_device(planned), max_shard_size=f"{config.publish.max_shard_size_mb}MB")
+
+
+def _base_revision(model_path: str) -> str | None:
+    """The Hub commit of a model from the Hugging Face cache (…/snapshots/<commit>), else None."""
+    parts = Path(model_path).resolve().parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def _s3_etag(uri: str) -> str | None:
+    """The dataset object's ETag, so a consumer can tell whether the data changed since training."""
+    if not is_s3_uri(uri):
+        return None
+    from tasks.storage import s3_client
+
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3_uri(uri)
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    except ClientError:  # gone since ingest: the sha256 recorded at ingest still identifies the data
+        return None
+
+
+def _hardware(planned: PlanResult) -> dict:
+    import platform
+
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"device": planned.plan.device, "gpus": gpus, "cuda": torch.version.cuda if gpus else None,
+            "cpu": platform.processor() or platform.machine()}
 
 
 def _export_device(planned: PlanResult) -> str:
@@ -80,16 +147,40 @@ def _transient_storage_error(task, task_run, state) -> bool:
 
 @task(name="upload", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient_storage_error,
       cache_policy=NO_CACHE)
-def upload_run(run: RunInfo) -> str:
+def upload_run(config: FinetuneConfig, run: RunInfo) -> str:
+    """Publish the staged folder to `<output>/runs/<run-id>/`; a retry sends only what is missing."""
     staging = Path(run.run_dir) / "publish"
-    uri = publish_folder(staging, run.output_uri)
-    shutil.rmtree(staging, ignore_errors=True)  # the published copy is the one to keep
-    get_run_logger().info("published %s", uri)
-    return uri
+    if is_s3_uri(run.output_uri):
+        from tasks.s3_transfer import upload_run_folder
+
+        stats = upload_run_folder(staging, run.output_uri, config.publish.multipart_chunk_mb * 2**20,
+                                  config.publish.max_concurrency)
+        get_run_logger().info("uploaded %d file(s), %d bytes; %d file(s), %d bytes already there",
+                              stats.files_sent, stats.bytes_sent, stats.files_skipped, stats.bytes_skipped)
+    else:
+        publish_folder(staging, run.output_uri)
+    try:
+        shutil.rmtree(staging)  # the published copy is the one to keep
+    except OSError as error:  # the run is published; a leftover scratch folder is not worth failing it
+        get_run_logger().warning("could not remove the staging folder %s: %s", staging, error)
+    get_run_logger().info("published %s", run.output_uri)
+    return run.output_uri
+
+
+@task(name="promote", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient_storage_error,
+      cache_policy=NO_CACHE)
+def promote_run(config: FinetuneConfig, run: RunInfo, decision: GateDecision) -> bool:
+    """Move `<output>/latest.json` to this run if the gate said so; a run not promoted stays published."""
+    if not decision.promote:
+        get_run_logger().info("not promoted, latest.json unchanged: %s", decision.reason)
+        return False
+    pointer = promote(config.output, run.run_id, decision.model_dump())
+    get_run_logger().info("latest.json -> %s (previous: %s)", run.run_id, pointer["previous"])
+    return True
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def write_report(config: FinetuneConfig, manifest: dict, output_uri: str) -> str:
-    create_markdown_artifact(summary_markdown(manifest, output_uri, config.evaluation.examples_in_report),
-                             key="finetune-summary", description=headline(manifest))
+def write_report(config: FinetuneConfig, manifest: dict, output_uri: str, promoted: bool) -> str:
+    markdown = summary_markdown(manifest, output_uri, config.evaluation.examples_in_report, promoted)
+    create_markdown_artifact(markdown, key="finetune-summary", description=headline(manifest))
     return headline(manifest)

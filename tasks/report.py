@@ -20,7 +20,16 @@ def headline(manifest: dict) -> str:
             f"(perplexity {base['perplexity']:.2f} -> {tuned['perplexity']:.2f})")
 
 
-def summary_markdown(manifest: dict, output_uri: str, examples: int) -> str:
+def promotion_line(manifest: dict, promoted: bool | None) -> str:
+    decision = manifest.get("promotion") or {}
+    if promoted is None or not decision:
+        return ""
+    verdict = "**promoted**: `latest.json` now points at this run" if promoted else \
+        "**not promoted**: `latest.json` unchanged, the run stays published"
+    return f"Promotion gate `{decision['gate']}`: {verdict} ({decision['reason']})."
+
+
+def summary_markdown(manifest: dict, output_uri: str, examples: int, promoted: bool | None = None) -> str:
     run, data, plan, training = manifest["run"], manifest["data"], manifest["plan"], manifest["training"]
     evaluation = manifest["evaluation"]
     base, tuned, metric = evaluation["base"], evaluation["tuned"], evaluation["metric"]
@@ -29,6 +38,7 @@ def summary_markdown(manifest: dict, output_uri: str, examples: int) -> str:
         f"# Fine-tuning run `{run['run_id']}`",
         f"**{headline(manifest)}**",
         f"Published to `{output_uri}` (method **{plan['method']}**, base `{manifest['base_model']['path']}`).",
+        promotion_line(manifest, promoted),
         "## Data",
         _table(["source", "format", "rows", "sha256"],
                [[s["uri"], s["data_format"], s["rows"], s["sha256"][:16]] for s in data["sources"]]),
@@ -57,5 +67,5 @@ def summary_markdown(manifest: dict, output_uri: str, examples: int) -> str:
         rows = [[b["question"], b["reference"], b["prediction"], t["prediction"]]
                 for b, t in list(zip(base["answers"], tuned["answers"]))[:examples]]
         parts += ["## Example answers", _table(["question", "reference", "base", "tuned"], rows)]
-    return "\n\n".join(parts)
+    return "\n\n".join(p for p in parts if p)
 

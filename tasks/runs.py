@@ -8,14 +8,14 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tasks.config import FinetuneConfig
-from tasks.storage import join_uri
+from tasks.registry import run_uri
 
 
 class RunInfo(BaseModel):
     run_id: str
     flow_run_id: str | None
     run_dir: str  # local scratch: data splits, checkpoints, the staged run folder
-    output_uri: str  # where the finished run folder is published
+    output_uri: str  # where the finished run folder is published: <output>/runs/<run-id>
     started_at: str
 
 
@@ -29,4 +29,4 @@ def start_run(config: FinetuneConfig) -> RunInfo:
     run_dir = Path(config.work_dir).resolve() / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     return RunInfo(run_id=run_id, flow_run_id=flow_run_id, run_dir=str(run_dir),
-                   output_uri=join_uri(config.output, run_id), started_at=now.isoformat(timespec="seconds"))
+                   output_uri=run_uri(config.output, run_id), started_at=now.isoformat(timespec="seconds"))

@@ -32,11 +32,13 @@ def join_uri(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-def s3_client():
+def s3_client(max_pool_connections: int = 10):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+    # Standard mode retries only what is safe and transient: connection errors, 5xx, throttling.
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5},
+                                            max_pool_connections=max_pool_connections))
 
 
 def is_transient(error: BaseException) -> bool:

@@ -74,6 +74,18 @@ def bucket(s3_server) -> str:
     return "finetune-test"
 
 
+@pytest.fixture
+def empty_bucket(s3_server) -> str:
+    """Like `bucket`, but empty: moto keeps objects in process-wide state that outlives one server."""
+    import urllib.request
+
+    import boto3
+
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")).read()
+    boto3.client("s3").create_bucket(Bucket="finetune-test")
+    return "finetune-test"
+
+
 def tiny_config(model: Path, tmp_path: Path, **overrides):
     """A fast flow configuration on the tiny model and the demo data."""
     from tasks.config import FinetuneConfig

@@ -26,8 +26,8 @@ def task_names(state) -> list[str]:
 def test_each_method_fine_tunes_and_publishes(tiny_model, tmp_path, method):
     base_sha = sha256_file(tiny_model / "model.safetensors")
     dtype = "bfloat16" if method == "qlora" else "float32"
-    result = finetune(tiny_config(tiny_model, tmp_path, method=method, publish_dtype=dtype))
-    run_dir = tmp_path / "out" / result.run_id
+    result = finetune(tiny_config(tiny_model, tmp_path, method=method, publish={"dtype": dtype}))
+    run_dir = tmp_path / "out" / "runs" / result.run_id
     assert result.output_uri == str(run_dir) and result.method == method
     manifest = json.loads((run_dir / "manifest.json").read_text())
 
@@ -36,10 +36,19 @@ def test_each_method_fine_tunes_and_publishes(tiny_model, tmp_path, method):
     on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(listed) == on_disk
     assert all(sha256_file(run_dir / path) == digest for path, digest in listed.items())
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["checkpoints", result.run_id])
+    assert [p.name for p in (tmp_path / "out" / "runs").iterdir()] == [result.run_id]
     assert manifest["training"]["resumed_from_step"] == 0
     assert ("adapter/adapter_model.safetensors" in listed) == (method != "full")
-    assert {"merged/model.safetensors", "merged/config.json", "merged/tokenizer.json"} <= set(listed)
+    assert {"merged/model.safetensors", "merged/config.json", "merged/tokenizer.json", "merged/README.md",
+            "merged/generation_config.json"} <= set(listed)
+    assert f"run `{result.run_id}`" in (run_dir / "merged" / "README.md").read_text()  # the model card
+
+    # The gate (tuned >= base + 0.0) decides whether latest.json points at the run.
+    assert result.promoted == (result.tuned_score >= result.base_score) == manifest["promotion"]["promote"]
+    latest = tmp_path / "out" / "latest.json"
+    assert latest.is_file() == result.promoted
+    if result.promoted:
+        assert json.loads(latest.read_text())["run_id"] == result.run_id
 
     # The manifest says what was trained, from what, how, and how well.
     assert manifest["run"]["run_id"] == result.run_id and manifest["run"]["flow_run_id"]
@@ -48,6 +57,9 @@ def test_each_method_fine_tunes_and_publishes(tiny_model, tmp_path, method):
     assert manifest["plan"]["method"] == method and manifest["plan"]["estimate"]["total"] > 0
     assert manifest["training"]["peak_memory_bytes"] > 0
     assert manifest["libraries"]["torch"] == metadata.version("torch")
+    assert manifest["memory"]["measured_bytes"] == manifest["training"]["peak_memory_bytes"]
+    assert manifest["memory"]["estimated_bytes"] == manifest["plan"]["estimate"]["total"]
+    assert manifest["hardware"]["device"] == "cpu" and manifest["base_model"]["revision"] is None
     assert manifest["export"]["merge_max_abs_logit_diff"] < 1e-3
 
     # It learned, and the base model on disk is untouched while the merged one differs from it.
@@ -63,6 +75,19 @@ def test_each_method_fine_tunes_and_publishes(tiny_model, tmp_path, method):
         assert "model.embed_tokens.weight" in changed
     else:  # LoRA touches only the linear layers
         assert "model.embed_tokens.weight" not in changed
+
+
+def test_adapter_only_run_that_fails_the_gate_is_published_but_not_promoted(tiny_model, tmp_path):
+    result = finetune(tiny_config(tiny_model, tmp_path, method="lora",
+                                  publish={"adapter_only": True, "min_improvement": 2.0}))  # scores are <= 1
+    run_dir = tmp_path / "out" / "runs" / result.run_id
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    listed = {f["path"] for f in manifest["files"]}
+    assert not result.promoted and not (tmp_path / "out" / "latest.json").exists()
+    assert manifest["promotion"]["promote"] is False and "keep the current latest" in manifest["promotion"]["reason"]
+    assert {"adapter/adapter_model.safetensors", "adapter/README.md"} <= listed
+    assert not any(path.startswith("merged/") for path in listed) and manifest["export"] == {"adapter_only": True}
+    assert "model.load_adapter" in (run_dir / "adapter" / "README.md").read_text()
 
 
 def test_summary_artifact_is_written(tiny_model, tmp_path):
@@ -110,7 +135,7 @@ def test_a_new_run_with_resume_continues_from_the_last_checkpoint(tiny_model, tm
 
     second = finetune(tiny_config(tiny_model, tmp_path, method="lora", resume=True,
                                   training={**training, "max_steps": 6}))
-    manifest = json.loads((tmp_path / "out" / second.run_id / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "runs" / second.run_id / "manifest.json").read_text())
     assert manifest["training"]["resumed_from_step"] == 4
     assert manifest["training"]["resumed_from"] == str(checkpoints / run_key / "step-0000004")
     assert [r["step"] for r in manifest["training"]["history"]] == [1, 2, 3, 4, 5, 6]
@@ -119,5 +144,5 @@ def test_a_new_run_with_resume_continues_from_the_last_checkpoint(tiny_model, tm
     # Other settings train something else: resume finds nothing to continue and starts afresh.
     third = finetune(tiny_config(tiny_model, tmp_path, method="lora", resume=True,
                                  training={**training, "max_steps": 2, "learning_rate": 1e-3}))
-    manifest = json.loads((tmp_path / "out" / third.run_id / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "runs" / third.run_id / "manifest.json").read_text())
     assert manifest["training"]["resumed_from_step"] == 0 and manifest["training"]["resumed_from"] is None

@@ -19,17 +19,24 @@ def test_s3_in_s3_out(tiny_model, bucket, tmp_path):
     config = tiny_config(tiny_model, tmp_path, method="lora", data=f"s3://{bucket}/datasets/q7/train.jsonl",
                          eval_data=f"s3://{bucket}/datasets/q7/eval.jsonl", output=f"s3://{bucket}/models/q7")
     result = finetune(config)
-    assert result.output_uri == f"s3://{bucket}/models/q7/{result.run_id}"
+    assert result.output_uri == f"s3://{bucket}/models/q7/runs/{result.run_id}"
 
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="models/q7/")["Contents"]]
-    assert f"models/q7/{result.run_id}/manifest.json" in keys
-    assert f"models/q7/{result.run_id}/merged/model.safetensors" in keys
+    assert f"models/q7/runs/{result.run_id}/manifest.json" in keys
+    assert f"models/q7/runs/{result.run_id}/merged/model.safetensors" in keys
+    card = s3.head_object(Bucket=bucket, Key=f"models/q7/runs/{result.run_id}/merged/README.md")
+    assert card["ContentType"].startswith("text/markdown")
     assert not (tmp_path / "work" / result.run_id / "publish").exists()  # staging cleaned after upload
 
     local = download_folder(result.output_uri, tmp_path / "download")
     assert verify_files(local) == []
     manifest = json.loads((local / "manifest.json").read_text())
     assert manifest["data"]["sources"][0]["uri"] == f"s3://{bucket}/datasets/q7/train.jsonl"
+    etag = s3.head_object(Bucket=bucket, Key="datasets/q7/train.jsonl")["ETag"].strip('"')
+    assert manifest["data"]["sources"][0]["etag"] == etag
+    if result.promoted:  # the gate: tuned >= base
+        latest = json.loads(s3.get_object(Bucket=bucket, Key="models/q7/latest.json")["Body"].read())
+        assert latest["run_id"] == result.run_id
 
     from transformers import AutoModelForCausalLM
 

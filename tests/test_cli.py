@@ -1,0 +1,83 @@
+"""`prefect-finetune download|verify`: fetch a published run, check every checksum, load it with
+plain transformers. Runs are published here from the tiny model without training (fast)."""
+import json
+import shutil
+
+import pytest
+
+from tasks.cli import main
+from tasks.manifest import file_entries
+from tasks.registry import promote, run_uri
+from tasks.storage import publish_folder
+
+
+def stage(tmp_path, tiny_model, run_id, adapter_only=False):
+    staged = tmp_path / "staging" / run_id
+    if adapter_only:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                               LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        model.save_pretrained(staged / "adapter")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny_model / name, staged / "adapter" / name)
+    else:
+        shutil.copytree(tiny_model, staged / "merged")
+    manifest = {"run": {"run_id": run_id}, "base_model": {"path": str(tiny_model)}, "files": file_entries(staged)}
+    (staged / "manifest.json").write_text(json.dumps(manifest))
+    return staged
+
+
+def publish(output, staged):
+    if output.startswith("s3://"):
+        from tasks.s3_transfer import upload_run_folder
+
+        upload_run_folder(staged, run_uri(output, staged.name))
+    else:
+        publish_folder(staged, run_uri(output, staged.name))
+
+
+def test_verify_latest_checks_checksums_and_loads_with_transformers(tiny_model, tmp_path, capsys):
+    output = str(tmp_path / "models")
+    publish(output, stage(tmp_path, tiny_model, "run-1"))
+    assert main(["verify", output]) == 2  # nothing promoted yet
+    assert "no run has been promoted yet" in capsys.readouterr().err
+    promote(output, "run-1", {"promote": True})
+    assert main(["verify", output, "--run", "latest"]) == 0
+    out = capsys.readouterr().out
+    assert "run run-1:" in out and "every sha256 matches" in out and "loaded" in out and "forward pass finite" in out
+
+    latest = tmp_path / "models" / "latest.json"
+    latest.write_text(latest.read_text().replace('"manifest_sha256": "', '"manifest_sha256": "0'))
+    assert main(["verify", output, "--no-load"]) == 1  # the run's manifest is not the promoted one
+    assert "not the one latest.json was promoted with" in capsys.readouterr().err
+
+
+def test_verify_an_adapter_only_run_loads_it_onto_the_base(tiny_model, tmp_path, capsys):
+    output = str(tmp_path / "models")
+    publish(output, stage(tmp_path, tiny_model, "run-adapter", adapter_only=True))
+    assert main(["verify", output, "--run", "run-adapter"]) == 0
+    assert "adapter with transformers" in capsys.readouterr().out
+
+
+def test_a_tampered_or_missing_run_fails_verification(tiny_model, tmp_path, capsys):
+    output = str(tmp_path / "models")
+    publish(output, stage(tmp_path, tiny_model, "run-1"))
+    with open(tmp_path / "models" / "runs" / "run-1" / "merged" / "config.json", "a") as handle:
+        handle.write(" ")
+    assert main(["download", output, "--run", "run-1", "--to", str(tmp_path / "down")]) == 1
+    assert "merged/config.json: sha256 differs from the manifest" in capsys.readouterr().err
+    assert main(["verify", output, "--run", "no-such-run", "--no-load"]) == 2
+
+
+@pytest.mark.integration
+def test_download_from_s3(tiny_model, empty_bucket, tmp_path, capsys):
+    output = f"s3://{empty_bucket}/models"
+    publish(output, stage(tmp_path, tiny_model, "run-1"))
+    promote(output, "run-1", {"promote": True})
+    assert main(["download", output, "--to", str(tmp_path / "down")]) == 0
+    assert (tmp_path / "down" / "merged" / "model.safetensors").is_file()
+    assert str(tmp_path / "down") in capsys.readouterr().out
