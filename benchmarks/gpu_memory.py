@@ -43,7 +43,9 @@ STEPS = 4
 
 
 def checkpoint_for(shape: str, root: Path) -> Path:
-    path = root / shape
+    """A random bf16 checkpoint of `shape` (4-bit loading needs one on disk: bitsandbytes quantizes
+    while loading); named as benchmarks/seed_recipe.py names its own, so a machine writes it once."""
+    path = root / f"anchor-{shape}"
     if not (path / "config.json").exists():
         config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
         with torch.device("cuda"):

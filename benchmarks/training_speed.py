@@ -54,6 +54,7 @@ def run_ours(shape: str, method: str, rows: int, checkpointing: bool, data: str,
     import logging
 
     import torch
+    from gpu_memory import checkpoint_for
     from seed_recipe import SHAPES, Rand
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,7 +67,7 @@ def run_ours(shape: str, method: str, rows: int, checkpointing: bool, data: str,
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
     config._attn_implementation = "sdpa"
     if method == "qlora":
-        model = _load_4bit(str(_saved_bf16(shape, config)), "cuda")
+        model = _load_4bit(str(checkpoint_for(shape, Path(tempfile.gettempdir()))), "cuda")
     else:  # full fine-tuning keeps fp32 master weights; LoRA freezes a bf16 base (tasks/modeling.py)
         torch.set_default_dtype(torch.float32 if method == "full" else torch.bfloat16)
         with torch.device("cuda"):
@@ -87,22 +88,6 @@ def run_ours(shape: str, method: str, rows: int, checkpointing: bool, data: str,
     return {"useful_tokens_per_s": round(sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed)),
             "peak_gib": round(outcome.peak_memory_bytes / 2**30, 2), "grad_ckpt": checkpointing,
             "rows_per_step": rows, "token_capacity": capacity, "attention": model.config._attn_implementation}
-
-
-def _saved_bf16(shape: str, config) -> Path:
-    """The random bf16 checkpoint that 4-bit loading needs (bitsandbytes quantizes while loading);
-    the same folder the seed recipe writes, so a run makes it once."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    path = Path(tempfile.gettempdir()) / f"anchor-{shape}"
-    if not path.exists():
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
-        model.save_pretrained(path)
-        del model
-        torch.cuda.empty_cache()
-    return path
 
 
 def one_case(args) -> None:
