@@ -106,7 +106,7 @@ def test_empty_and_missing_files(tmp_path):
 def test_invalid_utf8_is_reported(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"))
-    with pytest.raises(DatasetError, match=r"latin1.jsonl line 1: not valid UTF-8 \(byte 15\)"):
+    with pytest.raises(DatasetError, match=r"latin1.jsonl line 1: not valid UTF-8 at byte 15 of the line \(0xe9"):
         read_dataset(str(path))
 
 
