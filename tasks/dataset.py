@@ -218,6 +218,29 @@ def read_dataset(uri: str, data_format: str = "auto", checks: DataSettings | Non
     )
 
 
+def load_kept(uri: str, data_format: str, quarantined: set[tuple[str, int]]) -> tuple[pa.Table, list[int], dict]:
+    """Re-read a dataset whose verdict is known (cached): every row except the quarantined ones.
+
+    Returns the kept rows, their row numbers and the values of the quarantined rows. Rows that cannot
+    be parsed must be among the quarantined ones, or the data changed under the cached verdict.
+    """
+    tables, rows, values = [], [], {}
+    for source in list_source_files(uri):
+        for chunk in read_chunks(source, data_format):
+            stray = [p.row for p in chunk.problems if (source.uri, p.row) not in quarantined]
+            if stray:
+                raise DatasetError(f"{source.uri} {row_word(source)} {stray[0]}: cannot be read although its "
+                                   "validation passed; the file changed while the run read it, start the run again")
+            values.update({(source.uri, row): text for row, text in chunk.raw.items()})
+            drop = np.array([(source.uri, int(r)) in quarantined for r in chunk.rows], dtype=bool)
+            if drop.any():
+                values.update(zip([(source.uri, int(r)) for r in chunk.rows[drop]],
+                                  chunk.table.filter(pa.array(drop)).to_pylist()))
+            tables.append(chunk.table.filter(pa.array(~drop)))
+            rows.append(chunk.rows[~drop])
+    return pa.concat_tables(tables), np.concatenate(rows).tolist(), values
+
+
 def content_sha256(files: list[SourceFile]) -> str:
     """sha256 of the bytes (one file), or of the files' digests in order (a folder or prefix)."""
     digests = []

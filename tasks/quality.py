@@ -135,6 +135,9 @@ def first_copies(hashes: np.ndarray) -> np.ndarray:
 def _detail(rule: str, field: str, value: dict, size: int, max_row_bytes: int) -> str:
     if rule == "oversized":
         return f"{size:,} bytes, the limit is {max_row_bytes:,}"
+    if rule == "no_final_assistant":
+        last = (value.get("messages") or [{}])[-1] or {}
+        return f"the last message is from {last.get('role')!r}"
     if field == "messages" and rule != "missing":
         return conversation_problem(value.get("messages")) or rule
     if rule == "missing":
