@@ -71,6 +71,7 @@ def _list_s3(uri: str) -> list[SourceFile]:
         except ClientError as error:
             code = error.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "NoSuchBucket", "404"):
+                code = "NoSuchKey" if code == "404" else code  # HEAD answers have no error body
                 raise StorageNotFoundError(f"{uri}: {code} (check the bucket and key)") from error
             raise
         return [SourceFile(uri, head["ContentLength"], head["ETag"].strip('"'))]
