@@ -43,3 +43,40 @@ def test_tokenizer_without_chat_template_gets_a_plain_one(tiny_model):
     tokenizer.chat_template = None
     example = encode(tokenizer, [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], 512)
     assert trained_text(tokenizer, example) == "A.<|im_end|>\n\n"
+
+
+def test_plain_text_rows_train_the_whole_text(tiny_tokenizer):
+    example = encode(tiny_tokenizer, to_conversation({"text": "The Q7 weighs 173 grams."}, "text"), max_seq_len=512)
+    assert trained_text(tiny_tokenizer, example) == "The Q7 weighs 173 grams.<|im_end|>\n"
+
+
+def test_mask_marks_exactly_the_answer_tokens(tiny_tokenizer):
+    """The mask itself, token by token: prompt and template tokens are ignored, answer tokens trained."""
+    conversation = to_conversation({"prompt": "Weight?", "completion": "173 grams"}, "prompt_completion")
+    example = encode(tiny_tokenizer, conversation, max_seq_len=512)
+    view = "".join(f"[{tiny_tokenizer.decode([t])}]" if label != IGNORE_INDEX else tiny_tokenizer.decode([t])
+                   for t, label in zip(example.input_ids, example.labels))
+    assert view.startswith("<|im_start|>user\nWeight?<|im_end|>\n<|im_start|>assistant\n[")
+    assert view.replace("][", "").endswith("[173 grams<|im_end|>\n]")
+
+
+def test_batched_encoding_equals_the_one_row_encoder(tiny_tokenizer):
+    from conftest import DEMO_DATA
+    from tasks.tokenization import _encode_batch, encode_all
+
+    _, conversations = read_conversations_demo(DEMO_DATA)
+    conversations += [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Weight?"},
+                       {"role": "assistant", "content": " 173 grams "}],
+                      [{"role": "assistant", "content": "plain text row"}]]
+    for max_seq_len in (512, 24):
+        one_by_one = [encode(tiny_tokenizer, c, max_seq_len) for c in conversations]
+        assert _encode_batch(tiny_tokenizer, conversations, max_seq_len) == one_by_one  # the fast path itself
+        assert encode_all(tiny_tokenizer, conversations, max_seq_len) == one_by_one
+
+
+def read_conversations_demo(folder):
+    import json
+
+    rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    return None, [r["messages"] for r in rows]
