@@ -18,6 +18,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    tokens_lost: int = 0  # tokens cut off by truncation to max_seq_len
 
     @property
     def trainable_tokens(self) -> int:
@@ -84,7 +85,8 @@ def encode(tokenizer, conversation: list[dict], max_seq_len: int) -> Example:
         token if any(start <= char_start < end for start, end in spans) else IGNORE_INDEX
         for token, (char_start, _) in zip(ids, encoding["offset_mapping"])
     ]
-    return Example(input_ids=ids[:max_seq_len], labels=labels[:max_seq_len], truncated=len(ids) > max_seq_len)
+    return Example(input_ids=ids[:max_seq_len], labels=labels[:max_seq_len], truncated=len(ids) > max_seq_len,
+                   tokens_lost=max(0, len(ids) - max_seq_len))
 
 
 def length_stats(examples: list[Example], max_seq_len: int) -> dict:
@@ -146,7 +148,8 @@ def _encode_batch(tokenizer, conversations: list[list[dict]], max_seq_len: int) 
         if labels is None:
             return None
         ids = encoding.ids
-        examples.append(Example(ids[:max_seq_len], labels[:max_seq_len], len(ids) > max_seq_len))
+        examples.append(Example(ids[:max_seq_len], labels[:max_seq_len], len(ids) > max_seq_len,
+                                max(0, len(ids) - max_seq_len)))
     return examples
 
 
@@ -206,3 +209,70 @@ def _labels_from_spans(encoding, spans: list[tuple[int, int]]) -> list[int] | No
             first += 1  # this token began before the answer: it is not the answer's
         labels[first:last + 1] = ids[first:last + 1]
     return labels
+
+
+ENCODING_CACHE_VERSION = "1"  # bump when encode's output changes for the same input
+
+
+def encoding_cache_key(tokenizer, content_key: str, max_seq_len: int) -> str:
+    """Same data (content hash), same tokenizer (its full JSON) and template, same length: same Examples."""
+    import hashlib
+
+    parts = [ENCODING_CACHE_VERSION, content_key, str(max_seq_len), tokenizer.chat_template or "",
+             hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def encode_all_cached(tokenizer, conversations: list[list[dict]], max_seq_len: int, cache_dir,
+                      content_key: str) -> list[Example]:
+    """encode_all, stored as flat numpy arrays under `cache_dir` so a re-run on the same data is a load.
+
+    `content_key` must identify the conversations (e.g. the sha256 of the split file they came from).
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(cache_dir) / f"encoded-{encoding_cache_key(tokenizer, content_key, max_seq_len)}.npz"
+    if path.is_file():
+        stored = np.load(path)
+        if int(stored["rows"]) == len(conversations):
+            return _examples_from_arrays(stored)
+    examples = encode_all(tokenizer, conversations, max_seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+    np.savez(partial, rows=len(examples), lengths=lengths,
+             ids=np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32, count=int(lengths.sum())),
+             labels=np.fromiter((t for e in examples for t in e.labels), dtype=np.int32, count=int(lengths.sum())),
+             truncated=np.array([e.truncated for e in examples], dtype=bool),
+             lost=np.array([e.tokens_lost for e in examples], dtype=np.int64))
+    partial.replace(path)  # readers never see half a cache file
+    return examples
+
+
+def _examples_from_arrays(stored) -> list[Example]:
+    import numpy as np
+
+    bounds = np.concatenate(([0], np.cumsum(stored["lengths"])))
+    ids, labels, truncated = stored["ids"].tolist(), stored["labels"].tolist(), stored["truncated"].tolist()
+    return [Example(ids[a:b], labels[a:b], t, lost) for a, b, t, lost in
+            zip(bounds[:-1].tolist(), bounds[1:].tolist(), truncated, stored["lost"].tolist())]
+
+
+def length_report(examples: list[Example], max_seq_len: int) -> dict:
+    """Token lengths against max_seq_len: a histogram, the share of rows truncated and the tokens lost."""
+    import numpy as np
+
+    full = np.array([len(e.input_ids) + e.tokens_lost for e in examples], dtype=np.int64)
+    edges = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 2**62]
+    counts, _ = np.histogram(full, bins=edges)
+    return {
+        "rows": len(examples),
+        "max_seq_len": max_seq_len,
+        "histogram": {f"{lo}-{hi - 1}" if hi < 2**62 else f"{lo}+": int(c)
+                      for lo, hi, c in zip(edges[:-1], edges[1:], counts) if c},
+        "share_truncated": float(np.mean(full > max_seq_len)) if len(full) else 0.0,
+        "tokens_lost": int(np.maximum(full - max_seq_len, 0).sum()),
+        "tokens_total": int(full.sum()),
+    }

@@ -80,3 +80,22 @@ def read_conversations_demo(folder):
 
     rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
     return None, [r["messages"] for r in rows]
+
+
+def test_encodings_are_cached_by_content_tokenizer_and_length(tiny_tokenizer, tmp_path):
+    from tasks.tokenization import encode_all, encode_all_cached, length_report
+
+    conversations = [[{"role": "user", "content": "word " * n}, {"role": "assistant", "content": "done"}]
+                     for n in (1, 5, 40)]
+    first = encode_all_cached(tiny_tokenizer, conversations, 32, tmp_path, content_key="sha-a")
+    assert first == encode_all(tiny_tokenizer, conversations, 32)
+    assert len(list(tmp_path.glob("encoded-*.npz"))) == 1
+    assert encode_all_cached(tiny_tokenizer, conversations, 32, tmp_path, content_key="sha-a") == first
+    encode_all_cached(tiny_tokenizer, conversations, 64, tmp_path, content_key="sha-a")
+    encode_all_cached(tiny_tokenizer, conversations, 32, tmp_path, content_key="sha-b")
+    assert len(list(tmp_path.glob("encoded-*.npz"))) == 3
+    report = length_report(first, 32)
+    assert [e.truncated for e in first] == [False, True, True]
+    assert report["share_truncated"] == 2 / 3 and report["tokens_lost"] == first[1].tokens_lost + first[2].tokens_lost
+    assert first[2].tokens_lost == len(encode_all(tiny_tokenizer, conversations[2:], 4096)[0].input_ids) - 32
+    assert sum(report["histogram"].values()) == 3
