@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,20 +74,19 @@ def scan_dataset(uri: str, data_format: str = "auto", checks: DataSettings | Non
     word = row_word(files[0])
     read, problems, bad_values = 0, [], {}
     tables, rows, file_ids, exact, normalised = [], [], [], [], []
-    for index, source in enumerate(files):
-        for chunk in read_chunks(source, data_format):
-            checked = check_chunk(chunk, data_format, checks.max_row_bytes, word)
-            read += chunk.read
-            problems += checked.problems
-            bad_values.update({(source.uri, row): value for row, value in chunk.raw.items()})
-            bad_values.update({(source.uri, row): value for row, value in checked.bad_values.items()})
-            ok_rows = chunk.rows[checked.ok]
-            rows.append(ok_rows)
-            file_ids.append(np.full(len(ok_rows), index, dtype=np.int32))
-            exact.append(checked.exact)
-            normalised.append(checked.normalised)
-            if collect:
-                tables.append(chunk.table.filter(pa.array(checked.ok)))
+    for index, chunk, checked in _checked_chunks(files, data_format, checks.max_row_bytes, word):
+        uri_of_file = files[index].uri
+        read += chunk.read
+        problems += checked.problems
+        bad_values.update({(uri_of_file, row): value for row, value in chunk.raw.items()})
+        bad_values.update({(uri_of_file, row): value for row, value in checked.bad_values.items()})
+        ok_rows = chunk.rows[checked.ok]
+        rows.append(ok_rows)
+        file_ids.append(np.full(len(ok_rows), index, dtype=np.int32))
+        exact.append(checked.exact)
+        normalised.append(checked.normalised)
+        if collect:
+            tables.append(chunk.table.filter(pa.array(checked.ok)))
     rows, file_ids = _concat(rows, np.int64), _concat(file_ids, np.int32)
     exact, normalised = _concat(exact, np.uint64), _concat(normalised, np.uint64)
     kept_table = pa.concat_tables(tables) if tables else None
@@ -103,6 +103,21 @@ def scan_dataset(uri: str, data_format: str = "auto", checks: DataSettings | Non
     return Scan(uri, files, data_format, evidence, word, read, problems, bad_values,
                 kept_table.filter(pa.array(keep)) if kept_table is not None else None,
                 rows[keep], file_ids[keep], normalised[keep])
+
+
+def _checked_chunks(files: list[SourceFile], data_format: str, max_row_bytes: int, word: str):
+    """(file index, chunk, checks) in order. Checking chunk N runs in a thread while chunk N+1 is read:
+    Arrow's parser and the numpy/hash work release the GIL, so the two overlap on two cores."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for index, source in enumerate(files):
+            for chunk in read_chunks(source, data_format):
+                future = pool.submit(check_chunk, chunk, data_format, max_row_bytes, word)
+                if pending is not None:
+                    yield pending[0], pending[1], pending[2].result()
+                pending = (index, chunk, future)
+        if pending is not None:
+            yield pending[0], pending[1], pending[2].result()
 
 
 def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:

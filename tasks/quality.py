@@ -2,11 +2,12 @@
 
 Per-row facts are computed with Arrow kernels and numpy, never a Python loop over rows, so the
 checks keep up with the reader. Duplicates are found by 64-bit hashes of each row's text (exact) and
-of its lower-cased, whitespace-collapsed text (normalised); only the hashes are kept, so memory
+of its text ignoring ASCII case and whitespace (normalised); only the hashes are kept, so memory
 stays flat however large the file. Pure: pyarrow, numpy, pandas, pandera.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,20 +111,38 @@ def row_keys(table: pa.Table, data_format: str) -> pa.Array:
     return pc.binary_join(pa.ListArray.from_arrays(offsets, pieces), "\x1d")
 
 
-def normalise(keys: pa.Array) -> pa.Array:
-    """Lower case, runs of whitespace as one space, trimmed: copies that differ only so are duplicates."""
-    return pc.utf8_trim_whitespace(pc.replace_substring_regex(pc.utf8_lower(keys), r"\s+", " "))
-
-
-def hash_strings(keys: pa.Array) -> np.ndarray:
-    return pd.util.hash_array(keys.to_numpy(zero_copy_only=False)).astype(np.uint64)
+WHITESPACE = b" \t\n\r"
 
 
 def row_hashes(table: pa.Table, data_format: str) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of each row's text: as written (exact), and ignoring ASCII case and whitespace (normalised).
+
+    One loop over slices of Arrow's string buffers, no Python str objects. The exact hash is Python's
+    own (fast, but seeded per process: it is only compared within one scan); the normalised one is a
+    stable blake2b digest, because an eval set's leakage check compares it with hashes cached by
+    another process.
+    """
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64)
     keys = row_keys(table, data_format)
-    return hash_strings(keys), hash_strings(normalise(keys))
+    data, offsets = _string_buffer(keys)
+    lowered, lowered_offsets = _string_buffer(pc.ascii_lower(keys))  # same lengths: ASCII only
+    exact, normalised = np.empty(len(keys), dtype=np.uint64), np.empty(len(keys), dtype=np.uint64)
+    digest = hashlib.blake2b
+    for i, (start, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        exact[i] = hash(data[start:end].tobytes()) & 0xFFFFFFFFFFFFFFFF
+        squeezed = lowered[start:end].tobytes().translate(None, WHITESPACE)
+        normalised[i] = int.from_bytes(digest(squeezed, digest_size=8).digest(), "little")
+    return exact, normalised
+
+
+def _string_buffer(strings: pa.Array) -> tuple[memoryview, np.ndarray]:
+    """The bytes of an Arrow string array and its row offsets, rebased to start at 0."""
+    strings = strings.cast(pa.large_string())
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64)[strings.offset:strings.offset + len(strings) + 1]
+    base = int(offsets[0])
+    data = strings.buffers()[2]
+    return memoryview(data)[base:int(offsets[-1])] if data is not None else memoryview(b""), offsets - base
 
 
 def first_copies(hashes: np.ndarray) -> np.ndarray:

@@ -60,7 +60,7 @@ class Chunk:
     file: str
     table: pa.Table
     rows: np.ndarray  # source row number of each table row
-    sizes: np.ndarray  # bytes (or characters) of each table row in its file
+    sizes: np.ndarray  # bytes of text of each table row (every field, or every message's content)
     problems: list[Problem] = field(default_factory=list)
     raw: dict[int, str] = field(default_factory=dict)  # unparsable row -> its text, for quarantine
     read: int = 0  # rows read: table rows + unparsable rows
@@ -190,13 +190,19 @@ def _jsonl_chunk(source: SourceFile, data: bytes, first_line: int, data_format: 
                            "re-encode it as UTF-8")
     if first_line == 1 and data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]  # Windows tools write one; it is not part of the data
+    import pyarrow.compute as pc
+
+    fast = _fast_jsonl(data, data_format)
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))
+    if fast is not None and fast.num_rows == lines:  # no blank line: row i is line first_line + i
+        rows = np.arange(first_line, first_line + lines, dtype=np.int64)
+        return Chunk(source.uri, fast, rows, _row_sizes(fast, pc), read=len(rows))
     starts, lengths, blank = _line_layout(data)
     rows = first_line + np.flatnonzero(~blank)
-    fast = _fast_jsonl(data, data_format, len(rows))
-    if fast is not None:
-        return Chunk(source.uri, fast, rows, lengths[~blank], read=len(rows))
-    lines = ((first_line + i, data[s:s + n]) for i, (s, n) in enumerate(zip(starts, lengths)) if not blank[i])
-    return _records_chunk(source, _decoded_lines(lines), data_format)
+    if fast is not None and fast.num_rows == len(rows):
+        return Chunk(source.uri, fast, rows, _row_sizes(fast, pc), read=len(rows))
+    numbered = ((first_line + i, data[s:s + n]) for i, (s, n) in enumerate(zip(starts, lengths)) if not blank[i])
+    return _records_chunk(source, _decoded_lines(numbered), data_format)
 
 
 def _line_layout(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,18 +220,27 @@ def _line_layout(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, lengths, blank
 
 
-def _fast_jsonl(data: bytes, data_format: str, expected_rows: int) -> pa.Table | None:
+def _fast_jsonl(data: bytes, data_format: str) -> pa.Table | None:
     """Arrow's parse of a clean block, or None when the block needs the precise path."""
+    if not _is_utf8(data):  # Arrow's JSON reader does not check UTF-8 inside strings
+        return None
     try:
-        data.decode("utf-8")  # Arrow does not check UTF-8 inside strings
         table = pa_json.read_json(io.BytesIO(data), read_options=pa_json.ReadOptions(block_size=len(data) + 1),
                                   parse_options=pa_json.ParseOptions(explicit_schema=arrow_schema(data_format),
                                                                      unexpected_field_behavior="ignore"))
-    except (UnicodeDecodeError, pa.ArrowInvalid):
+    except pa.ArrowInvalid:
         return None
-    if table.num_rows != expected_rows or _has_foreign_rows(table, data_format):
-        return None
-    return table
+    return None if _has_foreign_rows(table, data_format) else table
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Arrow's vectorised UTF-8 validation over the bytes, without making a Python str of them."""
+    offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int64).tobytes())
+    try:
+        pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)]).cast(pa.large_string())
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _has_foreign_rows(table: pa.Table, data_format: str) -> bool:
@@ -269,9 +284,11 @@ def _records_chunk(source: SourceFile, items, data_format: str) -> Chunk:
         good.append(value)
         rows.append(number)
         sizes.append(size)
+    import pyarrow.compute as pc
+
     names = arrow_schema(data_format).names
     table = pa.Table.from_pylist([{n: r.get(n) for n in names} for r in good], schema=arrow_schema(data_format))
-    return Chunk(source.uri, table, np.array(rows, dtype=np.int64), np.array(sizes, dtype=np.int64),
+    return Chunk(source.uri, table, np.array(rows, dtype=np.int64), _row_sizes(table, pc),
                  problems, raw, read=len(good) + len(problems))
 
 

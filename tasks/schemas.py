@@ -47,7 +47,7 @@ RULES: dict[str, tuple[str, str]] = {
     "oversized": ("row larger than data_checks.max_row_bytes",
                   "split or shorten the row, or raise data_checks.max_row_bytes"),
     "duplicate": ("exact duplicate of an earlier row", "remove the copy, or set data_checks.duplicates='allow'"),
-    "near_duplicate": ("duplicate of an earlier row after lower-casing and collapsing whitespace",
+    "near_duplicate": ("duplicate of an earlier row when case and whitespace are ignored",
                        "remove the copy, or set data_checks.duplicates='allow'"),
     "leakage": ("eval row also in the training data", "remove it from one side, or set data_checks.leakage='allow'"),
 }
