@@ -107,17 +107,20 @@ def length_stats(examples: list[Example], max_seq_len: int) -> dict:
 
 
 def encode_all(tokenizer, conversations: list[list[dict]], max_seq_len: int) -> list[Example]:
-    """`encode` for many conversations, fast: one template render per row and batched tokenization.
+    """`encode` for many conversations, fast: no template engine per row, batched tokenization.
 
-    The answer spans come from one render with marker characters around each assistant message
-    (instead of 2 renders per assistant turn), and the label ranges from the tokenizer's char->token
-    map (instead of a Python test per token). The first rows of each batch are also encoded the slow,
-    obviously-right way; if any differs, the whole batch takes the slow way.
+    The chat template is learned once as the text it writes at the start, between two roles and
+    after the last answer (`TemplateLayout`), so a row renders by joining strings and its answer
+    spans are known while joining; label ranges come from the tokenizer's char->token map instead
+    of a Python test per token. The first rows of every batch are also encoded the slow,
+    obviously-right way; if any differs, or the template depends on more than the roles, the batch
+    takes the slow way.
     """
+    layout = TemplateLayout.learn(tokenizer)
     examples = []
     for start in range(0, len(conversations), ENCODE_BATCH):
         batch = conversations[start:start + ENCODE_BATCH]
-        fast = _encode_batch(tokenizer, batch, max_seq_len)
+        fast = _encode_batch(tokenizer, layout, batch, max_seq_len) if layout else None
         probe = min(VERIFY_ROWS, len(batch))
         if fast is None or fast[:probe] != [encode(tokenizer, c, max_seq_len) for c in batch[:probe]]:
             fast = [encode(tokenizer, c, max_seq_len) for c in batch]
@@ -127,85 +130,104 @@ def encode_all(tokenizer, conversations: list[list[dict]], max_seq_len: int) -> 
 
 ENCODE_BATCH = 4096  # rows per batched tokenizer call
 VERIFY_ROWS = 8  # rows per batch checked against the one-row encoder
-OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters marking an answer inside one render
+_PROBES = (("system", "user", "assistant", "user", "assistant"), ("user", "assistant", "user", "assistant"),
+           ("assistant",))  # every role order a valid row can have: chat with/without system, plain text
 
 
-def _encode_batch(tokenizer, conversations: list[list[dict]], max_seq_len: int) -> list[Example] | None:
+@dataclass
+class TemplateLayout:
+    """A chat template as fixed strings: before the first message (by its role), between two roles,
+    and after the final answer. Valid only for templates that depend on nothing but the roles."""
+    start: dict[str, str]
+    between: dict[tuple[str, str], str]
+    end: str
+
+    @classmethod
+    def learn(cls, tokenizer) -> TemplateLayout | None:
+        cached = getattr(tokenizer, "_finetune_template_layout", False)
+        if cached is not False:
+            return cached
+        layout = cls._probe(tokenizer)
+        tokenizer._finetune_template_layout = layout
+        return layout
+
+    @classmethod
+    def _probe(cls, tokenizer) -> TemplateLayout | None:
+        start, between, ends = {}, {}, set()
+        for roles in _PROBES:
+            markers = [f"\ue000{i}\ue001" for i in range(len(roles))]
+            try:
+                text = render(tokenizer, [{"role": r, "content": m} for r, m in zip(roles, markers)])
+            except Exception:  # noqa: BLE001  a template may refuse a probe order: no fast path then
+                return None
+            cuts = [text.find(m) for m in markers]
+            if -1 in cuts or cuts != sorted(cuts):
+                return None
+            gaps = [text[:cuts[0]]] + [text[cuts[i] + len(markers[i]):cuts[i + 1]] for i in range(len(cuts) - 1)]
+            start.setdefault(roles[0], gaps[0])
+            for pair, gap in zip(zip(roles, roles[1:]), gaps[1:]):
+                if between.setdefault(pair, gap) != gap:
+                    return None  # the text between two roles depends on the position: not a fixed layout
+            ends.add(text[cuts[-1] + len(markers[-1]):])
+        if len(ends) != 1 or start.get(roles[0]) is None:
+            return None
+        end = ends.pop()
+        if not between[("assistant", "user")].startswith(end):
+            return None  # an answer's span must end the same way mid-conversation and at the end
+        return cls(start, between, end)
+
+    def render(self, conversation: list[dict]) -> tuple[str, list[tuple[int, int]]] | None:
+        """(text, answer spans), or None when the roles are outside what was learned."""
+        first = conversation[0]["role"]
+        if first not in self.start:
+            return None
+        pieces, spans, length = [self.start[first]], [], len(self.start[first])
+        for i, message in enumerate(conversation):
+            if i:
+                gap = self.between.get((conversation[i - 1]["role"], message["role"]))
+                if gap is None:
+                    return None
+                pieces.append(gap)
+                length += len(gap)
+            pieces.append(message["content"])
+            if message["role"] == "assistant":
+                spans.append((length, length + len(message["content"]) + len(self.end)))
+            length += len(message["content"])
+        pieces.append(self.end)
+        return "".join(pieces), spans
+
+
+def _encode_batch(tokenizer, layout: TemplateLayout, conversations: list[list[dict]],
+                  max_seq_len: int) -> list[Example] | None:
     if not tokenizer.is_fast:
         return None
-    suffix = _answer_suffix(tokenizer)
     texts, spans = [], []
     for conversation in conversations:
-        marked = _marked_render(tokenizer, conversation, suffix)
-        if marked is None:
+        rendered = layout.render(conversation)
+        if rendered is None:
             return None
-        texts.append(marked[0])
-        spans.append(marked[1])
+        texts.append(rendered[0])
+        spans.append(rendered[1])
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     examples = []
     for encoding, row_spans in zip(encodings, spans):
-        labels = _labels_from_spans(encoding, row_spans)
+        ids = encoding.ids
+        labels = _labels_from_spans(encoding, ids, row_spans)
         if labels is None:
             return None
-        ids = encoding.ids
         examples.append(Example(ids[:max_seq_len], labels[:max_seq_len], len(ids) > max_seq_len,
                                 max(0, len(ids) - max_seq_len)))
     return examples
 
 
-def _answer_suffix(tokenizer) -> str:
-    """What the template writes after an assistant message's content (e.g. '<|im_end|>\\n'), learned once."""
-    cached = getattr(tokenizer, "_finetune_answer_suffix", None)
-    if cached is not None:
-        return cached
-    probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-    through = render(tokenizer, probe)
-    start = len(render(tokenizer, probe[:1], add_generation_prompt=True))
-    suffix = through[start + 1:] if through[start:start + 1] == "a" else ""
-    tokenizer._finetune_answer_suffix = suffix
-    return suffix
-
-
-def _marked_render(tokenizer, conversation: list[dict], suffix: str) -> tuple[str, list[tuple[int, int]]] | None:
-    """(text, answer spans) from one render with markers around each assistant content; None if unsure."""
-    marked = []
-    for message in conversation:
-        if OPEN in message["content"] or CLOSE in message["content"]:
-            return None
-        if message["role"] == "assistant":
-            message = {**message, "content": OPEN + message["content"] + CLOSE}
-        marked.append(message)
-    raw = render(tokenizer, marked)
-    pieces, spans, cursor, removed = [], [], 0, 0
-    while (open_at := raw.find(OPEN, cursor)) >= 0:
-        close_at = raw.find(CLOSE, open_at)
-        if close_at < 0:
-            return None
-        pieces += [raw[cursor:open_at], raw[open_at + 1:close_at]]
-        start, end = open_at - removed, close_at - removed - 1
-        removed += 2
-        cursor = close_at + 1
-        spans.append((start, end))
-    pieces.append(raw[cursor:])
-    text = "".join(pieces)
-    if len(spans) != sum(m["role"] == "assistant" for m in conversation):
-        return None
-    for i, (start, end) in enumerate(spans):
-        if not text.startswith(suffix, end):
-            return None
-        spans[i] = (start, end + len(suffix))
-    return text, spans
-
-
-def _labels_from_spans(encoding, spans: list[tuple[int, int]]) -> list[int] | None:
+def _labels_from_spans(encoding, ids: list[int], spans: list[tuple[int, int]]) -> list[int] | None:
     """Labels = ids where a token starts inside a span, else IGNORE_INDEX; a few lookups per span."""
-    ids, offsets = encoding.ids, encoding.offsets
     labels = [IGNORE_INDEX] * len(ids)
     for start, end in spans:
         first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
         if first is None or last is None:
             return None  # a character outside every token: leave it to the exact per-token encoder
-        if offsets[first][0] < start:
+        if encoding.token_to_chars(first)[0] < start:
             first += 1  # this token began before the answer: it is not the answer's
         labels[first:last + 1] = ids[first:last + 1]
     return labels

@@ -62,7 +62,7 @@ def test_mask_marks_exactly_the_answer_tokens(tiny_tokenizer):
 
 def test_batched_encoding_equals_the_one_row_encoder(tiny_tokenizer):
     from conftest import DEMO_DATA
-    from tasks.tokenization import _encode_batch, encode_all
+    from tasks.tokenization import TemplateLayout, _encode_batch, encode_all
 
     _, conversations = read_conversations_demo(DEMO_DATA)
     conversations += [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -71,7 +71,8 @@ def test_batched_encoding_equals_the_one_row_encoder(tiny_tokenizer):
                       [{"role": "assistant", "content": "plain text row"}]]
     for max_seq_len in (512, 24):
         one_by_one = [encode(tiny_tokenizer, c, max_seq_len) for c in conversations]
-        assert _encode_batch(tiny_tokenizer, conversations, max_seq_len) == one_by_one  # the fast path itself
+        layout = TemplateLayout.learn(tiny_tokenizer)
+        assert _encode_batch(tiny_tokenizer, layout, conversations, max_seq_len) == one_by_one  # the fast path itself
         assert encode_all(tiny_tokenizer, conversations, max_seq_len) == one_by_one
 
 
