@@ -49,6 +49,7 @@ class IngestResult(BaseModel):
     sources: list[DataSource]
     eval_origin: str  # "held-out file" or how the split was made
     quarantine_paths: list[str] = []  # one JSONL per source with bad rows: row, reasons, data
+    token_lengths: dict[str, dict] = {}  # split -> histogram, share truncated, tokens lost (tasks.tokenization)
 
 
 class Verdict(BaseModel):
@@ -165,6 +166,8 @@ def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
         train_path=str(folder / "train.jsonl"), eval_path=str(folder / "eval.jsonl"),
         train_rows=len(train), eval_rows=len(held_out), eval_origin=origin, sources=sources,
         quarantine_paths=quarantine_paths,
+        token_lengths={split: _token_lengths(config, folder / f"{split}.jsonl", dataset.conversations)
+                       for split, dataset in (("train", train), ("eval", held_out))},
     )
     _report(result, logger)
     return result
@@ -173,6 +176,26 @@ def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
 def _validate(uri: str, data_format: str, checks: DataSettings, reference: bytes | None) -> tuple[Verdict, str]:
     state = validate_data(uri, fingerprint(uri), data_format, checks, reference, return_state=True)
     return state.result(), "cached" if state.name == "Cached" else "ran"
+
+
+def _token_lengths(config: FinetuneConfig, split_file: Path, conversations: list) -> dict:
+    """Token lengths with the model's tokenizer and template (no weights are loaded), cached on disk by
+    content + tokenizer + template so plan and train can reuse the encodings; fails on heavy truncation."""
+    from tasks.manifest import sha256_file
+    from tasks.tokenization import encode_all_cached, length_report, load_tokenizer
+
+    max_seq_len = config.training.max_seq_len
+    examples = encode_all_cached(load_tokenizer(config.model), conversations, max_seq_len,
+                                 Path(config.work_dir) / "cache" / "encoded", sha256_file(split_file))
+    report = length_report(examples, max_seq_len)
+    limit = config.data_checks.max_truncated_fraction
+    if report["share_truncated"] > limit:
+        raise DatasetError(
+            f"{split_file.name}: {report['share_truncated']:.1%} of rows are longer than training.max_seq_len="
+            f"{max_seq_len} tokens (limit data_checks.max_truncated_fraction={limit}); {report['tokens_lost']:,} of "
+            f"{report['tokens_total']:,} tokens would be cut (lengths: {report['histogram']}). Raise max_seq_len "
+            "or shorten the rows")
+    return report
 
 
 def _write_quarantine(folder: Path, split: str, records: list[dict]) -> Path:
@@ -200,10 +223,19 @@ def _report(result: IngestResult, logger) -> None:
                            ", ".join(f"{rule} {n}" for rule, n in source.problems.items()),
                            ", ".join(result.quarantine_paths))
     logger.info("data: %d train rows, %d eval rows (%s)", result.train_rows, result.eval_rows, result.eval_origin)
+    for split, report in result.token_lengths.items():
+        logger.info("%s tokens per row %s; %.1f%% longer than max_seq_len=%d (%d of %d tokens cut)", split,
+                    report["histogram"], 100 * report["share_truncated"], report["max_seq_len"],
+                    report["tokens_lost"], report["tokens_total"])
     table = [{"source": s.uri, "format": s.data_format, "read": s.read, "kept": s.rows,
               "quarantined": s.quarantined, "problems": ", ".join(f"{k} {v}" for k, v in s.problems.items()) or "none",
               "validation": s.validation, "sha256": s.sha256[:16], "format evidence": s.format_evidence}
              for s in result.sources]
+    table += [{"source": f"{split} split (tokens)", "format": f"max_seq_len {r['max_seq_len']}", "read": r["rows"],
+               "kept": r["rows"], "quarantined": 0,
+               "problems": f"{r['share_truncated']:.1%} truncated, {r['tokens_lost']:,} of {r['tokens_total']:,} tokens cut",
+               "validation": "", "sha256": "", "format evidence": f"token lengths {r['histogram']}"}
+              for split, r in result.token_lengths.items()]
     create_table_artifact(table, key="finetune-data",
                           description=f"Data checks: {result.train_rows} train rows, {result.eval_rows} eval rows "
                           f"({result.eval_origin}); kept + quarantined = read for every source.")

@@ -5,7 +5,8 @@ import sys
 from conftest import ROOT
 
 PURE = ["tasks.config", "tasks.schemas", "tasks.dataset", "tasks.storage", "tasks.memory", "tasks.selector",
-        "tasks.manifest", "tasks.metrics", "tasks.report", "tasks.tokenization"]
+        "tasks.manifest", "tasks.metrics", "tasks.report", "tasks.tokenization", "tasks.sources", "tasks.reading",
+        "tasks.quality"]
 HEAVY = ["prefect", "torch", "transformers", "peft", "bitsandbytes"]
 
 

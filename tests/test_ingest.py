@@ -112,3 +112,16 @@ def test_statistics_table_artifact(tiny_model, tmp_path):
     table = json.loads(max(artifacts, key=lambda a: a.created).data)
     assert table[0]["source"] == data and (table[0]["read"], table[0]["kept"], table[0]["quarantined"]) == (41, 38, 3)
     assert table[0]["problems"] == "not_blank 2, near_duplicate 1"
+
+
+def test_token_lengths_are_reported_and_heavy_truncation_fails(tiny_model, tmp_path):
+    data = write_rows(tmp_path / "train.jsonl")
+    config = tiny_config(tiny_model, tmp_path, data=data, eval_data=None, data_checks={"duplicates": "allow"})
+    result = ingest_only(config, run_info(tmp_path, "ok"))
+    train = result.token_lengths["train"]
+    assert train["rows"] == result.train_rows and train["share_truncated"] == 0 and train["tokens_lost"] == 0
+    assert sum(train["histogram"].values()) == result.train_rows
+    short = tiny_config(tiny_model, tmp_path, data=data, eval_data=None, data_checks={"duplicates": "allow",
+                        "max_truncated_fraction": 0.5}, training={"max_seq_len": 16})
+    with pytest.raises(DatasetError, match=r"train.jsonl: 100.0% of rows are longer than training.max_seq_len=16 tokens"):
+        ingest_only(short, run_info(tmp_path, "short"))
