@@ -92,7 +92,9 @@ def _verdict_key(context, parameters: dict) -> str:
 def validate_data(uri: str, content: str, data_format: str, checks: DataSettings,
                   reference: bytes | None = None) -> Verdict:
     """Every check on every row of `uri`; `content` (its fingerprint) is what the cache keys on."""
-    scan = scan_dataset(uri, data_format, checks, np.frombuffer(reference, dtype=np.uint64) if reference else None)
+    # collect=False: only hashes are kept in memory; materialise() fills in the data of duplicate rows.
+    scan = scan_dataset(uri, data_format, checks, np.frombuffer(reference, dtype=np.uint64) if reference else None,
+                        collect=False)
     counts = scan.accounting()
     return Verdict(source=uri, sha256=content_sha256(scan.files), data_format=scan.data_format,
                    format_evidence=scan.format_evidence, row_word=scan.word, read=counts["read"],

@@ -50,6 +50,7 @@ def test_quarantine_keeps_the_good_rows_and_accounts_for_every_row(tiny_model, t
     assert records[0]["reasons"] == ["not_blank completion: got '  '"]
     assert records[0]["data"] == {"prompt": "Question number 3?", "completion": "  "}
     assert records[-1]["reasons"] == ["near_duplicate: same as line 1"]
+    assert records[-1]["data"] == {"prompt": "question NUMBER 0?", "completion": "Answer 0."}
     kept = [json.loads(line)["row"] for name in ("train.jsonl", "eval.jsonl")
             for line in open(tmp_path / "run" / "data" / name)]
     assert sorted(kept + [r["line"] for r in records]) == list(range(1, 42))
