@@ -27,6 +27,7 @@ from tasks.sources import SourceFile, open_seekable, open_stream
 CHUNK_BYTES = 64 * 2**20  # JSONL block size: large enough for Arrow's threads, small for memory
 BATCH_ROWS = 65_536  # rows per Parquet / Arrow batch
 SAMPLE_ROWS = 200  # rows looked at to detect the format
+SAMPLE_BYTES, MAX_SAMPLE_BYTES = 4 * 2**20, 256 * 2**20  # read for the sample; more only for a huge first row
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 _SIGNATURES = {  # format -> the fields that identify it, checked in this order
     "chat": ("messages",),
@@ -144,7 +145,12 @@ def _sample_records(source: SourceFile):
         return list(enumerate(records[:SAMPLE_ROWS], start=1))
     out = []
     with open_stream(source) as stream:
-        block = stream.read(4 * 2**20)
+        block = stream.read(SAMPLE_BYTES)
+        while b"\n" not in block[:-1] and len(block) < MAX_SAMPLE_BYTES:  # a huge first row: read all of it
+            more = stream.read(SAMPLE_BYTES)
+            if not more:
+                break
+            block += more
     for number, line in enumerate(block.split(b"\n"), start=1):
         if len(out) >= SAMPLE_ROWS:
             break

@@ -87,6 +87,9 @@ def test_a_10_mb_single_row_is_oversized(tmp_path):
     text = error_for(path)
     assert f"{path} line 2: 10,000,0" in text and "the limit is 1,000,000" in text and "(oversized)" in text
     assert len(read_dataset(str(path), checks=DataSettings(max_row_bytes=20_000_000))) == 2
+    first = tmp_path / "huge-first.jsonl"  # a first row longer than the format-detection sample
+    first.write_bytes(lines({"prompt": "x" * 10_000_000, "completion": "y"}, PAIR))
+    assert "prompt_completion format (keys prompt, completion in 2 of 2 sampled rows)" in error_for(first)
 
 
 def test_csv_with_broken_quoting(tmp_path):
