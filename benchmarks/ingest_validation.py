@@ -1,6 +1,6 @@
 """Ingest speed and memory on a large chat dataset: prints figures, asserts nothing.
 
-    .venv/bin/python benchmarks/ingest_validation.py all [--rows 1000000] [--tokenize-rows 100000]
+    .venv/bin/python benchmarks/ingest_validation.py all [--rows 1000000] [--tokenize-rows 50000]
 
 1. `generate`: 1,000,000 chat rows (1-3 user/assistant turns, a system message in 30%, text lengths
    log-normal, median ~900 characters) as JSONL (~1.3 GB), with 0.5% exact duplicates, 0.2%
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("step", choices=["all", "generate", "validate", "tokenize"])
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--tokenize-rows", type=int, default=100_000)
+    parser.add_argument("--tokenize-rows", type=int, default=50_000)
     args = parser.parse_args()
     if args.step in ("generate", "all") and not args.file.exists():
         start = time.perf_counter()

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.config import DataSettings
-from tasks.quality import check_chunk, excerpt, first_copies
+from tasks.quality import check_chunk, first_copies
 from tasks.reading import Problem, detect_format, read_chunks, row_word
 from tasks.schemas import RULES, DatasetError
 from tasks.sources import SourceFile, list_source_files, open_stream
@@ -40,7 +40,7 @@ class Scan:
     read: int
     problems: list[Problem]
     bad_values: dict[tuple[str, int], object] = field(repr=False)
-    kept: pa.Table = field(repr=False)
+    kept: pa.Table | None = field(repr=False)  # None when scanned with collect=False
     kept_rows: np.ndarray = field(repr=False)
     kept_files: np.ndarray = field(repr=False)
     kept_normalised: np.ndarray = field(repr=False)  # hashes: the leakage reference for an eval set
@@ -91,13 +91,13 @@ def scan_dataset(uri: str, data_format: str = "auto", checks: DataSettings | Non
     exact, normalised = _concat(exact, np.uint64), _concat(normalised, np.uint64)
     kept_table = pa.concat_tables(tables) if tables else None
     rejected = _copies(checks, files, word, rows, file_ids, exact, normalised, reference)
-    for position, rule, detail in rejected:
-        uri_of_row = files[file_ids[position]].uri
-        problems.append(Problem(uri_of_row, int(rows[position]), rule, "(row)", detail))
-        if kept_table is not None:
-            bad_values[(uri_of_row, int(rows[position]))] = kept_table.slice(position, 1).to_pylist()[0]
     keep = np.ones(len(rows), dtype=bool)
-    keep[[position for position, _, _ in rejected]] = False
+    for position, rule, detail in rejected:
+        keep[position] = False
+        where = (files[file_ids[position]].uri, int(rows[position]))
+        problems.append(Problem(*where, rule, "(row)", detail))
+        if kept_table is not None:
+            bad_values[where] = kept_table.slice(position, 1).to_pylist()[0]
     order = {f.uri: i for i, f in enumerate(files)}
     problems.sort(key=lambda p: (order[p.file], p.row))
     return Scan(uri, files, data_format, evidence, word, read, problems, bad_values,
@@ -195,8 +195,9 @@ def quarantine_records(scan: Scan) -> list[dict]:
             for (file, row), reasons in by_row.items()]
 
 
-def write_quarantine(scan: Scan, path: Path) -> int:
-    records = quarantine_records(scan)
+def write_quarantine(records: list[dict], path: Path) -> int:
+    """One JSON object per quarantined row (see quarantine_records); returns how many were written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as out:
         for record in records:
             out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")

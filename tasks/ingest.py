@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from tasks.config import DataSettings, FinetuneConfig
 from tasks.dataset import (Dataset, content_sha256, describe, load_kept, quarantine_records, scan_dataset,
-                           split_dataset, to_conversation, write_conversations)
+                           split_dataset, to_conversation, write_conversations, write_quarantine)
 from tasks.runs import RunInfo
 from tasks.schemas import SCHEMA_VERSION, DatasetError
 from tasks.sources import list_source_files
@@ -147,14 +147,9 @@ def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     if config.eval_data:
         verdicts.append(_validate(config.eval_data, config.data_format, checks, verdicts[0][0].kept_hashes))
         enforce(verdicts[1][0], checks)
+    datasets, quarantine_paths = _keep_and_quarantine([verdict for verdict, _ in verdicts], Path(run.run_dir))
     folder = Path(run.run_dir) / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    datasets, quarantine_paths = [], []
-    for split, (verdict, _) in zip(("train", "eval"), verdicts):
-        dataset, records = materialise(verdict)
-        datasets.append(dataset)
-        if records:
-            quarantine_paths.append(str(_write_quarantine(Path(run.run_dir) / "quarantine", split, records)))
     train = datasets[0]
     if config.eval_data:
         held_out, origin = datasets[1], "held-out file"
@@ -173,6 +168,18 @@ def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     )
     _report(result, logger)
     return result
+
+
+def _keep_and_quarantine(verdicts: list[Verdict], run_dir: Path) -> tuple[list[Dataset], list[str]]:
+    """The kept rows of each source, and its bad rows written to <run>/quarantine/<split>.jsonl."""
+    datasets, paths = [], []
+    for split, verdict in zip(("train", "eval"), verdicts):
+        dataset, records = materialise(verdict)
+        datasets.append(dataset)
+        if records:
+            paths.append(str(run_dir / "quarantine" / f"{split}.jsonl"))
+            write_quarantine(records, Path(paths[-1]))
+    return datasets, paths
 
 
 def _validate(uri: str, data_format: str, checks: DataSettings, reference: bytes | None) -> tuple[Verdict, str]:
@@ -198,15 +205,6 @@ def _token_lengths(config: FinetuneConfig, split_file: Path, conversations: list
             f"{report['tokens_total']:,} tokens would be cut (lengths: {report['histogram']}). Raise max_seq_len "
             "or shorten the rows")
     return report
-
-
-def _write_quarantine(folder: Path, split: str, records: list[dict]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{split}.jsonl"
-    with open(path, "w", encoding="utf-8") as out:
-        for record in records:
-            out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-    return path
 
 
 def _source(verdict: Verdict, validation: str) -> DataSource:

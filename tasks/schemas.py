@@ -11,7 +11,6 @@ import pandera.pandas as pa
 import pandas as pd
 
 SCHEMA_VERSION = "2"  # part of the validation cache key: bump when a rule changes meaning
-ROW = "_row"  # column holding each row's 1-based position in its source file
 BYTES = "_bytes"  # column holding each row's size in its source file
 ROLES = ("system", "user", "assistant")
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from tasks.config import DataSettings
-from tasks.dataset import enforce_policy, read_dataset, scan_dataset, write_quarantine
+from tasks.dataset import enforce_policy, quarantine_records, read_dataset, scan_dataset, write_quarantine
 from tasks.schemas import DatasetError
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
@@ -68,7 +68,7 @@ def test_quarantine_file_has_every_bad_row_with_reasons_and_data(tmp_path):
     checks = DataSettings(on_invalid="quarantine", max_quarantined_fraction=0.5)
     scan = scan_dataset(str(path), checks=checks)
     assert enforce_policy(scan, checks) == {"read": 4, "kept": 2, "quarantined": 2}
-    write_quarantine(scan, tmp_path / "q.jsonl")
+    assert write_quarantine(quarantine_records(scan), tmp_path / "q.jsonl") == 2
     records = [json.loads(line) for line in open(tmp_path / "q.jsonl")]
     assert records == [
         {"file": str(path), "line": 2, "reasons": ["unreadable: invalid JSON (Expecting property name enclosed in "
