@@ -158,8 +158,8 @@ class TemplateLayout:
             markers = [f"\ue000{i}\ue001" for i in range(len(roles))]
             try:
                 text = render(tokenizer, [{"role": r, "content": m} for r, m in zip(roles, markers)])
-            except Exception:  # noqa: BLE001  a template may refuse a probe order: no fast path then
-                return None
+            except Exception:  # noqa: BLE001  a template may refuse an order (e.g. assistant first): skip it
+                continue
             cuts = [text.find(m) for m in markers]
             if -1 in cuts or cuts != sorted(cuts):
                 return None
@@ -169,7 +169,7 @@ class TemplateLayout:
                 if between.setdefault(pair, gap) != gap:
                     return None  # the text between two roles depends on the position: not a fixed layout
             ends.add(text[cuts[-1] + len(markers[-1]):])
-        if len(ends) != 1 or start.get(roles[0]) is None:
+        if len(ends) != 1 or ("assistant", "user") not in between:
             return None
         end = ends.pop()
         if not between[("assistant", "user")].startswith(end):

@@ -100,3 +100,15 @@ def test_encodings_are_cached_by_content_tokenizer_and_length(tiny_tokenizer, tm
     assert report["share_truncated"] == 2 / 3 and report["tokens_lost"] == first[1].tokens_lost + first[2].tokens_lost
     assert first[2].tokens_lost == len(encode_all(tiny_tokenizer, conversations[2:], 4096)[0].input_ids) - 32
     assert sum(report["histogram"].values()) == 3
+
+
+def test_a_template_that_refuses_plain_text_rows_still_batches_chat(tiny_model):
+    from tasks.tokenization import TemplateLayout, encode_all, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('user first') }}"
+                               "{% endif %}" + tokenizer.chat_template)
+    layout = TemplateLayout.learn(tokenizer)
+    assert layout is not None and "assistant" not in layout.start
+    chat = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]]
+    assert encode_all(tokenizer, chat, 64) == [encode(tokenizer, chat[0], 64)]
