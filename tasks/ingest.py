@@ -96,7 +96,8 @@ def validate_data(uri: str, content: str, data_format: str, checks: DataSettings
     scan = scan_dataset(uri, data_format, checks, np.frombuffer(reference, dtype=np.uint64) if reference else None,
                         collect=False)
     counts = scan.accounting()
-    return Verdict(source=uri, sha256=content_sha256(scan.files), data_format=scan.data_format,
+    sha256 = content.removeprefix("sha256:") if content.startswith("sha256:") else content_sha256(scan.files)
+    return Verdict(source=uri, sha256=sha256, data_format=scan.data_format,
                    format_evidence=scan.format_evidence, row_word=scan.word, read=counts["read"],
                    kept=counts["kept"], rule_counts=scan.rule_counts(),
                    report=describe(scan) if scan.problems else "", quarantine=quarantine_records(scan),
