@@ -7,6 +7,7 @@ Pure: no Prefect, no torch.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,9 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasks.storage import is_s3_uri, split_s3_uri
 
 Method = Literal["auto", "full", "lora", "qlora"]
-DataFormat = Literal["auto", "instruction", "prompt_completion", "chat"]
+DataFormat = Literal["auto", "instruction", "prompt_completion", "chat", "text"]
 PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+
+
+def _is_folder(uri: str) -> bool:
+    """A folder of data files (or a saved `datasets` folder), or an s3:// prefix ending in '/'."""
+    return uri.endswith("/") or (not is_s3_uri(uri) and Path(uri).is_dir())
 
 
 class _Settings(BaseModel):
@@ -98,6 +104,29 @@ class PublishSettings(_Settings):
     max_concurrency: int = Field(8, ge=1, le=64, description="Parallel S3 requests while uploading or downloading.")
 
 
+class DataSettings(_Settings):
+    """What ingest does with rows that break a rule, and the thresholds of its checks."""
+
+    on_invalid: Literal["fail", "quarantine"] = Field(
+        "fail", description="'fail' stops the run on any bad row; 'quarantine' sets bad rows aside, with the "
+        "reason for each, in the run's quarantine files, and trains on the rest.",
+    )
+    max_quarantined_fraction: float = Field(
+        0.05, ge=0, le=1, description="With 'quarantine', fail anyway when more than this share of rows is bad.",
+    )
+    min_rows: int = Field(1, ge=1, description="Fewest usable rows a dataset (each split) must keep.")
+    max_row_bytes: int = Field(1_000_000, ge=1, description="Rows larger than this (bytes of text) are rejected.")
+    duplicates: Literal["reject", "allow"] = Field(
+        "reject", description="Exact and normalised (case, whitespace) copies of an earlier row.",
+    )
+    leakage: Literal["reject", "allow"] = Field(
+        "reject", description="Eval rows that also appear (normalised) in the training data.",
+    )
+    max_truncated_fraction: float = Field(
+        1.0, ge=0, le=1, description="Fail when more than this share of rows is longer than max_seq_len tokens.",
+    )
+
+
 class FinetuneConfig(_Settings):
     model: str = Field(description="Local folder of a Hugging Face causal LM (config.json, safetensors, tokenizer).")
     data: str = Field(description="Training data: a local path or s3://bucket/key (.jsonl, .json, .csv, .parquet).")
@@ -122,6 +151,7 @@ class FinetuneConfig(_Settings):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    data_checks: DataSettings = Field(default_factory=DataSettings)
 
     @model_validator(mode="after")
     def _check_locations(self) -> FinetuneConfig:
@@ -135,8 +165,9 @@ class FinetuneConfig(_Settings):
                 problems.append(f"{name} is empty: give a local path or s3://bucket/key")
             elif is_s3_uri(uri) and not split_s3_uri(uri)[1]:
                 problems.append(f"{name}={uri!r} names a bucket but no object: use s3://bucket/path/file.jsonl")
-            elif not uri.lower().endswith(DATA_SUFFIXES):
-                problems.append(f"{name}={uri!r} has an unsupported suffix: use one of {', '.join(DATA_SUFFIXES)}")
+            elif not uri.lower().endswith(DATA_SUFFIXES) and not _is_folder(uri):
+                problems.append(f"{name}={uri!r} has an unsupported suffix: use one of {', '.join(DATA_SUFFIXES)}, "
+                                "or a folder / s3 prefix ending in '/'")
         if is_s3_uri(self.output) and not split_s3_uri(self.output)[0]:
             problems.append(f"output={self.output!r} has no bucket: use s3://bucket/prefix")
         if not self.model.strip():

@@ -51,6 +51,9 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     adapter_only = trained.is_adapter and config.publish.adapter_only
     if trained.is_adapter:
         shutil.copytree(trained.checkpoint_dir, staging / "adapter")
+    for path in map(Path, data.quarantine_paths):  # rows set aside by ingest travel with the model
+        (staging / "quarantine").mkdir(exist_ok=True)
+        shutil.copy2(path, staging / "quarantine" / path.name)
     if adapter_only:
         verification = {"adapter_only": True}  # nothing merged: the consumer applies the adapter to the base
     else:

@@ -50,3 +50,15 @@ def test_flow_rejects_bad_parameters_before_running():
 
     with pytest.raises(Exception, match="method"):
         finetune.validate_parameters({"config": {"model": "m", "data": "d.jsonl", "method": "huge"}})
+
+
+def test_data_checks_validate_every_setting_at_once(tmp_path):
+    with pytest.raises(ValidationError) as caught:
+        FinetuneConfig(model="m", data="d.jsonl", data_checks={"on_invalid": "drop", "max_quarantined_fraction": 2,
+                                                               "min_rows": 0, "duplicate": "allow"})
+    text = str(caught.value)
+    for expected in ("on_invalid", "max_quarantined_fraction", "min_rows", "duplicate", "Extra inputs"):
+        assert expected in text
+    assert FinetuneConfig(model="m", data=str(tmp_path)).data == str(tmp_path)  # a folder of files
+    assert FinetuneConfig(model="m", data="s3://bucket/datasets/support/").data_checks.on_invalid == "fail"
+    assert FinetuneConfig(model="m", data="d.jsonl", data_format="text").data_format == "text"

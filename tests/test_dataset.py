@@ -75,7 +75,7 @@ def test_chat_rules_explain_the_problem(tmp_path):
         read_dataset(path)
     text = str(caught.value)
     assert "line 2: roles must alternate" in text
-    assert "line 3: the last message must be from the assistant" in text
+    assert "line 3: the last message is from 'user'" in text
     assert "line 4: message 0 has role 'bot'" in text
 
 
@@ -106,7 +106,7 @@ def test_empty_and_missing_files(tmp_path):
 def test_invalid_utf8_is_reported(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"))
-    with pytest.raises(DatasetError, match=r"latin1.jsonl line 1: not valid UTF-8 \(byte 15\)"):
+    with pytest.raises(DatasetError, match=r"latin1.jsonl line 1: not valid UTF-8 at byte 15 of the line \(0xe9"):
         read_dataset(str(path))
 
 
@@ -131,3 +131,19 @@ def test_reads_from_s3(bucket, tmp_path):
     assert dataset.conversations[0][-1]["content"] == "a"
     with pytest.raises(StorageNotFoundError, match="NoSuchKey"):
         read_dataset(f"s3://{bucket}/data/missing.jsonl")
+
+
+@pytest.mark.integration
+def test_reads_an_s3_prefix_streamed_and_names_each_object(bucket, tmp_path):
+    import boto3
+
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket, Key="shards/part-0.jsonl", Body=b'{"prompt": "q1", "completion": "a1"}\n')
+    client.put_object(Bucket=bucket, Key="shards/part-1.jsonl",
+                      Body=b'{"prompt": "q2", "completion": "a2"}\n{"prompt": "q3", "completion": " "}\n')
+    client.put_object(Bucket=bucket, Key="shards/README.md", Body=b"not data")
+    with pytest.raises(DatasetError, match=rf"s3://{bucket}/shards/part-1.jsonl line 2: got ' '"):
+        read_dataset(f"s3://{bucket}/shards/")
+    pd.DataFrame({"prompt": ["p"], "completion": ["c"]}).to_parquet(tmp_path / "data.parquet")
+    client.upload_file(str(tmp_path / "data.parquet"), bucket, "pq/data.parquet")
+    assert read_dataset(f"s3://{bucket}/pq/").conversations[0][1]["content"] == "c"

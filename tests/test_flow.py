@@ -113,7 +113,7 @@ def test_bad_data_fails_in_ingest_before_any_model_is_loaded(tiny_model, tmp_pat
     state = finetune(tiny_config(tiny_model, tmp_path, data=str(tmp_path / name), eval_data=None), return_state=True)
     assert state.is_failed()
     assert expected in str(state.result(raise_on_failure=False))
-    assert task_names(state) == ["ingest"]
+    assert "ingest" in task_names(state) and set(task_names(state)) <= {"ingest", "validate"}  # no model
     assert not (tmp_path / "out").exists()
 
 
@@ -122,7 +122,7 @@ def test_forced_method_that_does_not_fit_fails_in_plan(tiny_model, tmp_path):
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
     assert "method 'full' needs at least" in message and "budget is 0.50 GiB (memory_budget_gib)" in message
-    assert task_names(state) == ["ingest", "plan"]
+    assert [name for name in task_names(state) if name != "validate"] == ["ingest", "plan"]
 
 
 def test_a_new_run_with_resume_continues_from_the_last_checkpoint(tiny_model, tmp_path):
@@ -146,3 +146,18 @@ def test_a_new_run_with_resume_continues_from_the_last_checkpoint(tiny_model, tm
                                  training={**training, "max_steps": 2, "learning_rate": 1e-3}))
     manifest = json.loads((tmp_path / "out" / "runs" / third.run_id / "manifest.json").read_text())
     assert manifest["training"]["resumed_from_step"] == 0 and manifest["training"]["resumed_from"] is None
+
+
+def test_quarantined_rows_are_published_next_to_the_model(tiny_model, tmp_path):
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                     {"role": "assistant", "content": f"Answer {i}." if i != 5 else " "}]})
+            for i in range(30)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    result = finetune(tiny_config(tiny_model, tmp_path, method="lora", data=str(tmp_path / "train.jsonl"),
+                                  data_checks={"on_invalid": "quarantine"}))
+    run_dir = tmp_path / "out" / "runs" / result.run_id
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    published = [p for p in manifest["files"] if p["path"].startswith("quarantine/")]
+    assert len(published) == 1
+    (record,) = [json.loads(line) for line in open(run_dir / published[0]["path"])]
+    assert record["line"] == 6 and record["reasons"] == ["not_blank messages: message 1 (assistant) has empty content"]
