@@ -7,7 +7,7 @@ from conftest import ROOT
 PURE = ["tasks.config", "tasks.schemas", "tasks.dataset", "tasks.storage", "tasks.memory", "tasks.selector",
         "tasks.manifest", "tasks.metrics", "tasks.report", "tasks.tokenization", "tasks.promotion",
         "tasks.model_card", "tasks.registry", "tasks.s3_transfer", "tasks.cli",
-        "tasks.packing", "tasks.checkpoint_store"]
+        "tasks.packing", "tasks.checkpoint_store", "tasks.overfitting", "tasks.loss_curve"]
 HEAVY = ["prefect", "torch", "transformers", "peft", "bitsandbytes"]
 
 
