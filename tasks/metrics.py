@@ -41,7 +41,8 @@ def load_metric(name: str):
     script = MODULES / name / f"{name}.py"
     if not script.is_file():
         raise ValueError(f"no local metric module {name!r} (looked for {script}); choose one of {', '.join(SCORES)}")
-    return evaluate.load(str(script))
+    # In memory: no arrow cache files (and their locks) under ~/.cache shared by concurrent runs.
+    return evaluate.load(str(script), keep_in_memory=True)
 
 
 def compute_metrics(names: list[str], predictions: list[str], references: list[str]) -> dict[str, float]:

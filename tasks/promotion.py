@@ -8,6 +8,8 @@ reads `promote` and stores the whole decision next to the pointer (and in the ma
 """
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel
 
 
@@ -72,3 +74,9 @@ def promotion_gate(metric: str, base: ModelScores, tuned: ModelScores, published
                  "max_eval_loss_increase": max_eval_loss_increase,
                  "checks": [c.model_dump() for c in checks]},
     )
+
+
+def score_gate(metric: str, base_score: float, tuned_score: float, min_improvement: float) -> GateDecision:
+    """The score check alone (no loss, no published model): what callers that only have scores use."""
+    return promotion_gate(metric, ModelScores(score=base_score, loss=math.nan),
+                          ModelScores(score=tuned_score, loss=math.nan), min_improvement=min_improvement)
