@@ -30,7 +30,9 @@ class EvalResult(BaseModel):
     run_id: str | None = None  # for the published model: which run it is
 
 
-@task(name="evaluate", task_run_name="evaluate-{label}", cache_policy=NO_CACHE)
+# log_prints off: dill (under evaluate/datasets) captures `dis` output by swapping sys.stdout, and
+# Prefect's print-to-log would turn every captured line into a log line of bytecode.
+@task(name="evaluate", task_run_name="evaluate-{label}", cache_policy=NO_CACHE, log_prints=False)
 def evaluate(config: FinetuneConfig, data: IngestResult, planned: PlanResult, label: str,
              trained: TrainResult | None = None) -> EvalResult:
     from tasks.modeling import load_for_inference
@@ -47,7 +49,7 @@ def evaluate(config: FinetuneConfig, data: IngestResult, planned: PlanResult, la
     return _score(config, data, device, label, model)
 
 
-@task(name="evaluate-published", cache_policy=NO_CACHE)
+@task(name="evaluate-published", cache_policy=NO_CACHE, log_prints=False)
 def evaluate_published(config: FinetuneConfig, data: IngestResult, planned: PlanResult,
                        run: RunInfo) -> EvalResult | None:
     """The model `<output>/latest.json` points at, on the same rows; None when the gate does not
