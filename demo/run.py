@@ -36,7 +36,8 @@ def demo_config(model: str, output: str, method: str):
         lora={"r": 16, "alpha": 32, "dropout": 0.0},
         training={"learning_rate": 1e-3, "lr_schedule": "constant", "max_steps": 20, "batch_size": 8,
                   "micro_batch_size": 8, "max_seq_len": 256, "eval_every": 5, "early_stopping_patience": 2},
-        evaluation={"max_new_tokens": 32, "max_generation_rows": 16, "batch_size": 16, "examples_in_report": 4},
+        evaluation={"max_new_tokens": 32, "max_generation_rows": 16, "batch_size": 16, "examples_in_report": 4,
+                    "metric": "exact_match", "metrics": ["exact_match", "rouge", "chrf"]},
     )
 
 

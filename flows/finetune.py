@@ -1,11 +1,12 @@
-"""The fine-tuning pipeline: ingest -> plan -> evaluate base -> train -> evaluate tuned -> publish -> promote."""
+"""The fine-tuning pipeline: ingest -> plan -> evaluate base -> train -> evaluate tuned (and the published
+model) -> gate -> package -> upload -> promote -> report."""
 from __future__ import annotations
 
 from prefect import flow
 from pydantic import BaseModel
 
 from tasks.config import FinetuneConfig
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, evaluate_published
 from tasks.ingest import ingest
 from tasks.plan import plan_training
 from tasks.publish import decide_promotion, package_run, promote_run, upload_run, write_report
@@ -22,6 +23,9 @@ class FinetuneResult(BaseModel):
     tuned_score: float
     base_eval_loss: float
     tuned_eval_loss: float
+    published_score: float | None  # the model latest.json pointed at, when the gate compared with it
+    scores: dict[str, dict[str, float]]  # every metric, per model: {"base": {...}, "tuned": {...}}
+    gate: str  # the gate's reason
     summary: str
     promoted: bool  # whether <output>/latest.json now points at this run
 
@@ -34,13 +38,16 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     base = evaluate(config, data, planned, label="base")
     trained = train_model(config, run, data, planned)
     tuned = evaluate(config, data, planned, label="tuned", trained=trained)
-    decision = decide_promotion(config, base, tuned)
-    manifest = package_run(config, run, data, planned, trained, base, tuned, decision)
+    published = evaluate_published(config, data, planned, run)  # None unless the gate compares with it
+    decision = decide_promotion(config, base, tuned, published)
+    manifest = package_run(config, run, data, planned, trained, base, tuned, decision, published)
     output_uri = upload_run(config, run)
     promoted = promote_run(config, run, decision)
     summary = write_report(config, manifest, output_uri, promoted)
     return FinetuneResult(
         run_id=run.run_id, output_uri=output_uri, method=trained.method, metric=base.metric,
         base_score=base.score, tuned_score=tuned.score, base_eval_loss=base.loss, tuned_eval_loss=tuned.loss,
+        published_score=published.score if published else None,
+        scores={r.label: r.scores for r in (base, tuned, published) if r}, gate=decision.reason,
         summary=summary, promoted=promoted,
     )

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.metrics import MetricName, ScoreName, module_of
 from tasks.storage import is_s3_uri, split_s3_uri
 
 Method = Literal["auto", "full", "lora", "qlora"]
@@ -73,13 +74,30 @@ class TrainingSettings(_Settings):
 
 
 class EvaluationSettings(_Settings):
-    metric: Literal["exact_match"] = Field(
-        "exact_match", description="Task metric on generated answers (case, punctuation and spaces normalised)."
+    metric: ScoreName = Field(
+        "exact_match", description="Headline score, and the one the promotion gate compares: exact_match (case, "
+        "punctuation and spaces normalised), rouge1/rouge2/rougeL, chrf, bleu, json_valid or json_match. "
+        "Every score is in [0, 1], higher is better.",
     )
-    max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length for the task metric.")
+    metrics: list[MetricName] = Field(
+        default_factory=lambda: ["exact_match"],
+        description="Metric modules computed on generated answers (shipped locally, work offline): exact_match, "
+        "rouge, chrf, bleu, json_valid. The module of `metric` is always added.",
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length for the task metrics.")
     max_generation_rows: int = Field(64, ge=1, description="Eval rows used for generation (loss uses all).")
+    max_eval_rows: int | None = Field(
+        None, ge=1, description="Cap on the eval rows used for eval loss (the first N); empty: all of them."
+    )
     batch_size: int = Field(16, ge=1, description="Rows per batch for eval loss and generation.")
     examples_in_report: int = Field(4, ge=0, le=50, description="Base-vs-tuned answers shown in the report.")
+
+    @model_validator(mode="after")
+    def _include_the_headline_module(self) -> EvaluationSettings:
+        # The headline score must be computed; adding its module beats failing a run over it.
+        if module_of(self.metric) not in self.metrics:
+            self.metrics = [*self.metrics, module_of(self.metric)]
+        return self
 
 
 class PublishSettings(_Settings):
@@ -94,8 +112,17 @@ class PublishSettings(_Settings):
         "full fine-tuning has no adapter and always publishes the whole model.",
     )
     min_improvement: float = Field(
-        0.0, description="Promotion gate: latest.json moves to this run only when the tuned task score is at "
-        "least the base score plus this much.",
+        0.0, description="Promotion gate: latest.json moves to this run only when its tuned score "
+        "(evaluation.metric) is at least the base model's plus this much.",
+    )
+    max_regression: float | None = Field(
+        None, ge=0, description="Promotion gate against the published model: when set and a run is already "
+        "promoted (latest.json), that model is evaluated on the same rows too, and this run is promoted only "
+        "if its score is at least the published one's minus this much. Empty: no comparison.",
+    )
+    max_eval_loss_increase: float | None = Field(
+        None, ge=0, description="Promotion gate: block when the tuned eval loss exceeds the base's by more than "
+        "this (guards a metric gain bought with a worse model). Empty: loss is not gated.",
     )
     max_shard_size_mb: int = Field(2048, ge=1, description="Largest safetensors shard of the merged model (MB).")
     multipart_chunk_mb: int = Field(

@@ -1,5 +1,8 @@
-"""Stage 4, evaluate: the base and the tuned model on the same held-out rows, in the same run."""
+"""Stage 4, evaluate: the base, the tuned and (optionally) the published model on the same held-out
+rows, in the same run."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -9,43 +12,82 @@ from tasks.config import FinetuneConfig
 from tasks.dataset import read_conversations
 from tasks.ingest import IngestResult
 from tasks.plan import PlanResult
+from tasks.runs import RunInfo
 from tasks.tokenization import encode_all, load_tokenizer
 from tasks.train import TrainResult
 
 
 class EvalResult(BaseModel):
-    label: str
+    label: str  # base, tuned or published
     loss: float
     perplexity: float
-    metric: str
-    score: float
+    metric: str  # the headline score's name (evaluation.metric)
+    score: float  # scores[metric]
+    scores: dict[str, float]  # every score of the chosen metric modules
     eval_rows: int
     generated_rows: int
     answers: list[dict]
+    run_id: str | None = None  # for the published model: which run it is
 
 
-@task(name="evaluate", task_run_name="evaluate-{label}", cache_policy=NO_CACHE)
+# log_prints off: dill (under evaluate/datasets) captures `dis` output by swapping sys.stdout, and
+# Prefect's print-to-log would turn every captured line into a log line of bytecode.
+@task(name="evaluate", task_run_name="evaluate-{label}", cache_policy=NO_CACHE, log_prints=False)
 def evaluate(config: FinetuneConfig, data: IngestResult, planned: PlanResult, label: str,
              trained: TrainResult | None = None) -> EvalResult:
-    from tasks.evaluation import evaluate_model
     from tasks.modeling import load_for_inference
 
-    device = planned.plan.device
     # Evaluate in the precision the run trained in: a QLoRA plan means a bf16 base may not fit.
     quantized = planned.plan.method == "qlora"
-    tokenizer = load_tokenizer(config.model)
-    _, conversations = read_conversations(data.eval_path)
-    examples = encode_all(tokenizer, conversations, config.training.max_seq_len)
+    device = planned.plan.device
     if trained is None:
         model = load_for_inference(config.model, device, quantized=quantized)
     elif trained.is_adapter:
         model = load_for_inference(config.model, device, adapter=trained.checkpoint_dir, quantized=quantized)
     else:
         model = load_for_inference(trained.checkpoint_dir, device)
-    scores = evaluate_model(model, tokenizer, conversations, examples, config.evaluation, device)
+    return _score(config, data, device, label, model)
+
+
+@task(name="evaluate-published", cache_policy=NO_CACHE, log_prints=False)
+def evaluate_published(config: FinetuneConfig, data: IngestResult, planned: PlanResult,
+                       run: RunInfo) -> EvalResult | None:
+    """The model `<output>/latest.json` points at, on the same rows; None when the gate does not
+    compare against it (`publish.max_regression` empty) or nothing is published yet."""
+    from tasks.registry import fetch_run, read_latest
+
+    logger = get_run_logger()
+    if config.publish.max_regression is None:
+        return None
+    pointer = read_latest(config.output)
+    if pointer is None:
+        logger.info("no published model in %s yet: the gate compares with the base model only", config.output)
+        return None
+    local = Path(run.run_dir) / "published"
+    run_id, manifest = fetch_run(config.output, pointer["run_id"], local, config.publish.max_concurrency)
+    model = _load_published(local, manifest, planned.plan.device)
+    result = _score(config, data, planned.plan.device, "published", model)
+    return result.model_copy(update={"run_id": run_id})
+
+
+def _load_published(folder: Path, manifest: dict, device: str):
+    """The merged model when it was published, else its adapter on the base it was trained from."""
+    from tasks.modeling import load_for_inference
+
+    if (folder / "merged").is_dir():
+        return load_for_inference(str(folder / "merged"), device)
+    return load_for_inference(manifest["base_model"]["path"], device, adapter=str(folder / "adapter"))
+
+
+def _score(config: FinetuneConfig, data: IngestResult, device: str, label: str, model) -> EvalResult:
+    from tasks.evaluation import evaluate_model
+
+    tokenizer = load_tokenizer(config.model)
+    _, conversations = read_conversations(data.eval_path)
+    examples = encode_all(tokenizer, conversations, config.training.max_seq_len)
+    result = evaluate_model(model, tokenizer, conversations, examples, config.evaluation, device)
     metric = config.evaluation.metric
-    get_run_logger().info("%s: eval loss %.4f, perplexity %.2f, %s %.3f (%d generated answers)", label,
-                          scores["loss"], scores["perplexity"], metric, scores[metric], scores["generated_rows"])
-    return EvalResult(label=label, loss=scores["loss"], perplexity=scores["perplexity"], metric=metric,
-                      score=scores[metric], eval_rows=scores["eval_rows"], generated_rows=scores["generated_rows"],
-                      answers=scores["answers"])
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in result["scores"].items())
+    get_run_logger().info("%s: eval loss %.4f, perplexity %.2f, %s (%d generated answers)", label,
+                          result["loss"], result["perplexity"], scores, result["generated_rows"])
+    return EvalResult(label=label, metric=metric, score=result["scores"][metric], **result)

@@ -1,4 +1,4 @@
-"""Held-out evaluation: loss and perplexity on the answers, and a task metric on generated answers."""
+"""Held-out evaluation: loss and perplexity on the answers, and task metrics on generated answers."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import torch
 
 from tasks.config import EvaluationSettings
-from tasks.metrics import METRICS
+from tasks.metrics import compute_metrics
 from tasks.tokenization import Example, prompt_text
 from tasks.trainer import mean_loss
 
@@ -29,6 +29,8 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
 
 def evaluate_model(model, tokenizer, conversations: list[list[dict]], examples: list[Example],
                    settings: EvaluationSettings, device: str) -> dict:
+    """Eval loss and perplexity on (at most `max_eval_rows`) rows, the chosen metrics on generated answers."""
+    examples = examples[: settings.max_eval_rows]  # None: all
     capacity = settings.batch_size * max(len(e.input_ids) for e in examples)  # rows per pass, packed
     loss = mean_loss(model, examples, capacity, device)
     chosen = conversations[: settings.max_generation_rows]
@@ -37,7 +39,7 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], examples: 
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
-        settings.metric: METRICS[settings.metric](predictions, references),
+        "scores": compute_metrics(settings.metrics, predictions, references),
         "eval_rows": len(examples),
         "generated_rows": len(chosen),
         "answers": [

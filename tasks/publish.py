@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import FinetuneConfig
@@ -20,11 +20,12 @@ from tasks.dataset import read_conversations
 from tasks.evaluate import EvalResult
 from tasks.ingest import IngestResult
 from tasks.manifest import build_manifest, file_entries, sha256_file
+from tasks.loss_curve import LOSS_CURVE_NAME, plot_loss_curve
 from tasks.model_card import model_card
 from tasks.plan import PlanResult
-from tasks.promotion import GateDecision, score_gate
+from tasks.promotion import GateDecision, ModelScores, promotion_gate
 from tasks.registry import promote
-from tasks.report import headline, summary_markdown
+from tasks.report import headline, metrics_table_rows, summary_markdown
 from tasks.runs import RunInfo
 from tasks.storage import MANIFEST_NAME, is_s3_uri, is_transient, publish_folder, split_s3_uri
 from tasks.train import TrainResult
@@ -34,17 +35,23 @@ FP32_EXPORT_HEADROOM = 1.5  # an fp32 copy of the model plus probe logits and al
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def decide_promotion(config: FinetuneConfig, base: EvalResult, tuned: EvalResult) -> GateDecision:
-    """The promotion gate's decision; a richer gate replaces `score_gate` here and nowhere else."""
-    decision = score_gate(base.metric, base.score, tuned.score, config.publish.min_improvement)
+def decide_promotion(config: FinetuneConfig, base: EvalResult, tuned: EvalResult,
+                     published: EvalResult | None = None) -> GateDecision:
+    """The promotion gate's decision (tasks/promotion.py), thresholds from `config.publish`."""
+    settings = config.publish
+    decision = promotion_gate(
+        base.metric, ModelScores(score=base.score, loss=base.loss), ModelScores(score=tuned.score, loss=tuned.loss),
+        ModelScores(score=published.score, loss=published.loss) if published else None,
+        settings.min_improvement, settings.max_regression, settings.max_eval_loss_increase)
     get_run_logger().info("promotion gate: %s", decision.reason)
     return decision
 
 
 @task(name="package", cache_policy=NO_CACHE)
 def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult,
-                trained: TrainResult, base: EvalResult, tuned: EvalResult, decision: GateDecision) -> dict:
-    """Build the complete run folder locally; returns the manifest."""
+                trained: TrainResult, base: EvalResult, tuned: EvalResult, decision: GateDecision,
+                published: EvalResult | None = None) -> dict:
+    """Build the complete run folder locally (the loss-curve PNG beside the model); returns the manifest."""
     staging = Path(run.run_dir) / "publish"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -61,7 +68,10 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
         get_run_logger().info("export verified: %s", verification)
     base_model = _describe_base(config, planned)
     data_record = _describe_data(data, planned)
-    evaluation = {"metric": base.metric, "base": base.model_dump(), "tuned": tuned.model_dump()}
+    evaluation = {"metric": base.metric, "metrics": config.evaluation.metrics, "base": base.model_dump(),
+                  "tuned": tuned.model_dump(), "published": published.model_dump() if published else None}
+    plot_loss_curve(trained.history, staging / LOSS_CURVE_NAME, trained.best_step,
+                    f"{config.model.rstrip('/').rsplit('/', 1)[-1]} {trained.method}, run {run.run_id}")
     training = trained.model_dump(exclude={"checkpoint_dir"})
     card = {"run_id": run.run_id, "base_model": base_model, "data": data_record, "method": trained.method,
             "training": training, "evaluation": evaluation, "publish_dtype": verification.get("saved_dtype", "")}
@@ -186,4 +196,6 @@ def promote_run(config: FinetuneConfig, run: RunInfo, decision: GateDecision) ->
 def write_report(config: FinetuneConfig, manifest: dict, output_uri: str, promoted: bool) -> str:
     markdown = summary_markdown(manifest, output_uri, config.evaluation.examples_in_report, promoted)
     create_markdown_artifact(markdown, key="finetune-summary", description=headline(manifest))
+    create_table_artifact(metrics_table_rows(manifest), key="finetune-metrics",
+                          description=f"Held-out scores of run {manifest['run']['run_id']}, same rows for every model")
     return headline(manifest)

@@ -1,7 +1,9 @@
 """The run summary people read in the Prefect UI (markdown artifact) and the terminal. Pure."""
 from __future__ import annotations
 
+from tasks.loss_curve import LOSS_CURVE_NAME
 from tasks.memory import GIB
+from tasks.overfitting import overfitting_warning
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -29,10 +31,49 @@ def promotion_line(manifest: dict, promoted: bool | None) -> str:
     return f"Promotion gate `{decision['gate']}`: {verdict} ({decision['reason']})."
 
 
+def evaluated_models(manifest: dict) -> list[dict]:
+    """base, tuned, and the published model when the gate compared with it: all on the same rows."""
+    evaluation = manifest["evaluation"]
+    return [evaluation[label] for label in ("base", "tuned", "published") if evaluation.get(label)]
+
+
+def metrics_table_rows(manifest: dict) -> list[dict]:
+    """One row per evaluated model, every score (the table artifact; the markdown shows the same)."""
+    rows = []
+    for result in evaluated_models(manifest):
+        model = result["label"] + (f" ({result['run_id']})" if result.get("run_id") else "")
+        rows.append({"model": model, "eval_loss": round(result["loss"], 4), "perplexity": round(result["perplexity"], 2),
+                     **{name: round(value, 4) for name, value in result.get("scores", {}).items()}})
+    return rows
+
+
+def _metrics_markdown(manifest: dict) -> str:
+    rows = metrics_table_rows(manifest)
+    header = list(rows[0])
+    return _table(header, [[row.get(key, "") for key in header] for row in rows])
+
+
+def _gate_markdown(manifest: dict) -> str:
+    checks = (manifest.get("promotion") or {}).get("details", {}).get("checks", [])
+    if not checks:
+        return ""
+    return _table(["check", "passed", "numbers"], [[c["name"], "yes" if c["passed"] else "**no**", c["detail"]]
+                                                   for c in checks])
+
+
+def _training_notes(manifest: dict) -> str:
+    warning = overfitting_warning(manifest["training"].get("history", []))
+    curve = any(f["path"] == LOSS_CURVE_NAME for f in manifest.get("files", []))
+    notes = [f"Loss curve: `{LOSS_CURVE_NAME}` in the run folder (train and eval loss per step)." if curve else "",
+             f"**Warning**: {warning}" if warning else ""]
+    return "\n\n".join(n for n in notes if n)
+
+
 def summary_markdown(manifest: dict, output_uri: str, examples: int, promoted: bool | None = None) -> str:
     run, data, plan, training = manifest["run"], manifest["data"], manifest["plan"], manifest["training"]
     evaluation = manifest["evaluation"]
     base, tuned, metric = evaluation["base"], evaluation["tuned"], evaluation["metric"]
+    published = evaluation.get("published")
     stats = data["token_stats"]
     parts = [
         f"# Fine-tuning run `{run['run_id']}`",
@@ -58,14 +99,18 @@ def summary_markdown(manifest: dict, output_uri: str, examples: int, promoted: b
         f"{' (stopped early)' if training['stopped_early'] else ''}. Peak memory "
         f"{training['peak_memory_bytes'] / GIB:.2f} GiB ({training['peak_memory_kind']}), estimated "
         f"{plan['estimate']['total'] / GIB:.2f} GiB.",
+        _training_notes(manifest),
         "## Evaluation (same held-out rows)",
-        _table(["model", "eval loss", "perplexity", metric],
-               [[r["label"], f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['score']:.3f}"]
-                for r in (base, tuned)]),
+        f"Headline and gate metric: **{metric}**; {tuned['eval_rows']} rows for eval loss, "
+        f"{tuned['generated_rows']} generated answers per model (greedy).",
+        _metrics_markdown(manifest),
+        "## Promotion gate",
+        _gate_markdown(manifest),
     ]
     if examples:
-        rows = [[b["question"], b["reference"], b["prediction"], t["prediction"]]
-                for b, t in list(zip(base["answers"], tuned["answers"]))[:examples]]
-        parts += ["## Example answers", _table(["question", "reference", "base", "tuned"], rows)]
+        models = [base, tuned] + ([published] if published else [])
+        rows = [[answers[0]["question"], answers[0]["reference"], *(a["prediction"] for a in answers)]
+                for answers in list(zip(*(m["answers"] for m in models)))[:examples]]
+        parts += ["## Example answers", _table(["question", "reference", *(m["label"] for m in models)], rows)]
     return "\n\n".join(p for p in parts if p)
 

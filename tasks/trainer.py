@@ -29,6 +29,7 @@ from tasks.attention import cu_seq_lens
 from tasks.checkpointing import load_checkpoint, save_checkpoint, step_name
 from tasks.config import TrainingSettings
 from tasks.loss import linear_cross_entropy_sum
+from tasks.overfitting import overfitting_warning
 from tasks.packing import PackedRows, micro_batches, pack
 from tasks.tokenization import IGNORE_INDEX, Example
 
@@ -203,6 +204,8 @@ def train(
                     model.save_pretrained(best_dir)
             history.append(record)
             _report(log, bar, record, settings.max_steps, log_every)
+            if "eval_loss" in record:
+                _warn_if_overfitting(log, history)
             last = step == settings.max_steps or stopping.should_stop
             if checkpoints and (last or (checkpoints.every and step % checkpoints.every == 0)):
                 state = {"step": step, "history": history, "counts": counts, "stopping": vars(stopping),
@@ -220,6 +223,14 @@ def train(
                         trained_tokens=counts["trained"], processed_tokens=counts["processed"],
                         peak_memory_bytes=memory.peak, peak_memory_kind=memory.kind,
                         resumed_from_step=start_step, history=history)
+
+
+def _warn_if_overfitting(log, history: list[dict]) -> None:
+    """Log once per run when eval loss climbs while train loss falls; the record keeps the flag."""
+    warning = overfitting_warning(history)
+    if warning and not any(r.get("overfitting") for r in history):
+        history[-1]["overfitting"] = True
+        log.warning(warning)
 
 
 def _checkpoint(checkpoints: Checkpoints, model, optimizer, scheduler, state: dict, best_dir: Path, log) -> None:

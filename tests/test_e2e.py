@@ -1,5 +1,6 @@
-"""End to end on the real SmolLM2-135M-Instruct: it learns held-out facts, publishes to S3, and the
-downloaded merged model answers exactly like base + adapter."""
+"""End to end on the real SmolLM2-135M-Instruct: it learns held-out facts, publishes to S3, the
+downloaded merged model answers exactly like base + adapter, and the promotion gate passes and
+blocks on the demo's real scores."""
 import pytest
 
 from conftest import ROOT
@@ -45,4 +46,46 @@ def test_demo_learns_publishes_and_reloads(smollm2, bucket, tmp_path):
     answers_adapted = generate_answers(adapted.eval(), tokenizer, questions, 32, 8, "cpu")
     print(answers_merged)
     assert answers_merged == answers_adapted
+
+    # The gate on this run's real scores, with thresholds either side of the measured gain.
+    from tasks.promotion import ModelScores, promotion_gate
+
+    base = ModelScores(score=result.base_score, loss=result.base_eval_loss)
+    tuned = ModelScores(score=result.tuned_score, loss=result.tuned_eval_loss)
+    gain = result.tuned_score - result.base_score
+    assert result.promoted and promotion_gate("exact_match", base, tuned, min_improvement=gain - 0.05).promote
+    assert not promotion_gate("exact_match", base, tuned, min_improvement=gain + 0.05).promote
+    assert set(result.scores["tuned"]) == {"exact_match", "rouge1", "rouge2", "rougeL", "chrf"}
+    assert result.scores["tuned"]["chrf"] > result.scores["base"]["chrf"]
+    assert_a_worse_run_is_blocked(config, result, bucket)
+
+
+def assert_a_worse_run_is_blocked(config, first, bucket):
+    """Published: the demo run. Then 1 step of training barely moves the base: the gate, comparing with
+    the published model on the same rows, blocks it; latest.json stays; the blocked run stays published."""
+    import json
+
+    import boto3
+
+    from flows.finetune import finetune
+
+    weak = config.model_copy(update={
+        "training": config.training.model_copy(update={"max_steps": 1, "eval_every": 1}),
+        "publish": config.publish.model_copy(update={"max_regression": 0.25}),
+    })
+    second = finetune(weak)
+    print(second.summary, second.gate, sep="\n")
+    # The published (merged, fp32) model re-evaluated here: the same answers, at most one greedy flip of 16.
+    assert second.published_score == pytest.approx(first.tuned_score, abs=1 / 16)
+    assert second.tuned_score < first.tuned_score - 0.25 and not second.promoted
+    assert "tuned" in second.gate and "< published" in second.gate and "keep the current latest" in second.gate
+
+    s3 = boto3.client("s3")
+    latest = json.loads(s3.get_object(Bucket=bucket, Key="models/q7/latest.json")["Body"].read())
+    assert latest["run_id"] == first.run_id  # the pointer did not move
+    prefix = f"models/q7/runs/{second.run_id}/"
+    keys = {o["Key"][len(prefix):] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    assert {"manifest.json", "loss_curve.png", "adapter/adapter_model.safetensors"} <= keys
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
+    assert manifest["promotion"]["promote"] is False and manifest["evaluation"]["published"]["run_id"] == first.run_id
 

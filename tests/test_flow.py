@@ -99,6 +99,40 @@ def test_summary_artifact_is_written(tiny_model, tmp_path):
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-summary"])))
     latest = max(artifacts, key=lambda a: a.created)
     assert result.run_id in latest.data and "| base |" in latest.data and "| tuned |" in latest.data
+    assert "`loss_curve.png`" in latest.data and "## Promotion gate" in latest.data
+
+
+def latest_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return max(artifacts, key=lambda a: a.created)
+
+
+def test_a_second_run_is_compared_with_the_published_model_on_the_same_rows(tiny_model, tmp_path):
+    evaluation = {"max_new_tokens": 12, "max_generation_rows": 4, "metric": "chrf", "metrics": ["exact_match"]}
+    publish = {"min_improvement": -1.0, "max_regression": 0.0}  # nothing to beat on the base: the published model
+    first = finetune(tiny_config(tiny_model, tmp_path, method="lora", evaluation=evaluation, publish=publish))
+    assert first.promoted and first.published_score is None  # nothing was published before it
+    # The same settings train the same model: it must score exactly what the published copy scores.
+    second = finetune(tiny_config(tiny_model, tmp_path, method="lora", evaluation=evaluation, publish=publish))
+    assert set(second.scores) == {"base", "tuned", "published"}
+    assert set(second.scores["tuned"]) == {"exact_match", "chrf"} and second.metric == "chrf"
+    assert second.published_score == pytest.approx(second.tuned_score, abs=1e-6)
+    assert second.promoted and "published" in second.gate
+    manifest = json.loads((tmp_path / "out" / "runs" / second.run_id / "manifest.json").read_text())
+    assert manifest["evaluation"]["published"]["run_id"] == first.run_id
+    assert manifest["evaluation"]["published"]["eval_rows"] == manifest["evaluation"]["tuned"]["eval_rows"]
+    assert [c["name"] for c in manifest["promotion"]["details"]["checks"]] == [
+        "score>=base+min_improvement", "score>=published-max_regression"]
+    assert "loss_curve.png" in {f["path"] for f in manifest["files"]}
+
+    table = json.loads(latest_artifact("finetune-metrics").data)
+    assert [row["model"] for row in table] == ["base", "tuned", f"published ({first.run_id})"]
+    assert set(table[0]) == {"model", "eval_loss", "perplexity", "exact_match", "chrf"}
+    assert "| published |" in latest_artifact("finetune-summary").data
 
 
 @pytest.mark.parametrize("name,content,expected", [

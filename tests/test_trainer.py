@@ -88,6 +88,10 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_model, tiny_tokenizer, ex
     assert outcome.stopped_early and outcome.steps < 40
     assert outcome.best_eval_loss == min(evals)
     assert evals[-1] > outcome.best_eval_loss and evals[-2] > outcome.best_eval_loss
+    # What gets published is the best checkpoint, not the last weights: reloaded, it scores the best loss.
+    best = load_for_training(str(tmp_path / "best"), "full", "cpu", LoraSettings(), False)
+    assert mean_loss(best, examples[1], 8 * 128, "cpu") == pytest.approx(outcome.best_eval_loss, rel=1e-5)
+    assert mean_loss(model, examples[1], 8 * 128, "cpu") == pytest.approx(evals[-1], rel=1e-5)
 
 
 def test_early_stopping_on_a_crafted_curve():
@@ -100,3 +104,19 @@ def test_early_stopping_on_a_crafted_curve():
     assert (stopping.best_step, stopping.best_loss) == (2, 1.5)
     nan_only = EarlyStopping(patience=0)
     assert not nan_only.improved(1, float("nan")) and nan_only.best_step == 0 and not nan_only.should_stop
+
+
+def test_overfitting_is_warned_once_when_eval_loss_climbs_as_train_loss_falls(caplog):
+    from tasks.trainer import _warn_if_overfitting
+
+    train_losses = [3.0, 2.5, 2.0, 1.6, 1.2, 0.9, 0.6, 0.4]
+    evals = {2: 2.4, 4: 2.0, 6: 2.3, 8: 2.6}  # best at step 4, then +15%, +30%
+    history = []
+    with caplog.at_level(logging.WARNING, logger="test"):
+        for step, loss in enumerate(train_losses, start=1):
+            history.append({"step": step, "train_loss": loss, **({"eval_loss": evals[step]} if step in evals else {})})
+            if step in evals:
+                _warn_if_overfitting(LOG, history)
+    warnings = [r.getMessage() for r in caplog.records if "overfitting" in r.getMessage()]
+    assert len(warnings) == 1 and "eval loss rose from 2.0000 (step 4) to 2.3000 (step 6, +15%)" in warnings[0]
+    assert [r["step"] for r in history if r.get("overfitting")] == [6]
