@@ -9,11 +9,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import FinetuneConfig
-from tasks.dataset import read_conversations
-from tasks.ingest import IngestResult
+from tasks.ingest import IngestResult, encoded_split
 from tasks.plan import PlanResult
 from tasks.runs import RunInfo
-from tasks.tokenization import encode_all, load_tokenizer
+from tasks.tokenization import load_tokenizer
 from tasks.train import TrainResult
 
 
@@ -83,8 +82,7 @@ def _score(config: FinetuneConfig, data: IngestResult, device: str, label: str, 
     from tasks.evaluation import evaluate_model
 
     tokenizer = load_tokenizer(config.model)
-    _, conversations = read_conversations(data.eval_path)
-    examples = encode_all(tokenizer, conversations, config.training.max_seq_len)
+    conversations, examples = encoded_split(config, data.eval_path, tokenizer=tokenizer)
     result = evaluate_model(model, tokenizer, conversations, examples, config.evaluation, device)
     metric = config.evaluation.metric
     scores = ", ".join(f"{name} {value:.3f}" for name, value in result["scores"].items())

@@ -19,8 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import DataSettings, FinetuneConfig
-from tasks.dataset import (Dataset, content_sha256, describe, load_kept, quarantine_records, scan_dataset,
-                           split_dataset, to_conversation, write_conversations, write_quarantine)
+from tasks.dataset import (Dataset, content_sha256, describe, load_kept, quarantine_records, read_conversations,
+                           scan_dataset, split_dataset, to_conversation, write_conversations, write_quarantine)
 from tasks.runs import RunInfo
 from tasks.schemas import SCHEMA_VERSION, DatasetError
 from tasks.sources import list_source_files
@@ -188,15 +188,28 @@ def _validate(uri: str, data_format: str, checks: DataSettings, reference: bytes
     return state.result(), "cached" if state.name == "Cached" else "ran"
 
 
-def _token_lengths(config: FinetuneConfig, split_file: Path, conversations: list) -> dict:
-    """Token lengths with the model's tokenizer and template (no weights are loaded), cached on disk by
-    content + tokenizer + template so plan and train can reuse the encodings; fails on heavy truncation."""
+def encoded_split(config: FinetuneConfig, split_file: Path | str, conversations: list | None = None,
+                  tokenizer=None) -> tuple[list, list]:
+    """A split's conversations and their token ids and answer masks, encoded once: cached on disk by
+    content + tokenizer + template + max_seq_len, so ingest, plan, train and evaluate share the work."""
     from tasks.manifest import sha256_file
-    from tasks.tokenization import encode_all_cached, length_report, load_tokenizer
+    from tasks.tokenization import encode_all_cached, load_tokenizer
+
+    if conversations is None:
+        conversations = read_conversations(str(split_file))[1]
+    examples = encode_all_cached(tokenizer or load_tokenizer(config.model), conversations,
+                                 config.training.max_seq_len, Path(config.work_dir) / "cache" / "encoded",
+                                 sha256_file(Path(split_file)))
+    return conversations, examples
+
+
+def _token_lengths(config: FinetuneConfig, split_file: Path, conversations: list) -> dict:
+    """Token lengths with the model's tokenizer and template (no weights are loaded); fails on heavy
+    truncation."""
+    from tasks.tokenization import length_report
 
     max_seq_len = config.training.max_seq_len
-    examples = encode_all_cached(load_tokenizer(config.model), conversations, max_seq_len,
-                                 Path(config.work_dir) / "cache" / "encoded", sha256_file(split_file))
+    _, examples = encoded_split(config, split_file, conversations)
     report = length_report(examples, max_seq_len)
     limit = config.data_checks.max_truncated_fraction
     if report["share_truncated"] > limit:

@@ -12,11 +12,11 @@ from pydantic import BaseModel
 
 from tasks.config import FinetuneConfig
 from tasks.dataset import read_conversations
-from tasks.ingest import IngestResult
+from tasks.ingest import IngestResult, encoded_split
 from tasks.memory import GIB, ModelShape
 from tasks.schemas import DatasetError
 from tasks.selector import TrainingPlan, select_plan
-from tasks.tokenization import encode_all, length_stats, load_tokenizer
+from tasks.tokenization import length_stats, load_tokenizer
 
 GPU_SAFETY = 0.9  # share of free GPU memory we plan to use
 RAM_SAFETY = 0.8  # share of available RAM we plan to use on CPU
@@ -35,8 +35,8 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     shape = ModelShape.from_config(_read_model_config(config.model), source=f"{config.model}/config.json")
     tokenizer = load_tokenizer(config.model)
     settings = config.training
-    stats = _check_lengths(tokenizer, data.train_path, config.data, settings.max_seq_len, logger)
-    _check_lengths(tokenizer, data.eval_path, config.eval_data or config.data, settings.max_seq_len, logger)
+    stats = _check_lengths(config, tokenizer, data.train_path, config.data, logger)
+    _check_lengths(config, tokenizer, data.eval_path, config.eval_data or config.data, logger)
     from tasks.modeling import pick_device  # torch loads here, not when the flow is imported
 
     device = pick_device()
@@ -52,10 +52,11 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     return PlanResult(plan=plan, token_stats=stats, model_parameters=shape.parameters, model_type=shape.model_type)
 
 
-def _check_lengths(tokenizer, split_path: str, source: str, max_seq_len: int, logger) -> dict:
+def _check_lengths(config: FinetuneConfig, tokenizer, split_path: str, source: str, logger) -> dict:
     """Token-length statistics of a split; fails when truncation leaves no answer to learn or score."""
+    max_seq_len = config.training.max_seq_len
     rows, conversations = read_conversations(split_path)
-    examples = encode_all(tokenizer, conversations, max_seq_len)
+    _, examples = encoded_split(config, split_path, conversations, tokenizer)
     stats = length_stats(examples, max_seq_len)
     if stats["trainable_tokens"] == 0:
         raise DatasetError(f"{source}: no answer token survives truncation to {max_seq_len} tokens "

@@ -11,12 +11,11 @@ from pydantic import BaseModel
 
 from tasks.checkpoint_store import candidate_checkpoints, fetch_checkpoint, fingerprint, upload_checkpoint
 from tasks.config import FinetuneConfig
-from tasks.dataset import read_conversations
-from tasks.ingest import IngestResult
+from tasks.ingest import IngestResult, encoded_split
 from tasks.memory import GIB
 from tasks.plan import PlanResult
 from tasks.runs import RunInfo
-from tasks.tokenization import encode_all, load_tokenizer
+from tasks.tokenization import load_tokenizer
 
 KEEP_IN_OUTPUT = 2  # newest checkpoints kept in the output per run
 
@@ -55,8 +54,8 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     logger = get_run_logger()
     plan, settings = planned.plan, config.training
     tokenizer = load_tokenizer(config.model)
-    train_examples = encode_all(tokenizer, read_conversations(data.train_path)[1], settings.max_seq_len)
-    eval_examples = encode_all(tokenizer, read_conversations(data.eval_path)[1], settings.max_seq_len)
+    _, train_examples = encoded_split(config, data.train_path, tokenizer=tokenizer)
+    _, eval_examples = encoded_split(config, data.eval_path, tokenizer=tokenizer)
     torch.manual_seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
     model = load_for_training(config.model, plan.method, plan.device, config.lora, plan.gradient_checkpointing)
     trainable, total = parameter_counts(model)
