@@ -89,7 +89,9 @@ def _packed_varlen_mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
+@functools.cache
 def _varlen_options() -> set[str]:
+    """The keyword arguments this PyTorch's varlen_attn takes (its signature changed across versions)."""
     from torch.nn.attention.varlen import varlen_attn
 
     return set(inspect.signature(varlen_attn).parameters)
