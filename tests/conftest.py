@@ -86,6 +86,17 @@ def empty_bucket(s3_server) -> str:
     return "finetune-test"
 
 
+@pytest.fixture
+def proxy(empty_bucket, s3_server, monkeypatch):
+    """boto3 -> fault-injecting proxy (tests/fault_proxy.py) -> moto; the proxy records every request."""
+    from fault_proxy import FaultProxy
+
+    fault_proxy = FaultProxy(s3_server).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint)
+    yield fault_proxy
+    fault_proxy.stop()
+
+
 def tiny_config(model: Path, tmp_path: Path, **overrides):
     """A fast flow configuration on the tiny model and the demo data."""
     from tasks.config import FinetuneConfig

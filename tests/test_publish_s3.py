@@ -6,7 +6,6 @@ import os
 import boto3
 import pytest
 
-from fault_proxy import FaultProxy
 from tasks.manifest import MANIFEST_SCHEMA, file_entries, verify_files
 from tasks.registry import fetch_run, read_latest, promote, run_uri
 from tasks.s3_transfer import local_checksums, upload_run_folder
@@ -20,15 +19,6 @@ BIG = 2 * PART + 123  # three parts
 @pytest.fixture
 def bucket(empty_bucket):
     return empty_bucket
-
-
-@pytest.fixture
-def proxy(bucket, s3_server, monkeypatch):
-    """boto3 -> fault proxy -> moto; the proxy records every request."""
-    fault_proxy = FaultProxy(s3_server).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint)
-    yield fault_proxy
-    fault_proxy.stop()
 
 
 def stage_run(folder, big_files=("merged/model-00001-of-00002.safetensors", "merged/model-00002-of-00002.safetensors")):

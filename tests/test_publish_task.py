@@ -4,7 +4,6 @@ attempt finishes the run without sending the files that had already arrived."""
 import pytest
 from prefect import flow
 
-from fault_proxy import FaultProxy
 from tasks.config import FinetuneConfig
 from tasks.promotion import score_gate
 from tasks.publish import promote_run, upload_run
@@ -26,14 +25,6 @@ def staged_run(tmp_path, config, run_id) -> RunInfo:
     stage_run((run_dir / "publish"))
     return RunInfo(run_id=run_id, flow_run_id=None, run_dir=str(run_dir), output_uri=run_uri(config.output, run_id),
                    started_at="2026-11-29T00:00:00+00:00")
-
-
-@pytest.fixture
-def proxy(empty_bucket, s3_server, monkeypatch):
-    fault_proxy = FaultProxy(s3_server).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint)
-    yield fault_proxy
-    fault_proxy.stop()
 
 
 def test_failed_upload_changes_nothing_visible_and_the_retry_resends_only_missing_files(proxy, empty_bucket, tmp_path):
