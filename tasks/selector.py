@@ -118,3 +118,32 @@ def _halvings(n: int) -> list[int]:
     while sizes[-1] > 1:
         sizes.append(sizes[-1] // 2)
     return sizes
+
+
+class WorkPoolSpec(BaseModel):
+    """A Prefect work pool whose workers have GPUs of one size."""
+
+    name: str
+    gpu_gib: float  # memory of one GPU, as sold (e.g. 24, 80, 141)
+
+
+def select_work_pool(shape: ModelShape, pools: list[WorkPoolSpec], *, safety: float = 0.9,
+                     **plan_kwargs) -> tuple[WorkPoolSpec, TrainingPlan]:
+    """The smallest pool whose GPU fits a plan, and that plan (`plan_kwargs` as for select_plan).
+
+    Pools are tried from the smallest GPU up, each with `safety` of its memory as the budget, so a
+    job that fits a 24 GiB card does not hold an 80 GiB one. Raises PlanError naming what each pool lacks.
+    """
+    if not pools:
+        raise PlanError("no work pools given: list at least one pool with its GPU memory (name, gpu_gib)")
+    failures = []
+    for pool in sorted(pools, key=lambda p: p.gpu_gib):
+        try:
+            plan = select_plan(shape, budget_bytes=int(pool.gpu_gib * safety * GIB),
+                               budget_source=f"{safety:.0%} of a {pool.gpu_gib:g} GiB GPU in work pool {pool.name!r}",
+                               device="cuda", **plan_kwargs)
+        except PlanError as error:
+            failures.append(f"{pool.name} ({pool.gpu_gib:g} GiB): {error}")
+            continue
+        return pool, plan
+    raise PlanError("no work pool's GPU fits this run:\n  " + "\n  ".join(failures))

@@ -9,6 +9,9 @@ SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
             "tie_word_embeddings": False}
+LLAMA_1B = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+            "tie_word_embeddings": True}
 
 
 def test_parameter_counts_match_real_models():
@@ -100,3 +103,19 @@ def test_forced_method_still_shows_every_candidate():
     assert forced.method == "lora"
     assert [(c.estimate.method, c.fits) for c in forced.candidates] == [("full", True), ("lora", True), ("qlora", True)]
     assert [row["chosen"] for row in forced.table()] == [False, True, False]
+
+
+def test_smallest_work_pool_that_fits():
+    from tasks.selector import WorkPoolSpec, select_work_pool
+
+    pools = [WorkPoolSpec(name="h200", gpu_gib=141), WorkPoolSpec(name="l4", gpu_gib=24),
+             WorkPoolSpec(name="a100", gpu_gib=80)]
+    kw = dict(method="lora", seq_len=2048, batch_size=8, micro_batch_size=8)
+    pool, chosen = select_work_pool(ModelShape.from_config(LLAMA_8B), pools, **kw)
+    assert pool.name == ("l4" if need("lora", 1, True) <= 24 * 0.9 else "a100")
+    assert chosen.budget_bytes == int(pool.gpu_gib * 0.9 * GIB) and pool.name in chosen.reason
+    llama_1b = ModelShape.from_config(LLAMA_1B)
+    pool, chosen = select_work_pool(llama_1b, pools, **{**kw, "method": "full"})
+    assert (pool.name, chosen.method) == ("a100", "full")  # 16 bytes per parameter alone is 18.5 GiB
+    with pytest.raises(PlanError, match=r"no work pool's GPU fits(.|\n)*l4 \(24 GiB\)(.|\n)*a100(.|\n)*h200"):
+        select_work_pool(ModelShape.from_config(LLAMA_8B), pools, **{**kw, "method": "full"})
