@@ -7,6 +7,10 @@ the padding. Gradient accumulation weighs every trained token equally: each micr
 loss is divided by the trainable tokens of the whole optimizer step. The best model by eval loss is
 kept as training goes (what gets published), and a checkpoint every `checkpoint_every` steps lets
 a killed run continue where it stopped, with the same data order and random state.
+
+With several processes (`parallel`, tasks/distributed.py) each one takes its share of every step's
+rows and the gradients, losses and token counts are summed across them, so a step updates the model
+exactly as one process would with the same rows; only rank 0 writes the best model and checkpoints.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from tasks.attention import cu_seq_lens
 from tasks.checkpointing import load_checkpoint, save_checkpoint, step_name
 from tasks.config import TrainingSettings
+from tasks.distributed import ONE_PROCESS, Parallel
 from tasks.loss import linear_cross_entropy_sum
 from tasks.overfitting import overfitting_warning
 from tasks.packing import PackedRows, micro_batches, pack
@@ -89,20 +94,29 @@ def trainable_tokens(examples: list[Example]) -> int:
 
 
 @torch.no_grad()
-def mean_loss(model, examples: list[Example], token_capacity: int, device: str) -> float:
-    """Token-weighted mean loss over the answer tokens of `examples`."""
+def mean_loss(model, examples: list[Example], token_capacity: int, device: str,
+              parallel: Parallel | None = None) -> float:
+    """Token-weighted mean loss over the answer tokens of `examples` (shared out across processes)."""
     was_training = model.training
     model.eval()
     total = 0.0
-    for rows in micro_batches(examples, token_capacity):
-        if trainable_tokens(rows):
-            total += summed_loss(model, pack(rows), device).item()
+    if parallel is not None and parallel.distributed:
+        for packed, weight, _ in parallel.step_micro_batches(examples, token_capacity):
+            total += parallel.loss(packed).item() * weight
+        total = parallel.sum(total)[0]
+    else:
+        for rows in micro_batches(examples, token_capacity):
+            if trainable_tokens(rows):
+                total += summed_loss(model, pack(rows), device).item()
     model.train(was_training)
     return total / max(trainable_tokens(examples), 1)
 
 
-def accumulate_gradients(model, rows: list[Example], token_capacity: int, device: str) -> tuple[float, int]:
+def accumulate_gradients(model, rows: list[Example], token_capacity: int, device: str,
+                         parallel: Parallel | None = None) -> tuple[float, int]:
     """Backward over `rows` in packed micro-batches; gradients equal those of one batch of all rows."""
+    if parallel is not None and parallel.distributed:
+        return _accumulate_across_processes(rows, token_capacity, parallel)
     step_tokens, loss_sum = trainable_tokens(rows), 0.0
     for chunk in micro_batches(rows, token_capacity):
         if trainable_tokens(chunk) == 0:
@@ -111,6 +125,21 @@ def accumulate_gradients(model, rows: list[Example], token_capacity: int, device
         (loss / step_tokens).backward()
         loss_sum += loss.item()
     return loss_sum, step_tokens
+
+
+def _accumulate_across_processes(rows: list[Example], token_capacity: int, parallel: Parallel) -> tuple[float, int]:
+    """This process's share of `rows`. Every process knows the whole step, so each divides by the
+    step's trainable tokens; DDP and FSDP2 then average gradients over world_size processes, which the
+    world_size factor turns into the sum: the same gradient as one process over all rows."""
+    step_tokens, loss_sum = trainable_tokens(rows), 0.0
+    if step_tokens == 0:
+        return 0.0, 0  # the same decision on every process: none runs a backward
+    for packed, weight, last in parallel.step_micro_batches(rows, token_capacity):
+        with parallel.gradient_sync(last):
+            loss = parallel.loss(packed) * weight
+            (loss * (parallel.world_size / step_tokens)).backward()
+        loss_sum += loss.item()
+    return parallel.sum(loss_sum)[0], step_tokens
 
 
 @dataclass
@@ -156,8 +185,12 @@ def train(
     log: logging.Logger | logging.LoggerAdapter,
     checkpoints: Checkpoints | None = None,
     progress: bool = True,
+    parallel: Parallel = ONE_PROCESS,
 ) -> TrainOutcome:
-    """Train up to max_steps; the best model by eval loss is saved to `best_dir`."""
+    """Train up to max_steps; the best model by eval loss is saved to `best_dir`. With several
+    processes, every one calls this with its `parallel` (tasks/distributed.join_process_group)."""
+    if parallel.distributed:  # before the optimizer: FSDP2 swaps in sharded parameters
+        parallel.wrap(model, lambda m, packed: summed_loss(m, packed, device))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                   fused=device == "cuda")
@@ -165,10 +198,12 @@ def train(
     stopping = EarlyStopping(settings.early_stopping_patience, settings.early_stopping_min_delta)
     history, start_step, counts = [], 0, {"trained": 0, "processed": 0}
     if checkpoints and checkpoints.resume_from:
-        state = load_checkpoint(checkpoints.resume_from, model, optimizer, scheduler)
+        state = load_checkpoint(checkpoints.resume_from, model, optimizer, scheduler, parallel)
         start_step, history, counts = state["step"], state["history"], state["counts"]
         stopping = EarlyStopping(**state["stopping"])
-        _restore_best(checkpoints.resume_from, best_dir)
+        if parallel.is_main:
+            _restore_best(checkpoints.resume_from, best_dir)
+        parallel.barrier()
         log.info("resumed from %s at step %d (best eval loss %.4f at step %d)", checkpoints.resume_from,
                  start_step, stopping.best_loss, stopping.best_step)
     else:
@@ -177,7 +212,7 @@ def train(
     for _ in range(start_step):  # the same data order as a run that never stopped
         next(batches)
     log_every, started = max(1, settings.max_steps // 20), time.perf_counter()
-    bar = _progress_bar(progress, settings.max_steps, start_step)
+    bar = _progress_bar(progress and parallel.is_main, settings.max_steps, start_step)
     model.train()
     with PeakMemory(device) as memory:
         step = start_step
@@ -185,7 +220,7 @@ def train(
             step += 1
             step_started = time.perf_counter()
             rows = [train_examples[i] for i in next(batches)]
-            loss_sum, step_tokens = accumulate_gradients(model, rows, token_capacity, device)
+            loss_sum, step_tokens = accumulate_gradients(model, rows, token_capacity, device, parallel)
             if step_tokens:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
                 optimizer.step()
@@ -199,9 +234,9 @@ def train(
                       "tokens": processed, "seconds": seconds, "tokens_per_s": processed / seconds,
                       "answer_tokens_per_s": step_tokens / seconds}
             if step % settings.eval_every == 0 or step == settings.max_steps:
-                record["eval_loss"] = mean_loss(model, eval_examples, token_capacity, device)
+                record["eval_loss"] = mean_loss(model, eval_examples, token_capacity, device, parallel)
                 if stopping.improved(step, record["eval_loss"]):
-                    model.save_pretrained(best_dir)
+                    parallel.save_pretrained(model, best_dir)
             history.append(record)
             _report(log, bar, record, settings.max_steps, log_every)
             if "eval_loss" in record:
@@ -210,7 +245,7 @@ def train(
             if checkpoints and (last or (checkpoints.every and step % checkpoints.every == 0)):
                 state = {"step": step, "history": history, "counts": counts, "stopping": vars(stopping),
                          "fingerprint": checkpoints.fingerprint}
-                _checkpoint(checkpoints, model, optimizer, scheduler, state, best_dir, log)
+                _checkpoint(checkpoints, model, optimizer, scheduler, state, best_dir, log, parallel)
         if stopping.should_stop:
             log.info("early stopping at step %d: no eval-loss gain in %d evaluations; best step %d (%.4f)",
                      step, stopping.evals_without_gain, stopping.best_step, stopping.best_loss)
@@ -221,7 +256,7 @@ def train(
     return TrainOutcome(steps=len(history), best_step=stopping.best_step, best_eval_loss=stopping.best_loss,
                         stopped_early=stopping.should_stop, seconds=time.perf_counter() - started,
                         trained_tokens=counts["trained"], processed_tokens=counts["processed"],
-                        peak_memory_bytes=memory.peak, peak_memory_kind=memory.kind,
+                        peak_memory_bytes=parallel.max(memory.peak), peak_memory_kind=memory.kind,
                         resumed_from_step=start_step, history=history)
 
 
@@ -233,9 +268,12 @@ def _warn_if_overfitting(log, history: list[dict]) -> None:
         log.warning(warning)
 
 
-def _checkpoint(checkpoints: Checkpoints, model, optimizer, scheduler, state: dict, best_dir: Path, log) -> None:
+def _checkpoint(checkpoints: Checkpoints, model, optimizer, scheduler, state: dict, best_dir: Path, log,
+                parallel: Parallel = ONE_PROCESS) -> None:
     folder = save_checkpoint(checkpoints.folder / step_name(state["step"]), model, optimizer, scheduler, state,
-                             best_dir)
+                             best_dir, parallel)
+    if not parallel.is_main:  # rank 0 uploads and prunes the (shared) checkpoint folder
+        return
     if checkpoints.on_saved:
         checkpoints.on_saved(folder)
     local = sorted(p for p in checkpoints.folder.glob("step-*") if p.is_dir())

@@ -1,0 +1,102 @@
+"""Two processes (torchrun, gloo on CPU) train like one process given the same global batch."""
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEMO_DATA
+from tasks.checkpointing import read_manifest
+from tasks.config import LoraSettings, TrainingSettings
+from tasks.dataset import read_dataset
+from tasks.launch import TrainingJob, run_training_processes, write_examples
+from tasks.modeling import load_for_training
+from tasks.tokenization import encode_all, load_tokenizer
+from tasks.trainer import Checkpoints, train
+
+LOG = logging.getLogger("test")
+SEQ = 96
+# rows of different lengths per step, so the two processes get different numbers of rows and tokens
+SETTINGS = {"learning_rate": 1e-2, "lr_schedule": "cosine", "warmup_steps": 1, "max_steps": 4, "batch_size": 7,
+            "eval_every": 4, "early_stopping_patience": 0, "seed": 5}
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}  # dropout draws differ between 1 and 2 processes
+
+
+def examples(model_dir):
+    tokenizer = load_tokenizer(str(model_dir))
+    return [encode_all(tokenizer, read_dataset(str(DEMO_DATA / name)).conversations, SEQ)
+            for name in ("train.jsonl", "eval.jsonl")]
+
+
+def one_process(model_dir, method, work: Path, capacity: int, resume_from: Path | None = None, **settings):
+    train_rows, eval_rows = examples(model_dir)
+    torch.manual_seed(SETTINGS["seed"])
+    model = load_for_training(str(model_dir), method, "cpu", LoraSettings(**LORA), False)
+    checkpoints = Checkpoints(folder=work / "checkpoints", every=2, keep=10, resume_from=resume_from)
+    return train(model, train_rows, eval_rows, TrainingSettings(**{**SETTINGS, **settings}), capacity, "cpu",
+                 work / "best", LOG, checkpoints, progress=False)
+
+
+def two_processes(model_dir, method, work: Path, capacity: int, resume_from: Path | None = None, **settings):
+    train_rows, eval_rows = examples(model_dir)
+    job = TrainingJob(
+        model=str(model_dir), method=method, device="cpu", lora=LORA, training={**SETTINGS, **settings},
+        gradient_checkpointing=False, token_capacity=capacity,
+        train_examples=write_examples(train_rows, work / "train.jsonl"),
+        eval_examples=write_examples(eval_rows, work / "eval.jsonl"), best_dir=str(work / "best"),
+        result=str(work / "result.json"),
+        checkpoints={"folder": str(work / "checkpoints"), "every": 2, "keep": 10,
+                     "resume_from": str(resume_from) if resume_from else None})
+    return run_training_processes(job, work / "job.json", 2, LOG)
+
+
+def assert_same_weights(one: dict, two: dict, atol: float):
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=0, atol=atol, msg=name)
+
+
+def test_ddp_lora_on_two_processes_matches_one_process(tiny_model, tmp_path):
+    # capacity 2 rows: several micro-batches per process, and a process with fewer pads with weight 0
+    single = one_process(tiny_model, "lora", tmp_path / "one", 2 * SEQ)
+    double = two_processes(tiny_model, "lora", tmp_path / "two", 2 * SEQ)
+    assert double["world_size"] == 2 and double["steps"] == single.steps == 4
+    assert [r["train_loss"] for r in double["history"]] == pytest.approx(
+        [r["train_loss"] for r in single.history], rel=1e-6)
+    assert double["best_eval_loss"] == pytest.approx(single.best_eval_loss, rel=1e-6)
+    assert double["trained_tokens"] == single.trained_tokens
+    assert_same_weights(load_file(tmp_path / "one" / "best" / "adapter_model.safetensors"),
+                        load_file(tmp_path / "two" / "best" / "adapter_model.safetensors"), atol=1e-5)
+    # DDP checkpoints have the one-process layout: one process continues a two-process run
+    resumed = one_process(tiny_model, "lora", tmp_path / "resumed", 2 * SEQ,
+                          resume_from=tmp_path / "two" / "checkpoints" / "step-0000002")
+    assert resumed.resumed_from_step == 2
+    assert [r["train_loss"] for r in resumed.history] == pytest.approx([r["train_loss"] for r in single.history],
+                                                                       rel=1e-6)
+    assert_same_weights(load_file(tmp_path / "one" / "best" / "adapter_model.safetensors"),
+                        load_file(tmp_path / "resumed" / "best" / "adapter_model.safetensors"), atol=1e-5)
+
+
+def test_fsdp2_full_fine_tuning_on_two_processes_matches_one_process(tiny_model, tmp_path):
+    single = one_process(tiny_model, "full", tmp_path / "one", 2 * SEQ, learning_rate=1e-3)
+    double = two_processes(tiny_model, "full", tmp_path / "two", 2 * SEQ, learning_rate=1e-3)
+    assert [r["train_loss"] for r in double["history"]] == pytest.approx(
+        [r["train_loss"] for r in single.history], rel=1e-6)
+    assert double["best_eval_loss"] == pytest.approx(single.best_eval_loss, rel=1e-6)
+    # the shards are gathered on rank 0 into the same Hugging Face folder a single process writes
+    assert_same_weights(load_file(tmp_path / "one" / "best" / "model.safetensors"),
+                        load_file(tmp_path / "two" / "best" / "model.safetensors"), atol=1e-5)
+    # every process wrote its shard of the model and AdamW state; the manifest hashes them all
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-0000002"
+    assert {p.name for p in (checkpoint / "sharded").iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert {"sharded/.metadata", "sharded/__1_0.distcp"} <= {f["path"] for f in read_manifest(checkpoint)["files"]}
+    assert not (checkpoint / "trainable.safetensors").exists()
+    # and a new pair of processes continues from the shards to the same model
+    resumed = two_processes(tiny_model, "full", tmp_path / "resumed", 2 * SEQ, learning_rate=1e-3,
+                            resume_from=checkpoint)
+    assert resumed["resumed_from_step"] == 2
+    assert [r["train_loss"] for r in resumed["history"]] == pytest.approx(
+        [r["train_loss"] for r in single.history], rel=1e-6)
+    assert_same_weights(load_file(tmp_path / "one" / "best" / "model.safetensors"),
+                        load_file(tmp_path / "resumed" / "best" / "model.safetensors"), atol=1e-5)
