@@ -71,6 +71,11 @@ class TrainingSettings(_Settings):
         50, ge=0, description="Save a resumable checkpoint (to the output's checkpoints/ folder) every N steps "
         "and at the end; 0: only at the end."
     )
+    num_gpus: int | None = Field(
+        None, ge=1, le=1024, description="Training processes on this machine, one per GPU: DDP for LoRA and QLoRA, "
+        "FSDP2 (sharded weights, gradients, optimizer) for full fine-tuning; the batch is split across them. "
+        "Empty: what the plan asks for, else every visible GPU. On a CPU, more than 1 runs gloo processes.",
+    )
 
 
 class EvaluationSettings(_Settings):

@@ -1,5 +1,7 @@
 """Stage 3, train: full, LoRA or QLoRA as planned; keeps the best model by eval loss, checkpoints to
-the output as it goes, and continues from a checkpoint after a retry or with `resume: true`."""
+the output as it goes, and continues from a checkpoint after a retry or with `resume: true`. With more
+than one GPU (or `training.num_gpus` > 1), training runs in one process per GPU, started with torchrun
+(tasks/launch.py): DDP for adapters, FSDP2 for full fine-tuning (tasks/distributed.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +14,7 @@ from pydantic import BaseModel
 from tasks.checkpoint_store import candidate_checkpoints, fetch_checkpoint, fingerprint, upload_checkpoint
 from tasks.config import FinetuneConfig
 from tasks.ingest import IngestResult, encoded_split
+from tasks.launch import Nodes
 from tasks.memory import GIB
 from tasks.plan import PlanResult
 from tasks.runs import RunInfo
@@ -37,9 +40,10 @@ class TrainResult(BaseModel):
     resumed_from: str | None
     trainable_parameters: int
     total_parameters: int
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # the largest of the processes' peaks when several trained
     peak_memory_kind: str
     history: list[dict]
+    world_size: int = 1  # training processes (GPUs) across every machine
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -56,25 +60,78 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     tokenizer = load_tokenizer(config.model)
     _, train_examples = encoded_split(config, data.train_path, tokenizer=tokenizer)
     _, eval_examples = encoded_split(config, data.eval_path, tokenizer=tokenizer)
-    torch.manual_seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
-    model = load_for_training(config.model, plan.method, plan.device, config.lora, plan.gradient_checkpointing)
-    trainable, total = parameter_counts(model)
     # The plan sized memory for micro_batch_size rows of seq_len tokens; packing fills that many tokens.
     capacity = plan.micro_batch_size * plan.estimate.seq_len
-    logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed tokens; "
-                "attention %s", plan.method, plan.device, f"{trainable:,}", f"{total:,}", capacity,
-                model.config._attn_implementation)
     checkpoints, resumed_from = _checkpoints(config, run, data, planned, logger)
     best = Path(run.run_dir) / "best"
-    outcome = train(model, train_examples, eval_examples, settings, capacity, plan.device, best, logger,
-                    checkpoints)
+    processes, nodes = processes_per_node(config, plan), Nodes.from_environment()
+    if processes * nodes.count > 1:
+        outcome, trainable, total, world_size = _train_in_processes(config, run, plan, processes, nodes, train_examples,
+                                                        eval_examples, capacity, checkpoints, best, logger)
+    else:
+        world_size = 1
+        torch.manual_seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
+        model = load_for_training(config.model, plan.method, plan.device, config.lora, plan.gradient_checkpointing)
+        trainable, total = parameter_counts(model)
+        logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed tokens; "
+                    "attention %s", plan.method, plan.device, f"{trainable:,}", f"{total:,}", capacity,
+                    model.config._attn_implementation)
+        outcome = train(model, train_examples, eval_examples, settings, capacity, plan.device, best, logger,
+                        checkpoints)
     tokenizer.save_pretrained(best)
     logger.info("trained %d steps in %.1f s; best eval loss %.4f at step %d; peak memory %.2f GiB (%s), "
                 "estimated %.2f GiB", outcome.steps, outcome.seconds, outcome.best_eval_loss, outcome.best_step,
                 outcome.peak_memory_bytes / GIB, outcome.peak_memory_kind, plan.estimate.gib)
     return TrainResult(method=plan.method, checkpoint_dir=str(best), is_adapter=plan.method != "full",
-                       trainable_parameters=trainable, total_parameters=total,
+                       trainable_parameters=trainable, total_parameters=total, world_size=world_size,
                        resumed_from=resumed_from, **dataclasses.asdict(outcome))
+
+
+def processes_per_node(config: FinetuneConfig, plan) -> int:
+    """Training processes on this machine: `training.num_gpus` when set, else the plan's GPU count when
+    the planner gives one, else one per visible GPU (one process on a CPU)."""
+    wanted = config.training.num_gpus or getattr(plan, "num_gpus", None)
+    if plan.device != "cuda":
+        return wanted or 1
+    import torch
+
+    visible = torch.cuda.device_count()
+    if wanted and wanted > visible:
+        raise ValueError(f"training wants {wanted} GPUs but {visible} are visible on this machine; lower "
+                         "training.num_gpus or run on a work pool with more GPUs per machine")
+    return wanted or visible
+
+
+def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: int, nodes, train_examples,
+                        eval_examples, capacity: int, checkpoints, best: Path, logger):
+    """Train in `processes` torchrun processes (per machine); only rank 0 writes the best model,
+    checkpoints (and copies them to the output) and the result read back here."""
+    from tasks.launch import TrainingJob, run_training_processes, write_examples
+    from tasks.trainer import TrainOutcome
+
+    folder = nodes.job_dir(Path(run.run_dir))
+    if nodes.count > 1 and not Path(run.run_dir).resolve().is_relative_to(Path(nodes.shared_dir).resolve()):
+        raise ValueError(f"training on {nodes.count} machines writes checkpoints that every machine reads: set "
+                         f"work_dir under the shared volume {nodes.shared_dir} (it is {config.work_dir})")
+    job = TrainingJob(
+        model=config.model, method=plan.method, device=plan.device, lora=config.lora.model_dump(),
+        training=config.training.model_dump(), gradient_checkpointing=plan.gradient_checkpointing,
+        token_capacity=capacity, best_dir=str(best), result=str(folder / "result.json"),
+        train_examples=write_examples(train_examples, folder / "train.jsonl"),
+        eval_examples=write_examples(eval_examples, folder / "eval.jsonl"),
+        checkpoints={"folder": str(checkpoints.folder), "every": checkpoints.every,
+                     "fingerprint": checkpoints.fingerprint, "keep": checkpoints.keep,
+                     "resume_from": str(checkpoints.resume_from) if checkpoints.resume_from else None},
+        upload={"output": config.output, "run_key": run.flow_run_id or run.run_id, "keep": KEEP_IN_OUTPUT},
+    )
+    result = run_training_processes(job, folder / "job.json", processes, logger, nodes)
+    logger.info("trained %s on %d processes (%s): %s of %s parameters trainable; micro-batches of up to %d packed "
+                "tokens per process; attention %s", plan.method, result["world_size"],
+                "FSDP2" if plan.method == "full" else "DDP", f"{result['trainable_parameters']:,}",
+                f"{result['total_parameters']:,}", capacity, result["attention"])
+    fields = {f.name for f in dataclasses.fields(TrainOutcome)}
+    outcome = TrainOutcome(**{k: v for k, v in result.items() if k in fields})
+    return outcome, result["trainable_parameters"], result["total_parameters"], result["world_size"]
 
 
 def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult, logger):
@@ -84,7 +141,8 @@ def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, plann
     from tasks.trainer import Checkpoints
 
     run_key = run.flow_run_id or run.run_id
-    settings = config.training.model_dump(exclude={"max_steps", "eval_every", "checkpoint_every",
+    # num_gpus is left out: adapters resume on any number of processes, FSDP shards on any number above one
+    settings = config.training.model_dump(exclude={"max_steps", "eval_every", "checkpoint_every", "num_gpus",
                                                    "early_stopping_patience", "early_stopping_min_delta"})
     identity = fingerprint(model=config.model, data=[s.sha256 for s in data.sources], method=planned.plan.method,
                          lora=config.lora.model_dump(), training=settings, eval_origin=data.eval_origin)

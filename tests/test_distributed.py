@@ -10,7 +10,7 @@ from conftest import DEMO_DATA
 from tasks.checkpointing import read_manifest
 from tasks.config import LoraSettings, TrainingSettings
 from tasks.dataset import read_dataset
-from tasks.launch import TrainingJob, run_training_processes, write_examples
+from tasks.launch import TrainingJob, TrainingProcessFailed, run_training_processes, write_examples
 from tasks.modeling import load_for_training
 from tasks.tokenization import encode_all, load_tokenizer
 from tasks.trainer import Checkpoints, train
@@ -100,3 +100,40 @@ def test_fsdp2_full_fine_tuning_on_two_processes_matches_one_process(tiny_model,
         [r["train_loss"] for r in single.history], rel=1e-6)
     assert_same_weights(load_file(tmp_path / "one" / "best" / "model.safetensors"),
                         load_file(tmp_path / "resumed" / "best" / "model.safetensors"), atol=1e-5)
+
+
+def test_a_failing_process_fails_the_run_with_its_own_error(tiny_model, tmp_path):
+    # Only rank 0 writes the best model; a file where its folder should be breaks rank 0 alone, while
+    # rank 1 waits for it in a collective. torchrun stops rank 1 and reports rank 0's traceback.
+    (tmp_path / "best").write_text("not a folder")
+    train_rows, eval_rows = examples(tiny_model)
+    job = TrainingJob(model=str(tiny_model), method="lora", device="cpu", lora=LORA, training=SETTINGS,
+                      gradient_checkpointing=False, token_capacity=2 * SEQ,
+                      train_examples=write_examples(train_rows, tmp_path / "train.jsonl"),
+                      eval_examples=write_examples(eval_rows, tmp_path / "eval.jsonl"),
+                      best_dir=str(tmp_path / "best"), result=str(tmp_path / "result.json"))
+    with pytest.raises(TrainingProcessFailed, 
+                       match=r"(?s)training process rank 0 failed.*ValueError: Provided path .*should be a directory"):
+        run_training_processes(job, tmp_path / "job.json", 2, LOG)
+    assert not (tmp_path / "result.json").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_api")
+def test_the_flow_trains_on_two_processes_and_publishes_once(tiny_model, tmp_path):
+    import json
+
+    from conftest import tiny_config
+    from flows.finetune import finetune
+
+    config = tiny_config(tiny_model, tmp_path, method="lora")
+    config.training = config.training.model_copy(update={"num_gpus": 2})
+    result = finetune(config)
+    run_dir = tmp_path / "out" / "runs" / result.run_id
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["training"]["world_size"] == 2 and manifest["config"]["training"]["num_gpus"] == 2
+    assert result.tuned_eval_loss < result.base_eval_loss
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # rank 0 alone copied the final checkpoint to the output
+    checkpoints = list((tmp_path / "out" / "checkpoints").glob("*/step-*"))
+    assert [p.name for p in checkpoints] == ["step-0000008"]
