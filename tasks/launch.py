@@ -29,7 +29,7 @@ from pathlib import Path
 from tasks.tokenization import Example
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RDZV_JOIN_TIMEOUT_S = 3600  # other nodes wait this long for the flow to reach training
+RDZV_JOIN_TIMEOUT_S = 3600  # other nodes wait this long for the flow to reach training (FINETUNE_RDZV_JOIN_TIMEOUT)
 
 
 class TrainingProcessFailed(RuntimeError):
@@ -84,6 +84,7 @@ class Nodes:
     rdzv_endpoint: str | None = None
     rdzv_id: str = "finetune"
     shared_dir: str | None = None
+    join_timeout_s: int = RDZV_JOIN_TIMEOUT_S
 
     @classmethod
     def from_environment(cls) -> Nodes:
@@ -96,7 +97,8 @@ class Nodes:
             raise ValueError(f"FINETUNE_NNODES={count} needs {', '.join(missing)} too (see infra/multinode/)")
         rank = int(os.environ.get("FINETUNE_NODE_RANK", os.environ.get("JOB_COMPLETION_INDEX", "0")))
         return cls(count=count, rank=rank, rdzv_endpoint=os.environ["FINETUNE_RDZV_ENDPOINT"],
-                   rdzv_id=os.environ["PREFECT__FLOW_RUN_ID"], shared_dir=os.environ["FINETUNE_SHARED_DIR"])
+                   rdzv_id=os.environ["PREFECT__FLOW_RUN_ID"], shared_dir=os.environ["FINETUNE_SHARED_DIR"],
+                   join_timeout_s=int(os.environ.get("FINETUNE_RDZV_JOIN_TIMEOUT", RDZV_JOIN_TIMEOUT_S)))
 
     def job_dir(self, run_dir: Path) -> Path:
         """Where the job's files go: the run's work dir, or on several machines the shared volume,
@@ -114,7 +116,7 @@ def torchrun_command(job_file: Path, processes_per_node: int, nodes: Nodes = Nod
         # c10d rendezvous hosted by node 0's torchrun (is_host), so no etcd or other service is needed.
         command += ["--nnodes", str(nodes.count), "--node-rank", str(nodes.rank), "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", nodes.rdzv_endpoint, "--rdzv-id", nodes.rdzv_id,
-                    "--rdzv-conf", f"join_timeout={RDZV_JOIN_TIMEOUT_S},is_host={str(nodes.rank == 0).lower()}"]
+                    "--rdzv-conf", f"join_timeout={nodes.join_timeout_s},is_host={str(nodes.rank == 0).lower()}"]
     return command + ["-m", "tasks.train_worker", str(job_file)]
 
 
