@@ -50,18 +50,16 @@ def run_seed(shape: str, method: str, rows: int, checkpointing: bool, data: str)
             "error": result.get("error"), "grad_ckpt": checkpointing, "rows_per_step": rows}
 
 
-def run_ours(shape: str, method: str, rows: int, checkpointing: bool, data: str, capacity: int) -> dict:
-    import logging
-
+def random_model(shape: str, method: str, checkpointing: bool):
+    """A random-init Llama of `shape` on the current CUDA device, prepared for `method` as the train
+    task prepares a loaded one (tasks/modeling.py). Also used by benchmarks/multi_gpu_scaling.py."""
     import torch
     from gpu_memory import checkpoint_for
-    from seed_recipe import SHAPES, Rand
+    from seed_recipe import SHAPES
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.config import LoraSettings, TrainingSettings
+    from tasks.config import LoraSettings
     from tasks.modeling import _load_4bit, prepare_for_training
-    from tasks.tokenization import Example
-    from tasks.trainer import train
 
     torch.cuda.empty_cache()
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
@@ -74,11 +72,29 @@ def run_ours(shape: str, method: str, rows: int, checkpointing: bool, data: str,
             model = LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)
     lora = LoraSettings(r=16, alpha=32, dropout=0.05)  # the seed's adapter
-    model = prepare_for_training(model, method, "cuda", lora, checkpointing)
+    return prepare_for_training(model, method, "cuda", lora, checkpointing)
+
+
+def random_examples(count: int, vocab_size: int, data: str) -> list:
+    """`count` random token rows, every token a target: full-length ("fixed") or chat-length ("chat")."""
+    from seed_recipe import Rand
+
+    from tasks.tokenization import Example
+
+    dataset = Rand(count, SEQ, vocab_size, data)
+    return [Example(input_ids=r["input_ids"].tolist(), labels=r["input_ids"].tolist(), truncated=False)
+            for r in (dataset[i] for i in range(len(dataset)))]
+
+
+def run_ours(shape: str, method: str, rows: int, checkpointing: bool, data: str, capacity: int) -> dict:
+    import logging
+
+    from tasks.config import TrainingSettings
+    from tasks.trainer import train
+
+    model = random_model(shape, method, checkpointing)
     steps = WARM_STEPS + TIMED_STEPS
-    dataset = Rand(rows * steps + 8, SEQ, config.vocab_size, data)
-    examples = [Example(input_ids=r["input_ids"].tolist(), labels=r["input_ids"].tolist(), truncated=False)
-                for r in (dataset[i] for i in range(len(dataset)))]
+    examples = random_examples(rows * steps + 8, model.config.vocab_size, data)
     settings = TrainingSettings(max_steps=steps, batch_size=rows, max_seq_len=SEQ, eval_every=10_000,
                                 early_stopping_patience=0, learning_rate=1e-4, lr_schedule="constant")
     with tempfile.TemporaryDirectory() as scratch:
