@@ -75,7 +75,8 @@ class Parallel:
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh(self.device, (self.world_size,))
-            for layer in model.get_decoder().layers:  # one all-gather per layer: memory holds one layer whole
+            # one unit per decoder layer: the forward holds one whole layer at a time, not the whole model
+            for layer in getattr(model.get_decoder(), "layers", []):
                 fully_shard(layer, mesh=mesh)
             fully_shard(module, mesh=mesh)  # the rest (embeddings, norm, head) as the root group
             self.sharded = True

@@ -124,6 +124,13 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
                      "resume_from": str(checkpoints.resume_from) if checkpoints.resume_from else None},
         upload={"output": config.output, "run_key": run.flow_run_id or run.run_id, "keep": KEEP_IN_OUTPUT},
     )
+    import gc
+
+    import torch
+
+    gc.collect()  # the base model evaluate loaded in this process: its cached GPU memory would sit on GPU 0
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     result = run_training_processes(job, folder / "job.json", processes, logger, nodes)
     logger.info("trained %s on %d processes (%s): %s of %s parameters trainable; micro-batches of up to %d packed "
                 "tokens per process; attention %s", plan.method, result["world_size"],
