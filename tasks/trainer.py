@@ -207,7 +207,8 @@ def train(
         log.info("resumed from %s at step %d (best eval loss %.4f at step %d)", checkpoints.resume_from,
                  start_step, stopping.best_loss, stopping.best_step)
     else:
-        torch.manual_seed(settings.seed)
+        # each process its own dropout draws (the same seed would give every process the same masks)
+        torch.manual_seed(settings.seed + parallel.rank)
     batches = _batches(len(train_examples), settings.batch_size, settings.seed)
     for _ in range(start_step):  # the same data order as a run that never stopped
         next(batches)

@@ -39,10 +39,10 @@ def one_process(model_dir, method, work: Path, capacity: int, resume_from: Path 
 
 
 def two_processes(model_dir, method, work: Path, capacity: int, resume_from: Path | None = None,
-                  gradient_checkpointing: bool = False, **settings):
+                  gradient_checkpointing: bool = False, lora: dict = LORA, **settings):
     train_rows, eval_rows = examples(model_dir)
     job = TrainingJob(
-        model=str(model_dir), method=method, device="cpu", lora=LORA, training={**SETTINGS, **settings},
+        model=str(model_dir), method=method, device="cpu", lora=lora, training={**SETTINGS, **settings},
         gradient_checkpointing=gradient_checkpointing, token_capacity=capacity,
         train_examples=write_examples(train_rows, work / "train.jsonl"),
         eval_examples=write_examples(eval_rows, work / "eval.jsonl"), best_dir=str(work / "best"),
@@ -149,3 +149,16 @@ def test_the_flow_trains_on_two_processes_and_publishes_once(tiny_model, tmp_pat
     # rank 0 alone copied the final checkpoint to the output
     checkpoints = list((tmp_path / "out" / "checkpoints").glob("*/step-*"))
     assert [p.name for p in checkpoints] == ["step-0000008"]
+
+
+def test_two_processes_resume_with_their_own_dropout_draws(tiny_model, tmp_path):
+    # With dropout each process draws its own masks; the checkpoint keeps every process's random state,
+    # so a resumed pair continues exactly where the straight pair was at that step.
+    lora = {**LORA, "dropout": 0.2}
+    straight = two_processes(tiny_model, "lora", tmp_path / "straight", 2 * SEQ, lora=lora)
+    resumed = two_processes(tiny_model, "lora", tmp_path / "resumed", 2 * SEQ, lora=lora,
+                            resume_from=tmp_path / "straight" / "checkpoints" / "step-0000002")
+    assert resumed["resumed_from_step"] == 2
+    assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in straight["history"]]
+    assert_same_weights(load_file(tmp_path / "straight" / "best" / "adapter_model.safetensors"),
+                        load_file(tmp_path / "resumed" / "best" / "adapter_model.safetensors"), atol=0)
