@@ -39,6 +39,7 @@ class TrainResult(BaseModel):
     total_parameters: int
     peak_memory_bytes: int
     peak_memory_kind: str
+    peak_allocated_bytes: int
     history: list[dict]
 
 
