@@ -1,16 +1,23 @@
-"""Measured vs estimated peak training memory on a GPU, through this project's own trainer.
+"""How far the memory estimate (tasks/memory.py) is from the peak of this project's trainer on a GPU.
 
-Random-init Llama shapes (as in ../shared/bench/ANCHORS.md), full-length rows whose every token
-is trained (the estimator's worst case), a few optimizer steps per case, one case per process
-state reset. Prints one JSON line per case and a table; run it on a CUDA machine:
+    python benchmarks/gpu_memory.py measure --out results.jsonl   # on a CUDA machine
+    python benchmarks/gpu_memory.py table results.jsonl           # anywhere: estimate vs measured
 
-    python benchmarks/gpu_memory.py --shapes llama-1b --out results.jsonl
+`measure` trains each point for a few optimizer steps through the same code the train task runs
+(tasks/modeling.load_for_training, tasks/trainer.train), on random-weight models built from
+configs (0.5B Qwen2, 1.5B and 8B Llama), full-length rows whose every token is trained (the
+estimator's worst case: packed micro-batches filled to capacity). It records what the process held
+on the GPU at its peak (allocator reservation + CUDA context; an out-of-memory error is about this
+number), the allocator's peak allocation, and the static memory after training (weights and
+optimizer state). `table` recomputes the estimate of every point from its config with the estimator
+as it is now and prints the error; measurements stay valid as long as the trainer does not change.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -18,93 +25,144 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from tasks.config import LoraSettings, TrainingSettings  # noqa: E402
 from tasks.memory import GIB, ModelShape, estimate_memory  # noqa: E402
-from tasks.modeling import load_for_training  # noqa: E402
-from tasks.tokenization import Example  # noqa: E402
-from tasks.trainer import train  # noqa: E402
 
-SHAPES = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256),
-}
-CASES = {  # shape -> (method, micro-batch, gradient checkpointing)
-    "llama-1b": [("full", 4, False), ("full", 4, True), ("lora", 4, False), ("lora", 4, True),
-                 ("qlora", 4, False), ("qlora", 4, True)],
-    "llama-8b": [("lora", 2, True), ("qlora", 2, True)],
+SHAPES = {  # public configs' shapes; random weights
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         tie_word_embeddings=True),
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 SEQ = 2048
-STEPS = 4
+POINTS = [  # (shape, method, gradient checkpointing, rows of SEQ tokens per micro-batch)
+    *[(s, m, c, 4) for s in ("qwen2.5-0.5b", "llama-1b") for m in ("full", "lora", "qlora") for c in (False, True)],
+    ("qwen2.5-0.5b", "lora", False, 8), ("qwen2.5-0.5b", "full", True, 8), ("llama-1b", "full", False, 2),
+    ("llama-1b", "qlora", True, 8),
+    *[("llama-8b", m, c, 2) for m in ("lora", "qlora") for c in (False, True)],
+    ("llama-8b", "lora", True, 8), ("llama-8b", "qlora", False, 4),
+    ("llama-8b", "full", True, 1),  # the estimate says it does not fit one H200: check that it does not
+]
+STEPS = 3
+LORA = dict(r=16, alpha=32, dropout=0.05)
 
 
 def checkpoint_for(shape: str, root: Path) -> Path:
-    """A random bf16 checkpoint of `shape` (4-bit loading needs one on disk: bitsandbytes quantizes
-    while loading); named as benchmarks/seed_recipe.py names its own, so a machine writes it once."""
+    """A random bf16 checkpoint of `shape`, written once per machine: the train task loads from disk,
+    and 4-bit loading needs weights on disk (bitsandbytes quantizes while loading)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     path = root / f"anchor-{shape}"
     if not (path / "config.json").exists():
-        config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
+        fields = dict(SHAPES[shape])
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields, max_position_embeddings=4096)
         with torch.device("cuda"):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(path)
         del model
         torch.cuda.empty_cache()
     return path
 
 
-def run_case(shape: str, path: Path, method: str, micro_batch: int, checkpointing: bool) -> dict:
+def measure_point(shape: str, path: Path, method: str, checkpointing: bool, rows: int) -> dict:
+    import torch
+
+    from tasks.config import LoraSettings, TrainingSettings
+    from tasks.modeling import load_for_training
+    from tasks.tokenization import Example
+    from tasks.trainer import train
+
     torch.cuda.empty_cache()
-    lora = LoraSettings(r=16, alpha=32, dropout=0.05)
-    model = load_for_training(str(path), method, "cuda", lora, checkpointing)
+    model = load_for_training(str(path), method, "cuda", LoraSettings(**LORA), checkpointing)
+    loaded = torch.cuda.memory_allocated()
     generator = torch.Generator().manual_seed(0)
-    rows = [torch.randint(0, SHAPES[shape]["vocab_size"], (SEQ,), generator=generator).tolist()
-            for _ in range(micro_batch * (STEPS + 1))]
-    examples = [Example(input_ids=r, labels=r, truncated=False) for r in rows]
-    settings = TrainingSettings(max_steps=STEPS, batch_size=micro_batch, micro_batch_size=micro_batch,
-                                max_seq_len=SEQ, eval_every=10_000, early_stopping_patience=0)
+    token_rows = [torch.randint(0, SHAPES[shape]["vocab_size"], (SEQ,), generator=generator).tolist()
+                  for _ in range(rows * STEPS + 1)]
+    examples = [Example(input_ids=r, labels=r, truncated=False) for r in token_rows]
+    settings = TrainingSettings(max_steps=STEPS, batch_size=rows, micro_batch_size=rows, max_seq_len=SEQ,
+                                eval_every=10_000, early_stopping_patience=0)
     with tempfile.TemporaryDirectory() as scratch:
-        started = time.perf_counter()
-        outcome = train(model, examples[micro_batch:], examples[:1], settings, micro_batch * SEQ, "cuda",
-                        Path(scratch) / "best", logging.getLogger("bench"), progress=False)
-        wall = time.perf_counter() - started
-    estimate = estimate_memory(ModelShape.from_config(SHAPES[shape]), method, "cuda", micro_batch, SEQ,
-                               checkpointing, lora.r, "all-linear", lora.dropout)
-    steady = [r["tokens_per_s"] for r in outcome.history[1:]]
+        outcome = train(model, examples[1:], examples[:1], settings, rows * SEQ, "cuda", Path(scratch) / "best",
+                        logging.getLogger("bench"), progress=False)
+    static = torch.cuda.memory_allocated()
     del model
-    return {
-        "shape": shape, "method": method, "micro_batch": micro_batch, "grad_ckpt": checkpointing,
-        "measured_gib": round(outcome.peak_memory_bytes / GIB, 2),
-        "estimated_gib": round(estimate.gib, 2),
-        "estimated_without_overhead_gib": round((estimate.total - estimate.overhead) / GIB, 2),
-        "ratio_estimate_to_measured": round(estimate.total / outcome.peak_memory_bytes, 2),
-        "tokens_per_s_after_first_step": round(sum(steady) / len(steady)),
-        "wall_s": round(wall, 1),
-    }
+    return {"measured_bytes": outcome.peak_memory_bytes, "allocated_peak_bytes": outcome.peak_allocated_bytes,
+            "after_load_bytes": loaded, "after_training_bytes": static,
+            "tokens_per_s": round(statistics.mean(r["tokens_per_s"] for r in outcome.history[1:]))}
+
+
+def measure(args) -> None:
+    import torch
+
+    from tasks.modeling import use_expandable_segments
+
+    use_expandable_segments("cuda")
+    environment = {"gpu": torch.cuda.get_device_name(), "gpu_bytes": torch.cuda.mem_get_info()[1],
+                   "torch": torch.__version__}
+    print(json.dumps(environment), flush=True)
+    for shape, method, checkpointing, rows in POINTS:
+        if args.shapes and shape not in args.shapes:
+            continue
+        point = {"shape": shape, "config": SHAPES[shape], "method": method, "grad_ckpt": checkpointing,
+                 "tokens": rows * SEQ, "lora": LORA, **environment}
+        started = time.time()
+        try:
+            point |= measure_point(shape, checkpoint_for(shape, Path(args.scratch)), method, checkpointing, rows)
+        except torch.cuda.OutOfMemoryError as error:
+            point["error"] = f"OutOfMemoryError: {str(error).splitlines()[0][:200]}"
+        point["wall_s"] = round(time.time() - started, 1)
+        print(json.dumps(point), flush=True)
+        with open(args.out, "a") as out:
+            out.write(json.dumps(point) + "\n")
+        torch.cuda.empty_cache()
+
+
+def estimate_for(point: dict):
+    return estimate_memory(ModelShape.from_config(point["config"]), point["method"], "cuda", point["tokens"],
+                           point["grad_ckpt"], point["lora"]["r"], "all-linear", point["lora"]["dropout"])
+
+
+def table(args) -> None:
+    points = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    points = [p for p in points if "shape" in p]
+    print("| shape | method | grad ckpt | tokens | measured GiB | estimated GiB | error | allocated GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    errors = []
+    for p in points:
+        estimate = estimate_for(p)
+        if "error" in p:
+            fits = "no" if estimate.total > p["gpu_bytes"] else "yes"
+            print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {p['tokens']:,} | "
+                  f"out of memory ({p['gpu_bytes'] / GIB:.0f} GiB GPU) | {estimate.gib:.2f} (fits: {fits}) | | |")
+            continue
+        error = estimate.total / p["measured_bytes"] - 1
+        errors.append(error)
+        print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {p['tokens']:,} | "
+              f"{p['measured_bytes'] / GIB:.2f} | {estimate.gib:.2f} | {error:+.1%} | "
+              f"{p['allocated_peak_bytes'] / GIB:.2f} |")
+    if errors:
+        worst = max(errors, key=abs)
+        print(f"\n{len(errors)} points measured: median |error| {statistics.median(map(abs, errors)):.1%}, "
+              f"worst {worst:+.1%}, most under-estimated {min(errors):+.1%}; "
+              f"within +-10%: {sum(abs(e) <= 0.10 for e in errors)}/{len(errors)}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", nargs="+", default=["llama-1b"], choices=sorted(SHAPES))
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--scratch", default=tempfile.gettempdir())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(required=True)
+    run = commands.add_parser("measure", help="train every point on this machine's GPU")
+    run.add_argument("--out", required=True)
+    run.add_argument("--shapes", nargs="*", choices=sorted(SHAPES))
+    run.add_argument("--scratch", default=tempfile.gettempdir())
+    run.set_defaults(handler=measure)
+    show = commands.add_parser("table", help="estimate vs measured, with the estimator as it is now")
+    show.add_argument("results")
+    show.set_defaults(handler=table)
     args = parser.parse_args()
-    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    for shape in args.shapes:
-        path = checkpoint_for(shape, Path(args.scratch))
-        for method, micro_batch, checkpointing in CASES[shape]:
-            try:
-                result = run_case(shape, path, method, micro_batch, checkpointing)
-            except torch.cuda.OutOfMemoryError:
-                result = {"shape": shape, "method": method, "micro_batch": micro_batch,
-                          "grad_ckpt": checkpointing, "error": "OOM"}
-            print(json.dumps(result), flush=True)
-            if args.out:
-                with open(args.out, "a") as out:
-                    out.write(json.dumps(result) + "\n")
+    args.handler(args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ CPUs). tasks/memory.py models exactly these choices: change them together.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -23,6 +25,7 @@ def compute_dtype(device: str) -> torch.dtype:
 
 
 def load_for_training(path: str, method: str, device: str, lora: LoraSettings, gradient_checkpointing: bool):
+    use_expandable_segments(device)
     if method == "qlora":
         model = _load_4bit(path, device)
     else:
@@ -31,6 +34,17 @@ def load_for_training(path: str, method: str, device: str, lora: LoraSettings, g
         dtype = torch.float32 if method == "full" else compute_dtype(device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
     return prepare_for_training(model, method, device, lora, gradient_checkpointing)
+
+
+def use_expandable_segments(device: str) -> None:
+    """Let the CUDA allocator grow segments in place instead of caching fixed blocks.
+
+    Packed micro-batches change shape every step; with fixed blocks the cache fragments and the
+    process holds far more than it uses (tasks/memory.py plans for what it holds). Left alone when
+    the user configured the allocator (PYTORCH_ALLOC_CONF, or its older name PYTORCH_CUDA_ALLOC_CONF).
+    """
+    if device == "cuda" and not {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
 def prepare_for_training(model, method: str, device: str, lora: LoraSettings, gradient_checkpointing: bool):

@@ -42,6 +42,7 @@ class TrainResult(BaseModel):
     total_parameters: int
     peak_memory_bytes: int  # the largest of the processes' peaks when several trained
     peak_memory_kind: str
+    peak_allocated_bytes: int
     history: list[dict]
     world_size: int = 1  # training processes (GPUs) across every machine
 

@@ -50,6 +50,7 @@ class TrainOutcome:
     processed_tokens: int  # every token through the model (prompts included, no padding)
     peak_memory_bytes: int
     peak_memory_kind: str
+    peak_allocated_bytes: int  # CUDA: the allocator's peak allocation (CPU: as peak_memory_bytes)
     resumed_from_step: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -257,7 +258,9 @@ def train(
     return TrainOutcome(steps=len(history), best_step=stopping.best_step, best_eval_loss=stopping.best_loss,
                         stopped_early=stopping.should_stop, seconds=time.perf_counter() - started,
                         trained_tokens=counts["trained"], processed_tokens=counts["processed"],
+                        # the busiest process's memory: what the plan must fit on every GPU
                         peak_memory_bytes=parallel.max(memory.peak), peak_memory_kind=memory.kind,
+                        peak_allocated_bytes=parallel.max(memory.allocated),
                         resumed_from_step=start_step, history=history)
 
 
@@ -336,17 +339,26 @@ def _autocast(device: str):
 
 
 class PeakMemory:
-    """Peak memory while training: CUDA's allocator peak, or on CPU the highest resident set size
-    sampled from /proc/self/statm (the process's lifetime peak would include earlier stages)."""
+    """Peak memory while training.
+
+    CUDA: what the process holds on the GPU at its peak, the number an out-of-memory error is about:
+    the allocator's peak reservation plus what lives outside it (CUDA context, cuBLAS workspaces,
+    kernels), read from the driver at the start. The allocator's peak allocation is kept as well.
+    CPU: the highest resident set size sampled from /proc/self/statm (the process's lifetime peak
+    would include earlier stages).
+    """
 
     def __init__(self, device: str, interval_s: float = 0.02):
-        self.device, self.interval_s, self.peak = device, interval_s, 0
-        self.kind = ("cuda max_memory_allocated during training" if device == "cuda"
+        self.device, self.interval_s, self.peak, self.allocated = device, interval_s, 0, 0
+        self.kind = ("cuda: peak reserved by PyTorch + CUDA context" if device == "cuda"
                      else "peak resident set size during training (CPU)")
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakMemory:
         if self.device == "cuda":
+            torch.cuda.synchronize()
+            free, total = torch.cuda.mem_get_info()
+            self._outside_allocator = max(0, total - free - torch.cuda.memory_reserved())
             torch.cuda.reset_peak_memory_stats()
         else:
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -355,10 +367,12 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         if self.device == "cuda":
-            self.peak = torch.cuda.max_memory_allocated()
+            self.allocated = torch.cuda.max_memory_allocated()
+            self.peak = torch.cuda.max_memory_reserved() + self._outside_allocator
         else:
             self._stop.set()
             self._thread.join()
+            self.allocated = self.peak
 
     def _sample(self) -> None:
         page = os.sysconf("SC_PAGE_SIZE")
