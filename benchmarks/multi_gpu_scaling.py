@@ -42,7 +42,10 @@ def one_case(args) -> None:
     from tasks.distributed import join_process_group, leave_process_group
     from tasks.trainer import train
 
+    from tasks.modeling import use_expandable_segments
+
     parallel = join_process_group("cuda")
+    use_expandable_segments("cuda")  # as the train task's model loading does
     torch.manual_seed(0)  # the same random weights (and LoRA initialisation) on every GPU
     model = random_model(args.shape, args.method, args.checkpointing == "on")
     steps = WARM_STEPS + TIMED_STEPS
