@@ -44,8 +44,8 @@ def one_case(args) -> None:
 
     from tasks.modeling import use_expandable_segments
 
+    use_expandable_segments("cuda")  # as the train task's model loading does; before any CUDA allocation
     parallel = join_process_group("cuda")
-    use_expandable_segments("cuda")  # as the train task's model loading does
     torch.manual_seed(0)  # the same random weights (and LoRA initialisation) on every GPU
     model = random_model(args.shape, args.method, args.checkpointing == "on")
     steps = WARM_STEPS + TIMED_STEPS
