@@ -107,6 +107,10 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
                         eval_examples, capacity: int, checkpoints, best: Path, logger):
     """Train in `processes` torchrun processes (per machine); only rank 0 writes the best model,
     checkpoints (and copies them to the output) and the result read back here."""
+    import gc
+
+    import torch
+
     from tasks.launch import TrainingJob, run_training_processes, write_examples
     from tasks.trainer import TrainOutcome
 
@@ -125,10 +129,6 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
                      "resume_from": str(checkpoints.resume_from) if checkpoints.resume_from else None},
         upload={"output": config.output, "run_key": run.flow_run_id or run.run_id, "keep": KEEP_IN_OUTPUT},
     )
-    import gc
-
-    import torch
-
     gc.collect()  # the base model evaluate loaded in this process: its cached GPU memory would sit on GPU 0
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
