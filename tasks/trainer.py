@@ -11,6 +11,7 @@ a killed run continue where it stopped, with the same data order and random stat
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from tasks.config import TrainingSettings
 from tasks.loss import linear_cross_entropy_sum
 from tasks.overfitting import overfitting_warning
 from tasks.packing import PackedRows, micro_batches, pack
+from tasks.selector import Attempt, step_down
 from tasks.tokenization import IGNORE_INDEX, Example
 
 
@@ -225,6 +227,44 @@ def train(
                         peak_memory_bytes=memory.peak, peak_memory_kind=memory.kind,
                         peak_allocated_bytes=memory.allocated,
                         resumed_from_step=start_step, history=history)
+
+
+def train_within_memory(load: Callable, run: Callable, attempt: Attempt, *, planned_tokens: int, longest_row: int,
+                        method_fixed: bool, log) -> tuple[TrainOutcome, Attempt, list[dict]]:
+    """`run(load(attempt), attempt, restarted)` until it fits: after each out-of-memory error, the next
+    leaner attempt (tasks/selector.step_down), recorded and logged. Returns the outcome, the attempt
+    that trained, and the record of each step down; fails naming every attempt when none is left."""
+    step_downs: list[dict] = []
+    while True:
+        model = None
+        try:
+            model = load(attempt)
+            return run(model, attempt, bool(step_downs)), attempt, step_downs
+        except torch.OutOfMemoryError as error:
+            leaner = step_down(attempt, planned_tokens=planned_tokens, longest_row=longest_row,
+                               method_fixed=method_fixed)
+            step_downs.append({"out_of_memory": attempt.model_dump(), "error": str(error).splitlines()[0][:300],
+                               "next": leaner.model_dump() if leaner else None})
+            if leaner is None:
+                raise MemoryError(_out_of_memory_message(step_downs, method_fixed)) from error
+            log.warning("out of GPU memory with %s: trying %s", _describe(attempt), _describe(leaner))
+            attempt = leaner
+        del model  # outside the except block: the traceback no longer holds the failed step's tensors
+        gc.collect()  # adapters and hooks make reference cycles
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _describe(attempt: Attempt) -> str:
+    return (f"{attempt.method} at {attempt.tokens_per_micro_batch} tokens per micro-batch, gradient checkpointing "
+            f"{'on' if attempt.gradient_checkpointing else 'off'}")
+
+
+def _out_of_memory_message(step_downs: list[dict], method_fixed: bool) -> str:
+    tried = "; ".join(_describe(Attempt(**down["out_of_memory"])) for down in step_downs)
+    hint = "set method to 'auto' to allow LoRA and QLoRA, " if method_fixed else ""
+    return f"out of GPU memory in every configuration tried ({tried}); {hint}lower training.max_seq_len, " \
+           "or use a GPU with more memory"
 
 
 def _warn_if_overfitting(log, history: list[dict]) -> None:
