@@ -161,11 +161,15 @@ def estimate_memory(
         trainable = 12 * adapters
     per_layer = _layer_activation_bytes(shape, method, device, fused, stream, compute, tokens,
                                         lora_r if method != "full" else 0)
+    # Backward also holds gradients in flight inside the layer it is in, the largest being the MLP's
+    # (one intermediate-sized buffer per token): small next to all layers' activations, not next to
+    # checkpointing's one layer at a time.
+    in_flight = tokens * compute * shape.intermediate_size
     if gradient_checkpointing:
-        activations = tokens * (shape.num_layers * shape.hidden_size * stream + per_layer)
+        activations = tokens * (shape.num_layers * shape.hidden_size * stream + per_layer) + in_flight
     else:
-        activations = tokens * shape.num_layers * per_layer
-    logits = _loss_bytes(shape, method, compute, stream, tokens)
+        activations = tokens * shape.num_layers * per_layer + in_flight
+    logits = sum(_loss_bytes(shape, method, compute, stream, tokens))
     if method == "full":
         # Backward frees each layer's activations as it fills that layer's gradients, so the step
         # holds (most of) the activations or the fp32 gradients, not both: the larger counts. The
@@ -209,12 +213,13 @@ def _layer_activation_bytes(shape: ModelShape, method: str, device: str, fused: 
     return 2 * norm + norm_outputs + attention + mlp + adapters
 
 
-def _loss_bytes(shape: ModelShape, method: str, compute: int, stream: int, tokens: int) -> int:
-    """The fused loss: a chunk of logits (fp32, and the compute-dtype gradient), the answer tokens'
-    hidden states and their gradient; with a training head, its gradient and a compute-dtype copy."""
+def _loss_bytes(shape: ModelShape, method: str, compute: int, stream: int, tokens: int) -> tuple[int, int]:
+    """The fused loss, as (working, kept): a chunk of logits (fp32, and the compute-dtype gradient)
+    while it runs; the answer tokens' hidden states and their gradient, and with a training head,
+    its gradient and a compute-dtype copy. (Measured, the two add up: the peak holds both.)"""
     chunk = min(tokens, max(64, LOSS_CHUNK_BYTES // (4 * shape.vocab_size)))
-    working = 6 if compute == 2 else 4  # fp32 logits, and their bf16 source then bf16 gradient on CUDA
-    total = chunk * shape.vocab_size * working + 2 * tokens * shape.hidden_size * stream
+    working = chunk * shape.vocab_size * (6 if compute == 2 else 4)  # fp32 logits + bf16 source/gradient
+    kept = 2 * tokens * shape.hidden_size * stream
     if method == "full":
-        total += shape.vocab_size * shape.hidden_size * (4 + compute)
-    return total
+        kept += shape.vocab_size * shape.hidden_size * (4 + compute)
+    return working, kept

@@ -85,11 +85,21 @@ def test_a_real_out_of_memory_error_steps_down_on_gpu(tiny_model, tiny_tokenizer
     config.update(dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=12, num_attention_heads=16,
                        num_key_value_heads=4, initializer_range=0.02))
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(model_dir)
+    load, run, longest = _parts(model_dir, tiny_tokenizer, "cuda", tmp_path)
+    held = []  # what the process holds on the GPU as each attempt starts: nothing left from the last
+
+    def load_counting(attempt):
+        held.append((torch.cuda.memory_allocated(), torch.cuda.memory_reserved()))
+        return load(attempt)
+
+    torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(6 * 2**30 / torch.cuda.mem_get_info()[1])
     try:
-        outcome, final, downs = _within_memory(*_parts(model_dir, tiny_tokenizer, "cuda", tmp_path))
+        outcome, final, downs = _within_memory(load_counting, run, longest)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+    print("allocated, reserved at each attempt:", held)
+    assert max(allocated for allocated, _ in held) < 2**27, held
     assert final.method == "lora" and downs and downs[0]["out_of_memory"]["method"] == "full"
     assert all("out of memory" in d["error"] for d in downs), downs
     assert outcome.steps == 2 and outcome.peak_memory_bytes < 6.5 * 2**30
