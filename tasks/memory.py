@@ -159,16 +159,13 @@ def estimate_memory(
             base = int(NF4_BYTES_PER_PARAM * linear) + compute * (params - linear + biggest)
         weights = base + 4 * adapters + (2 * adapters if device == "cuda" else 0)  # + autocast copies
         trainable = 12 * adapters
-    per_layer = _layer_activation_bytes(shape, method, device, fused, stream, compute, tokens,
-                                        lora_r if method != "full" else 0)
+    per_layer = _layer_activation_bytes(shape, method, fused, stream, compute, lora_r if method != "full" else 0)
     # Backward also holds gradients in flight inside the layer it is in, the largest being the MLP's
     # (one intermediate-sized buffer per token): small next to all layers' activations, not next to
-    # checkpointing's one layer at a time.
+    # checkpointing's one layer at a time (which it recomputes, so holds twice).
     in_flight = tokens * compute * shape.intermediate_size
-    if gradient_checkpointing:
-        activations = tokens * (shape.num_layers * shape.hidden_size * stream + per_layer) + in_flight
-    else:
-        activations = tokens * shape.num_layers * per_layer + in_flight
+    recomputed = tokens * per_layer if gradient_checkpointing else 0
+    activations = saved_by_forward(shape, tokens, gradient_checkpointing, per_layer, stream) + recomputed + in_flight
     logits = sum(_loss_bytes(shape, method, compute, stream, tokens))
     if method == "full":
         # Backward frees each layer's activations as it fills that layer's gradients, so the step
@@ -187,8 +184,17 @@ def estimate_memory(
     )
 
 
-def _layer_activation_bytes(shape: ModelShape, method: str, device: str, fused: bool, stream: int, compute: int,
-                            packed_tokens: int, lora_r: int) -> int:
+def saved_by_forward(shape: ModelShape, tokens: int, gradient_checkpointing: bool, per_layer: int,
+                     stream: int) -> int:
+    """What autograd keeps from the forward pass for backward: every layer's activations, or with
+    checkpointing only each layer's input (tests/test_memory.py measures it with saved-tensor hooks)."""
+    if gradient_checkpointing:
+        return tokens * shape.num_layers * shape.hidden_size * stream
+    return tokens * shape.num_layers * per_layer
+
+
+def _layer_activation_bytes(shape: ModelShape, method: str, fused: bool, stream: int, compute: int,
+                            lora_r: int) -> int:
     """Bytes autograd keeps per token for one decoder layer."""
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
@@ -196,14 +202,13 @@ def _layer_activation_bytes(shape: ModelShape, method: str, device: str, fused: 
     # is kept by the projections that read it; under autocast with fp32 weights (full fine-tuning)
     # each projection keeps its own bf16 cast of it: 3 for q/k/v, 2 for gate/up.
     norm = stream * h if fused else 4 * h + stream * h
-    if method == "full" and device == "cuda":
+    if method == "full" and compute == 2:  # autocast
         norm_outputs = 5 * compute * h
     else:
         norm_outputs = 2 * stream * h
-    if device == "cuda":  # varlen FlashAttention: q, k, v, the output and a float log-sum-exp per head
-        attention = compute * (2 * q + 2 * kv) + 4 * shape.num_heads
-    else:  # SDPA with a block mask: q/k before and after RoPE, v, k/v repeated, scores and probabilities
-        attention = compute * (3 * q + 3 * kv + 2 * q) + 2 * 4 * shape.num_heads * packed_tokens
+    # FlashAttention (varlen on CUDA; SDPA's flash kernel on CPU): q, k, v, the output and a float
+    # log-sum-exp per head; key/value heads are not repeated for GQA.
+    attention = compute * (2 * q + 2 * kv) + 4 * shape.num_heads
     if shape.model_type == "qwen3":  # a per-head RMSNorm on q and k keeps their inputs
         attention += (compute if fused else 4 + compute) * (q + kv)
     if shape.model_type == "phi3":  # v is a view of the fused q/k/v output, which so stays alive whole

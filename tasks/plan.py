@@ -15,10 +15,9 @@ from tasks.dataset import read_conversations
 from tasks.ingest import IngestResult, encoded_split
 from tasks.memory import GIB, ModelShape
 from tasks.schemas import DatasetError
-from tasks.selector import TrainingPlan, select_plan
+from tasks.selector import GPU_SAFETY, TrainingPlan, select_plan
 from tasks.tokenization import length_stats, load_tokenizer
 
-GPU_SAFETY = 0.9  # share of free GPU memory we plan to use
 RAM_SAFETY = 0.8  # share of available RAM we plan to use on CPU
 
 

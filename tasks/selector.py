@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from tasks.memory import GIB, MemoryEstimate, ModelShape, estimate_memory
 
 METHODS_BY_QUALITY = ("full", "lora", "qlora")
+GPU_SAFETY = 0.9  # share of a GPU's memory a plan may use
+GPU_SIZES_GIB = (16, 24, 32, 40, 48, 80, 94, 141, 180, 192)  # memory of GPUs sold today, as named
 
 
 class PlanError(ValueError):
@@ -95,7 +97,7 @@ def select_plan(
         if method != "auto":
             needed = allowed[0].estimate
             fitting = [f"{c.estimate.method} ({c.estimate.gib:.2f} GiB)" for c in candidates if c.fits]
-            hint = f"use {' or '.join(fitting)}" if fitting else "use a larger GPU"
+            hint = f"use {' or '.join(fitting)}" if fitting else f"use {smallest_gpu(needed.total)}"
             raise PlanError(
                 f"method {method!r} needs at least {needed.gib:.2f} GiB (micro-batches of {longest_row} tokens, "
                 f"gradient checkpointing {'on' if needed.gradient_checkpointing else 'off'}) but the budget is "
@@ -105,7 +107,7 @@ def select_plan(
         raise PlanError(
             f"no method fits: the smallest, {smallest.estimate.method}, needs {smallest.estimate.gib:.2f} GiB "
             f"with micro-batches of {longest_row} tokens (the longest row), but the budget is {budget}; "
-            "use a GPU with more memory or lower max_seq_len"
+            f"use {smallest_gpu(smallest.estimate.total)} or lower max_seq_len"
         )
     est = chosen.estimate
     reason = (
@@ -119,6 +121,15 @@ def select_plan(
         gradient_checkpointing=est.gradient_checkpointing, budget_bytes=budget_bytes,
         budget_source=budget_source, estimate=est, candidates=candidates, reason=reason,
     )
+
+
+def smallest_gpu(needed_bytes: int) -> str:
+    """'a GPU of at least N GiB (...)': the smallest common size whose planned share holds `needed_bytes`."""
+    fitting = [g for g in GPU_SIZES_GIB if g * GPU_SAFETY * GIB >= needed_bytes]
+    at_least = needed_bytes / GIB / GPU_SAFETY
+    if not fitting:
+        return f"more than one GPU: it needs {at_least:.0f} GiB, more than any single GPU has"
+    return f"a GPU of at least {at_least:.0f} GiB (the smallest common size that fits: {fitting[0]} GiB)"
 
 
 class Attempt(BaseModel):
@@ -165,7 +176,7 @@ class WorkPoolSpec(BaseModel):
     gpu_gib: float  # memory of one GPU, as sold (e.g. 24, 80, 141)
 
 
-def select_work_pool(shape: ModelShape, pools: list[WorkPoolSpec], *, safety: float = 0.9,
+def select_work_pool(shape: ModelShape, pools: list[WorkPoolSpec], *, safety: float = GPU_SAFETY,
                      **plan_kwargs) -> tuple[WorkPoolSpec, TrainingPlan]:
     """The smallest pool whose GPU fits a plan, and that plan (`plan_kwargs` as for select_plan).
 

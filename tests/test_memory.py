@@ -126,7 +126,8 @@ def test_forced_method_that_cannot_fit_says_what_it_needs():
     with pytest.raises(PlanError, match=rf"method 'full' needs at least {need('full', 2048, True):.2f} GiB .*"
                                         rf"budget is {budget:.2f} GiB .*use lora"):
         plan(budget, method="full")
-    with pytest.raises(PlanError, match="no method fits: the smallest, qlora"):
+    with pytest.raises(PlanError, match="no method fits: the smallest, qlora.*use a GPU of at least "
+                                        r"\d+ GiB \(the smallest common size that fits: 24 GiB\)"):
         plan(need("qlora", 2048, True) - 0.1)
 
 
@@ -171,3 +172,47 @@ def test_smallest_work_pool_that_fits():
     assert (pool.name, chosen.method) == ("a100", "full")  # 16 bytes per parameter alone is 18.5 GiB
     with pytest.raises(PlanError, match=r"no work pool's GPU fits(.|\n)*l4 \(24 GiB\)(.|\n)*a100(.|\n)*h200"):
         select_work_pool(ModelShape.from_config(LLAMA_8B), pools, **{**kw, "method": "full"})
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpointing, tmp_path):
+    """Binds the estimator to the trainer: the bytes autograd keeps from the trainer's own forward
+    pass (packed rows, fused loss, LoRA's fused dropout), counted with saved-tensor hooks on CPU, are
+    what the estimator says. A change to the trainer that keeps more or less fails here; the GPU
+    figures (benchmarks/gpu_memory.py) are the fine check."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tasks.config import LoraSettings
+    from tasks.memory import _layer_activation_bytes, _loss_bytes, saved_by_forward
+    from tasks.modeling import _load_4bit, prepare_for_training
+    from tasks.packing import pack
+    from tasks.tokenization import Example
+    from tasks.trainer import summed_loss
+
+    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+              "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 600, "tie_word_embeddings": True}
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **fields))
+    if method == "qlora":
+        model.save_pretrained(tmp_path)
+        model = _load_4bit(str(tmp_path), "cpu")
+    model = prepare_for_training(model, method, "cpu", LoraSettings(r=8, dropout=0.05), checkpointing).train()
+    rows = [Example(input_ids=list(range(1, 129)), labels=list(range(1, 129)), truncated=False)] * 4
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        summed_loss(model, pack(rows), "cpu")
+    shape = ModelShape.from_config(config)
+    per_layer = _layer_activation_bytes(shape, method, False, 4, 4, 8 if method != "full" else 0)
+    estimated = saved_by_forward(shape, 512, checkpointing, per_layer, 4) + _loss_bytes(shape, method, 4, 4, 512)[1]
+    assert estimated == pytest.approx(sum(kept.values()), rel=0.15)
