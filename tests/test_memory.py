@@ -127,7 +127,7 @@ def test_forced_method_that_cannot_fit_says_what_it_needs():
                                         rf"budget is {budget:.2f} GiB .*use lora"):
         plan(budget, method="full")
     with pytest.raises(PlanError, match="no method fits: the smallest, qlora.*use a GPU of at least "
-                                        r"\d+ GiB \(the smallest common size that fits: 24 GiB\)"):
+                                        r"\d+ GiB \(the smallest common size that fits: 16 GiB\)"):
         plan(need("qlora", 2048, True) - 0.1)
 
 
