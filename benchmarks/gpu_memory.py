@@ -158,19 +158,19 @@ def estimate_for(point: dict):
 def table(args) -> None:
     points = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     points = [p for p in points if "shape" in p]
-    print("| shape | method | grad ckpt | tokens | measured GiB | estimated GiB | error | allocated GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | method | grad ckpt | kernels | tokens | measured GiB | estimated GiB | error | allocated GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     errors = []
     for p in points:
         estimate = estimate_for(p)
         if "error" in p:
             fits = "no" if estimate.total > p["gpu_bytes"] else "yes"
-            print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {p['tokens']:,} | "
+            print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {_kernels(p)} | {p['tokens']:,} | "
                   f"out of memory ({p['gpu_bytes'] / GIB:.0f} GiB GPU) | {estimate.gib:.2f} (fits: {fits}) | | |")
             continue
         error = estimate.total / p["measured_bytes"] - 1
         errors.append(error)
-        print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {p['tokens']:,} | "
+        print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {_kernels(p)} | {p['tokens']:,} | "
               f"{p['measured_bytes'] / GIB:.2f} | {estimate.gib:.2f} | {error:+.1%} | "
               f"{p['allocated_peak_bytes'] / GIB:.2f} |")
     if errors:
@@ -178,6 +178,10 @@ def table(args) -> None:
         print(f"\n{len(errors)} points measured: median |error| {statistics.median(map(abs, errors)):.1%}, "
               f"worst {worst:+.1%}, most under-estimated {min(errors):+.1%}; "
               f"within +-10%: {sum(abs(e) <= 0.10 for e in errors)}/{len(errors)}")
+
+
+def _kernels(point: dict) -> str:
+    return "Liger" if point.get("fused_kernels") else "unfused"
 
 
 def main() -> None:
