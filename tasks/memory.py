@@ -7,11 +7,12 @@ GPU (benchmarks/results/). What it counts:
   every linear weight for the step; LoRA freezes a base in the compute dtype (bf16 on CUDA, fp32
   on CPU); QLoRA's linear layers are NF4 with double quantisation, everything else in the compute
   dtype, plus one dequantised weight at a time.
-- trainable state: fp32 trainable weights' gradients and two AdamW moments (12 bytes each).
+- trainable state: AdamW's two fp32 moments, and the adapters' fp32 gradients (full fine-tuning's
+  gradients are weighed against the activations instead: backward frees one as it fills the other).
 - activations: what autograd keeps per token of a packed micro-batch, layer by layer, for the
   kernels the trainer uses (varlen FlashAttention on CUDA; Liger's RMSNorm/RoPE/SwiGLU when
   installed; LoRA dropout fused into the adapter); with gradient checkpointing, each layer's input
-  plus one layer being recomputed.
+  plus one layer being recomputed; and the gradients backward has in flight inside a layer.
 - logits: the fused loss (tasks/loss.py) works a chunk of tokens at a time; it keeps the gradient of
   the hidden states, and of the head when the head trains.
 - overhead: CUDA context and allocator slack (measured on an H200; expandable segments on), or
@@ -110,7 +111,7 @@ class MemoryEstimate(BaseModel):
     gradient_checkpointing: bool
     fused_kernels: bool
     weights: int
-    trainable_state: int  # trainable weights' grads and optimizer states (and fp32 copies)
+    trainable_state: int  # optimizer states (and the adapters' gradients)
     activations: int  # full fine-tuning: or the gradients (less the logits), whichever is larger
     logits: int
     overhead: int
