@@ -15,6 +15,7 @@ as it is now and prints the error; measurements stay valid as long as the traine
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import statistics
@@ -35,16 +36,42 @@ SHAPES = {  # public configs' shapes; random weights
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # Other architectures, to check the estimate away from the shapes it was checked on first.
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False),
+    "qwen3-1.7b": dict(model_type="qwen3", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       tie_word_embeddings=True),
+    "gemma-2b": dict(model_type="gemma", hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                     num_attention_heads=8, num_key_value_heads=1, head_dim=256, vocab_size=256000,
+                     tie_word_embeddings=True),
+    "phi3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False),
 }
 SEQ = 2048
-POINTS = [  # (shape, method, gradient checkpointing, rows of SEQ tokens per micro-batch)
-    *[(s, m, c, 4) for s in ("qwen2.5-0.5b", "llama-1b") for m in ("full", "lora", "qlora") for c in (False, True)],
-    ("qwen2.5-0.5b", "lora", False, 8), ("qwen2.5-0.5b", "full", True, 8), ("llama-1b", "full", False, 2),
-    ("llama-1b", "qlora", True, 8),
-    *[("llama-8b", m, c, 2) for m in ("lora", "qlora") for c in (False, True)],
-    ("llama-8b", "lora", True, 8), ("llama-8b", "qlora", False, 4),
-    ("llama-8b", "full", True, 1),  # the estimate says it does not fit one H200: check that it does not
-]
+POINTS = {  # set -> (shape, method, gradient checkpointing, rows of SEQ tokens per micro-batch)
+    "main": [
+        *[(s, m, c, 4) for s in ("qwen2.5-0.5b", "llama-1b") for m in ("full", "lora", "qlora") for c in (False, True)],
+        ("qwen2.5-0.5b", "lora", False, 8), ("qwen2.5-0.5b", "full", True, 8), ("llama-1b", "full", False, 2),
+        ("llama-1b", "qlora", True, 8),
+        *[("llama-8b", m, c, 2) for m in ("lora", "qlora") for c in (False, True)],
+        ("llama-8b", "lora", True, 8), ("llama-8b", "qlora", False, 4), ("llama-8b", "full", True, 1),
+    ],
+    "other-architectures": [
+        ("qwen3-1.7b", "full", False, 2), ("qwen3-1.7b", "lora", True, 4), ("gemma-2b", "lora", False, 4),
+        ("gemma-2b", "full", True, 2), ("phi3-mini", "qlora", False, 2), ("phi3-mini", "lora", True, 4),
+        ("mistral-7b", "lora", False, 2), ("mistral-7b", "qlora", True, 4),
+    ],
+    # Measured after the estimator's constants were set from the sets above: a check out of sample.
+    "validation": [
+        ("qwen3-1.7b", "qlora", False, 4), ("gemma-2b", "qlora", True, 8), ("phi3-mini", "full", True, 1),
+        ("mistral-7b", "lora", True, 8), ("llama-8b", "lora", False, 1), ("qwen2.5-0.5b", "full", False, 16),
+        ("llama-1b", "lora", False, 16), ("llama-8b", "qlora", True, 16),
+    ],
+    # Run where liger-kernel is not installed: the unfused RMSNorm, RoPE and SwiGLU of transformers.
+    "unfused": [("qwen2.5-0.5b", "lora", False, 4), ("llama-1b", "full", False, 4), ("llama-1b", "qlora", False, 4),
+                ("llama-8b", "lora", True, 2)],
+}
 STEPS = 3
 LORA = dict(r=16, alpha=32, dropout=0.05)
 
@@ -71,6 +98,7 @@ def measure_point(shape: str, path: Path, method: str, checkpointing: bool, rows
     import torch
 
     from tasks.config import LoraSettings, TrainingSettings
+    from tasks.kernels import fused_kernels_available
     from tasks.modeling import load_for_training
     from tasks.tokenization import Example
     from tasks.trainer import train
@@ -88,9 +116,11 @@ def measure_point(shape: str, path: Path, method: str, checkpointing: bool, rows
         outcome = train(model, examples[1:], examples[:1], settings, rows * SEQ, "cuda", Path(scratch) / "best",
                         logging.getLogger("bench"), progress=False)
     static = torch.cuda.memory_allocated()
+    fused = fused_kernels_available(SHAPES[shape]["model_type"], "cuda")
     del model
+    gc.collect()  # adapters and hooks make reference cycles: free the model before the next point
     return {"measured_bytes": outcome.peak_memory_bytes, "allocated_peak_bytes": outcome.peak_allocated_bytes,
-            "after_load_bytes": loaded, "after_training_bytes": static,
+            "after_load_bytes": loaded, "after_training_bytes": static, "fused_kernels": fused,
             "tokens_per_s": round(statistics.mean(r["tokens_per_s"] for r in outcome.history[1:]))}
 
 
@@ -103,7 +133,7 @@ def measure(args) -> None:
     environment = {"gpu": torch.cuda.get_device_name(), "gpu_bytes": torch.cuda.mem_get_info()[1],
                    "torch": torch.__version__}
     print(json.dumps(environment), flush=True)
-    for shape, method, checkpointing, rows in POINTS:
+    for shape, method, checkpointing, rows in POINTS[args.set]:
         if args.shapes and shape not in args.shapes:
             continue
         point = {"shape": shape, "config": SHAPES[shape], "method": method, "grad_ckpt": checkpointing,
@@ -122,25 +152,25 @@ def measure(args) -> None:
 
 def estimate_for(point: dict):
     return estimate_memory(ModelShape.from_config(point["config"]), point["method"], "cuda", point["tokens"],
-                           point["grad_ckpt"], point["lora"]["r"], "all-linear", point["lora"]["dropout"])
+                           point["grad_ckpt"], point["lora"]["r"], "all-linear", point["fused_kernels"])
 
 
 def table(args) -> None:
     points = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     points = [p for p in points if "shape" in p]
-    print("| shape | method | grad ckpt | tokens | measured GiB | estimated GiB | error | allocated GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | method | grad ckpt | kernels | tokens | measured GiB | estimated GiB | error | allocated GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     errors = []
     for p in points:
         estimate = estimate_for(p)
         if "error" in p:
             fits = "no" if estimate.total > p["gpu_bytes"] else "yes"
-            print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {p['tokens']:,} | "
+            print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {_kernels(p)} | {p['tokens']:,} | "
                   f"out of memory ({p['gpu_bytes'] / GIB:.0f} GiB GPU) | {estimate.gib:.2f} (fits: {fits}) | | |")
             continue
         error = estimate.total / p["measured_bytes"] - 1
         errors.append(error)
-        print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {p['tokens']:,} | "
+        print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {_kernels(p)} | {p['tokens']:,} | "
               f"{p['measured_bytes'] / GIB:.2f} | {estimate.gib:.2f} | {error:+.1%} | "
               f"{p['allocated_peak_bytes'] / GIB:.2f} |")
     if errors:
@@ -150,11 +180,16 @@ def table(args) -> None:
               f"within +-10%: {sum(abs(e) <= 0.10 for e in errors)}/{len(errors)}")
 
 
+def _kernels(point: dict) -> str:
+    return "Liger" if point.get("fused_kernels") else "unfused"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(required=True)
     run = commands.add_parser("measure", help="train every point on this machine's GPU")
     run.add_argument("--out", required=True)
+    run.add_argument("--set", default="main", choices=sorted(POINTS))
     run.add_argument("--shapes", nargs="*", choices=sorted(SHAPES))
     run.add_argument("--scratch", default=tempfile.gettempdir())
     run.set_defaults(handler=measure)

@@ -2,11 +2,14 @@
 
     prefect-finetune download OUTPUT [--run RUN_ID|latest] [--to DIR]
     prefect-finetune verify   OUTPUT [--run RUN_ID|latest] [--to DIR] [--base PATH] [--no-load]
+    prefect-finetune plan     --model PATH --gpu-gib N [N ...] [--data PATH] [--method auto] ...
 
 OUTPUT is what the flow published to (a local folder or s3://bucket/prefix). `download` fetches a
 run and checks every file against the sha256 in its manifest; `verify` does the same, then loads
-the model with plain transformers and runs one forward pass. Exit status: 0 good, 1 a check
-failed, 2 the run or pointer does not exist.
+the model with plain transformers and runs one forward pass. `plan` prints what the memory planner
+would choose on GPUs of the given sizes (the smallest that fits, given several), from the model's
+config.json and the data's token lengths, without Prefect, a GPU or the weights. Exit status: 0
+good, 1 a check failed or nothing fits, 2 the run, pointer, model or data does not exist.
 
 Subcommands register themselves in `SUBCOMMANDS` (a function that adds its parser and sets
 `handler`), so another one (e.g. `plan`) is one more function in that list.
@@ -18,7 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tasks.config import LoraSettings, TrainingSettings
 from tasks.manifest import sha256_file, verify_files
+from tasks.memory import UnsupportedModelError
 from tasks.registry import fetch_run, read_latest
 from tasks.storage import MANIFEST_NAME, StorageNotFoundError
 
@@ -95,7 +100,99 @@ def _add_verify(subparsers) -> None:
     parser.set_defaults(handler=_verify)
 
 
-SUBCOMMANDS = [_add_download, _add_verify]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def _add_plan(subparsers) -> None:
+    parser = subparsers.add_parser("plan", help="print the memory plan for a model, data and GPU size(s)")
+    parser.add_argument("--model", required=True,
+                        help="a model folder, its config.json, or an s3:// prefix holding config.json")
+    parser.add_argument("--gpu-gib", type=float, nargs="+", required=True,
+                        help="GPU memory in GiB; several sizes (e.g. 24 80 141): the smallest that fits")
+    parser.add_argument("--data", help="training data (path or s3://); without it every row is max-seq-len long")
+    parser.add_argument("--data-format", default="auto")
+    parser.add_argument("--method", default="auto", choices=["auto", "full", "lora", "qlora"])
+    parser.add_argument("--max-seq-len", type=int, default=TrainingSettings().max_seq_len)
+    parser.add_argument("--batch-size", type=int, default=TrainingSettings().batch_size, help="rows per step")
+    parser.add_argument("--micro-batch-size", type=int, default=TrainingSettings().micro_batch_size,
+                        help="at most this many longest rows per forward pass")
+    parser.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--lora-r", type=int, default=LoraSettings().r)
+    parser.add_argument("--safety", type=float, default=0.9, help="share of each GPU's memory to plan for")
+    parser.add_argument("--no-fused-kernels", action="store_true",
+                        help="plan for a worker without liger-kernel (the `gpu` extra)")
+    parser.set_defaults(handler=_plan)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    import json
+
+    from tasks.memory import GIB, ModelShape
+    from tasks.selector import PlanError, WorkPoolSpec, select_work_pool
+
+    with tempfile.TemporaryDirectory(prefix="prefect-finetune-") as scratch:
+        model_dir = _model_files(args.model, Path(scratch))
+        shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()),
+                                       source=f"{args.model} config.json")
+        longest, largest_step, origin = _token_lengths(args, model_dir)
+    pools = [WorkPoolSpec(name=f"{gib:g} GiB", gpu_gib=gib) for gib in args.gpu_gib]
+    try:
+        pool, plan = select_work_pool(
+            shape, pools, safety=args.safety, method=args.method, longest_row=longest, largest_step=largest_step,
+            max_rows_per_micro_batch=args.micro_batch_size, gradient_checkpointing=args.gradient_checkpointing,
+            lora_r=args.lora_r, fused_kernels=not args.no_fused_kernels)
+    except PlanError as error:
+        raise CheckFailed(str(error)) from error
+    print(f"model: {shape.model_type}, {shape.parameters / 1e9:.2f}B parameters; rows: {origin}")
+    print(f"GPU: {pool.gpu_gib:g} GiB, planning within {args.safety:.0%} ({plan.budget_bytes / GIB:.2f} GiB)")
+    print(f"{'method':<7}{'tokens/micro-batch':>20}{'grad ckpt':>11}{'estimated GiB':>15}  fits")
+    for row in plan.table():
+        print(f"{row['method']:<7}{row['tokens_per_micro_batch']:>20,}{'on' if row['grad_checkpointing'] else 'off':>11}"
+              f"{row['estimated_gib']:>15.2f}  {'yes' if row['fits'] else 'no'}{'  <- chosen' if row['chosen'] else ''}")
+    print(f"plan: {plan.reason}; {plan.micro_batches_per_step} micro-batch(es) in the largest step")
+
+
+def _model_files(model: str, scratch: Path) -> Path:
+    """A local folder with the model's config.json (and its tokenizer when there is one)."""
+    from tasks.storage import is_s3_uri, join_uri, read_bytes
+
+    if is_s3_uri(model):
+        (scratch / "config.json").write_bytes(read_bytes(join_uri(model, "config.json")))
+        for name in TOKENIZER_FILES:
+            try:
+                (scratch / name).write_bytes(read_bytes(join_uri(model, name)))
+            except StorageNotFoundError:
+                pass
+        return scratch
+    path = Path(model)
+    folder = path.parent if path.name == "config.json" else path
+    if not (folder / "config.json").is_file():
+        raise StorageNotFoundError(f"{model}: no config.json there; give a model folder, its config.json "
+                                   "or an s3:// prefix holding config.json")
+    return folder
+
+
+def _token_lengths(args: argparse.Namespace, model_dir: Path) -> tuple[int, int, str]:
+    """(longest row, largest step) in tokens, and where they come from."""
+    if not args.data:
+        return (args.max_seq_len, args.batch_size * args.max_seq_len,
+                f"no --data: every row taken as {args.max_seq_len} tokens")
+    from tasks.dataset import read_dataset
+    from tasks.tokenization import encode_all, load_tokenizer
+
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckFailed(f"{args.model}: no tokenizer files next to config.json, so --data cannot be measured "
+                          "in tokens; drop --data to plan for rows of --max-seq-len tokens")
+    conversations = read_dataset(args.data, args.data_format).conversations
+    lengths = sorted(len(e.input_ids) for e in encode_all(load_tokenizer(str(model_dir)), conversations,
+                                                           args.max_seq_len))
+    return (lengths[-1], sum(lengths[-args.batch_size:]),
+            f"{len(lengths)} rows of {args.data}, median {lengths[len(lengths) // 2]} tokens, "
+            f"longest {lengths[-1]} (max-seq-len {args.max_seq_len})")
+
+
+SUBCOMMANDS = [_add_download, _add_verify, _add_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     except StorageNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except CheckFailed as error:
+    except (CheckFailed, UnsupportedModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

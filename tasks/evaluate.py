@@ -37,7 +37,7 @@ def evaluate(config: FinetuneConfig, data: IngestResult, planned: PlanResult, la
     from tasks.modeling import load_for_inference
 
     # Evaluate in the precision the run trained in: a QLoRA plan means a bf16 base may not fit.
-    quantized = planned.plan.method == "qlora"
+    quantized = (trained.method if trained else planned.plan.method) == "qlora"  # after any memory step-down
     device = planned.plan.device
     if trained is None:
         model = load_for_inference(config.model, device, quantized=quantized)

@@ -42,6 +42,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden[start:start + step] = (g @ weight_c).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (g.T @ h).float()
+            del logits, probs, g  # else they live on while the next chunk's logits are made: 2 chunks at once
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

@@ -33,7 +33,10 @@ def load_for_training(path: str, method: str, device: str, lora: LoraSettings, g
         # compute-dtype base.
         dtype = torch.float32 if method == "full" else compute_dtype(device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
-    return prepare_for_training(model, method, device, lora, gradient_checkpointing)
+    model = prepare_for_training(model, method, device, lora, gradient_checkpointing)
+    if device == "cuda":  # give back what loading cached (whole bf16 shards, for 4-bit): training starts lean
+        torch.cuda.empty_cache()
+    return model
 
 
 def use_expandable_segments(device: str) -> None:

@@ -15,10 +15,9 @@ from tasks.dataset import read_conversations
 from tasks.ingest import IngestResult, encoded_split
 from tasks.memory import GIB, ModelShape
 from tasks.schemas import DatasetError
-from tasks.selector import TrainingPlan, select_plan
+from tasks.selector import GPU_SAFETY, TrainingPlan, select_plan
 from tasks.tokenization import length_stats, load_tokenizer
 
-GPU_SAFETY = 0.9  # share of free GPU memory we plan to use
 RAM_SAFETY = 0.8  # share of available RAM we plan to use on CPU
 
 
@@ -37,15 +36,17 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     settings = config.training
     stats = _check_lengths(config, tokenizer, data.train_path, config.data, logger)
     _check_lengths(config, tokenizer, data.eval_path, config.eval_data or config.data, logger)
-    from tasks.modeling import pick_device  # torch loads here, not when the flow is imported
+    from tasks.kernels import fused_kernels_available  # torch loads here, not when the flow is imported
+    from tasks.modeling import pick_device
 
     device = pick_device()
     budget, source = _memory_budget(config, device)
     plan = select_plan(
         shape, budget_bytes=budget, budget_source=source, device=device, method=config.method,
-        seq_len=min(settings.max_seq_len, stats["tokens_max"]), batch_size=settings.batch_size,
-        micro_batch_size=settings.micro_batch_size, gradient_checkpointing=settings.gradient_checkpointing,
-        lora_r=config.lora.r, lora_targets=config.lora.target_list(), lora_dropout=config.lora.dropout,
+        longest_row=min(settings.max_seq_len, stats["tokens_max"]), largest_step=stats["tokens_largest_step"],
+        max_rows_per_micro_batch=settings.micro_batch_size, gradient_checkpointing=settings.gradient_checkpointing,
+        lora_r=config.lora.r, lora_targets=config.lora.target_list(),
+        fused_kernels=fused_kernels_available(shape.model_type, device),
     )
     logger.info("plan: %s", plan.reason)
     create_table_artifact(plan.table(), key="finetune-plan", description=f"Memory plan. {plan.reason}")
@@ -58,6 +59,9 @@ def _check_lengths(config: FinetuneConfig, tokenizer, split_path: str, source: s
     rows, conversations = read_conversations(split_path)
     _, examples = encoded_split(config, split_path, conversations, tokenizer)
     stats = length_stats(examples, max_seq_len)
+    # The largest optimizer step the data can make: its batch_size longest rows.
+    lengths = sorted(min(len(e.input_ids), max_seq_len) for e in examples)
+    stats["tokens_largest_step"] = sum(lengths[-config.training.batch_size:])
     if stats["trainable_tokens"] == 0:
         raise DatasetError(f"{source}: no answer token survives truncation to {max_seq_len} tokens "
                            f"(longest row: {stats['tokens_max']}); raise training.max_seq_len")

@@ -66,6 +66,12 @@ def _training_notes(manifest: dict) -> str:
     curve = any(f["path"] == LOSS_CURVE_NAME for f in manifest.get("files", []))
     notes = [f"Loss curve: `{LOSS_CURVE_NAME}` in the run folder (train and eval loss per step)." if curve else "",
              f"**Warning**: {warning}" if warning else ""]
+    for down in manifest["training"].get("memory_step_downs", []):
+        failed, leaner = down["out_of_memory"], down["next"]
+        notes.append(f"Out of memory with {failed['method']} at {failed['tokens_per_micro_batch']} tokens per "
+                     f"micro-batch (checkpointing {'on' if failed['gradient_checkpointing'] else 'off'})"
+                     + (f"; continued with {leaner['method']} at {leaner['tokens_per_micro_batch']} tokens "
+                        f"(checkpointing {'on' if leaner['gradient_checkpointing'] else 'off'})." if leaner else "."))
     return "\n\n".join(n for n in notes if n)
 
 
@@ -88,8 +94,8 @@ def summary_markdown(manifest: dict, output_uri: str, examples: int, promoted: b
         f"max {stats['tokens_max']} (max_seq_len {stats['max_seq_len']}, {stats['rows_truncated']} truncated).",
         "## Plan",
         plan["reason"],
-        _table(["method", "micro-batch", "grad ckpt", "estimated GiB", "fits", "chosen"],
-               [[c["estimate"]["method"], c["estimate"]["micro_batch_size"],
+        _table(["method", "tokens per micro-batch", "grad ckpt", "estimated GiB", "fits", "chosen"],
+               [[c["estimate"]["method"], c["estimate"]["tokens"],
                  c["estimate"]["gradient_checkpointing"], f"{c['estimate']['total'] / GIB:.2f}", c["fits"],
                  "yes" if c["estimate"]["method"] == plan["method"] else ""]
                 for c in plan["candidates"]]),

@@ -1,8 +1,12 @@
-"""Choose method, micro-batch and gradient checkpointing from the memory estimate.
+"""Choose method, micro-batch size and gradient checkpointing from the memory estimate.
 
-Quality first (full > lora > qlora), then speed: for a method, no checkpointing with the largest
-micro-batch that fits beats checkpointing (which recomputes the forward pass). A forced method
-that cannot fit fails here, before any weights are loaded. Pure: no torch, no Prefect.
+The trainer packs a step's rows into micro-batches of at most a token capacity (tasks/packing.py),
+so the plan sizes micro-batches in tokens: from the largest step the data can make (its
+`batch_size` longest rows, in one pass) down by halves to the longest row (a row is never split).
+Quality first (full > lora > qlora), then speed: for a method, the largest micro-batch without
+checkpointing beats checkpointing (which recomputes the forward pass), and checkpointing beats a
+lower-quality method. A forced method that cannot fit fails here, before any weights are loaded.
+Pure: no torch, no Prefect.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from pydantic import BaseModel
 from tasks.memory import GIB, MemoryEstimate, ModelShape, estimate_memory
 
 METHODS_BY_QUALITY = ("full", "lora", "qlora")
+GPU_SAFETY = 0.9  # share of a GPU's memory a plan may use
+GPU_SIZES_GIB = (16, 24, 32, 40, 48, 80, 94, 141, 180, 192)  # memory of GPUs sold today, as named
 
 
 class PlanError(ValueError):
@@ -27,8 +33,9 @@ class Candidate(BaseModel):
 class TrainingPlan(BaseModel):
     method: str
     device: str
-    micro_batch_size: int
-    gradient_accumulation: int
+    tokens_per_micro_batch: int  # packed tokens per forward pass (the trainer's token capacity)
+    longest_row: int  # tokens: no micro-batch can be smaller
+    micro_batches_per_step: int  # in the largest step; typical steps need fewer
     gradient_checkpointing: bool
     budget_bytes: int
     budget_source: str
@@ -40,7 +47,7 @@ class TrainingPlan(BaseModel):
         return [
             {
                 "method": c.estimate.method,
-                "micro_batch": c.estimate.micro_batch_size,
+                "tokens_per_micro_batch": c.estimate.tokens,
                 "grad_checkpointing": c.estimate.gradient_checkpointing,
                 "estimated_gib": round(c.estimate.gib, 2),
                 "budget_gib": round(self.budget_bytes / GIB, 2),
@@ -58,22 +65,25 @@ def select_plan(
     budget_source: str,
     device: str,
     method: str,
-    seq_len: int,
-    batch_size: int,
-    micro_batch_size: int,
+    longest_row: int,
+    largest_step: int,
+    max_rows_per_micro_batch: int | None = None,
     gradient_checkpointing: str = "auto",
     lora_r: int = 16,
     lora_targets: list[str] | str = "all-linear",
-    lora_dropout: float = 0.05,
+    fused_kernels: bool | None = None,
 ) -> TrainingPlan:
+    """`longest_row`: tokens of the longest (truncated) row; `largest_step`: tokens of the largest
+    optimizer step (the `batch_size` longest rows); `max_rows_per_micro_batch` caps a micro-batch
+    at that many longest rows."""
     checkpointing = {"auto": (False, True), "off": (False,), "on": (True,)}[gradient_checkpointing]
-    micro_batches = _halvings(min(micro_batch_size, batch_size))
+    capacities = token_capacities(longest_row, largest_step, max_rows_per_micro_batch)
 
     def best_for(m: str) -> Candidate:
         tried = None
         for ckpt in checkpointing:
-            for mb in micro_batches:
-                tried = estimate_memory(shape, m, device, mb, seq_len, ckpt, lora_r, lora_targets, lora_dropout)
+            for tokens in capacities:
+                tried = estimate_memory(shape, m, device, tokens, ckpt, lora_r, lora_targets, fused_kernels)
                 if tried.total <= budget_bytes:
                     return Candidate(estimate=tried, fits=True)
         return Candidate(estimate=tried, fits=False)  # the smallest configuration: what it needs at least
@@ -87,36 +97,75 @@ def select_plan(
         if method != "auto":
             needed = allowed[0].estimate
             fitting = [f"{c.estimate.method} ({c.estimate.gib:.2f} GiB)" for c in candidates if c.fits]
-            hint = f"use {' or '.join(fitting)}" if fitting else "use a larger GPU"
+            hint = f"use {' or '.join(fitting)}" if fitting else f"use {smallest_gpu(needed.total)}"
             raise PlanError(
-                f"method {method!r} needs at least {needed.gib:.2f} GiB (micro-batch 1, gradient checkpointing "
-                f"{'on' if needed.gradient_checkpointing else 'off'}, {seq_len} tokens) but the budget is "
+                f"method {method!r} needs at least {needed.gib:.2f} GiB (micro-batches of {longest_row} tokens, "
+                f"gradient checkpointing {'on' if needed.gradient_checkpointing else 'off'}) but the budget is "
                 f"{budget}; {hint}, lower max_seq_len, or set method to 'auto'"
             )
         smallest = min(candidates, key=lambda c: c.estimate.total)
         raise PlanError(
             f"no method fits: the smallest, {smallest.estimate.method}, needs {smallest.estimate.gib:.2f} GiB "
-            f"at micro-batch 1 with {seq_len} tokens, but the budget is {budget}; "
-            "use a GPU with more memory or lower max_seq_len"
+            f"with micro-batches of {longest_row} tokens (the longest row), but the budget is {budget}; "
+            f"use {smallest_gpu(smallest.estimate.total)} or lower max_seq_len"
         )
     est = chosen.estimate
     reason = (
         f"{est.method}: the {'requested' if method != 'auto' else 'highest-quality'} method that fits "
-        f"{budget}; estimated peak {est.gib:.2f} GiB at micro-batch {est.micro_batch_size}, "
-        f"{seq_len} tokens per row, gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}"
+        f"{budget}; estimated peak {est.gib:.2f} GiB with micro-batches of up to {est.tokens} packed tokens, "
+        f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}"
     )
     return TrainingPlan(
-        method=est.method, device=device, micro_batch_size=est.micro_batch_size,
-        gradient_accumulation=math.ceil(batch_size / est.micro_batch_size),
+        method=est.method, device=device, tokens_per_micro_batch=est.tokens, longest_row=longest_row,
+        micro_batches_per_step=math.ceil(largest_step / est.tokens),
         gradient_checkpointing=est.gradient_checkpointing, budget_bytes=budget_bytes,
         budget_source=budget_source, estimate=est, candidates=candidates, reason=reason,
     )
 
 
-def _halvings(n: int) -> list[int]:
-    sizes = [n]
-    while sizes[-1] > 1:
+def smallest_gpu(needed_bytes: int) -> str:
+    """'a GPU of at least N GiB (...)': the smallest common size whose planned share holds `needed_bytes`."""
+    fitting = [g for g in GPU_SIZES_GIB if g * GPU_SAFETY * GIB >= needed_bytes]
+    at_least = needed_bytes / GIB / GPU_SAFETY
+    if not fitting:
+        return f"more than one GPU: it needs {at_least:.0f} GiB, more than any single GPU has"
+    return f"a GPU of at least {at_least:.0f} GiB (the smallest common size that fits: {fitting[0]} GiB)"
+
+
+class Attempt(BaseModel):
+    """One way of running the training: what an out-of-memory error makes the train task change."""
+    method: str
+    tokens_per_micro_batch: int
+    gradient_checkpointing: bool
+
+
+def step_down(attempt: Attempt, *, planned_tokens: int, longest_row: int, method_fixed: bool) -> Attempt | None:
+    """The next, leaner way to train after `attempt` ran out of memory, or None when none is left.
+
+    In order: halve the micro-batch (more of them per step: the same update), down to the longest
+    row; then gradient checkpointing, from the planned micro-batch again; then LoRA, then QLoRA
+    (unless the config forces its method), each again from the planned micro-batch.
+    """
+    if attempt.tokens_per_micro_batch // 2 >= longest_row:
+        return attempt.model_copy(update={"tokens_per_micro_batch": attempt.tokens_per_micro_batch // 2})
+    if not attempt.gradient_checkpointing:
+        return attempt.model_copy(update={"tokens_per_micro_batch": planned_tokens, "gradient_checkpointing": True})
+    leaner = METHODS_BY_QUALITY.index(attempt.method) + 1
+    if method_fixed or leaner == len(METHODS_BY_QUALITY):
+        return None
+    return Attempt(method=METHODS_BY_QUALITY[leaner], tokens_per_micro_batch=planned_tokens,
+                   gradient_checkpointing=True)
+
+
+def token_capacities(longest_row: int, largest_step: int, max_rows: int | None = None) -> list[int]:
+    """Micro-batch sizes to try, in tokens, largest first: the whole step, then halves, down to the
+    longest row (packing never splits a row, so no micro-batch can be smaller)."""
+    top = max(longest_row, largest_step if max_rows is None else min(largest_step, max_rows * longest_row))
+    sizes = [top]
+    while sizes[-1] // 2 > longest_row:
         sizes.append(sizes[-1] // 2)
+    if sizes[-1] != longest_row:
+        sizes.append(longest_row)
     return sizes
 
 
@@ -127,7 +176,7 @@ class WorkPoolSpec(BaseModel):
     gpu_gib: float  # memory of one GPU, as sold (e.g. 24, 80, 141)
 
 
-def select_work_pool(shape: ModelShape, pools: list[WorkPoolSpec], *, safety: float = 0.9,
+def select_work_pool(shape: ModelShape, pools: list[WorkPoolSpec], *, safety: float = GPU_SAFETY,
                      **plan_kwargs) -> tuple[WorkPoolSpec, TrainingPlan]:
     """The smallest pool whose GPU fits a plan, and that plan (`plan_kwargs` as for select_plan).
 

@@ -18,6 +18,7 @@ from tasks.launch import Nodes
 from tasks.memory import GIB
 from tasks.plan import PlanResult
 from tasks.runs import RunInfo
+from tasks.selector import Attempt
 from tasks.tokenization import load_tokenizer
 
 KEEP_IN_OUTPUT = 2  # newest checkpoints kept in the output per run
@@ -44,6 +45,9 @@ class TrainResult(BaseModel):
     peak_memory_kind: str
     peak_allocated_bytes: int
     history: list[dict]
+    tokens_per_micro_batch: int  # as trained: the plan's, unless an out-of-memory error lowered it
+    gradient_checkpointing: bool
+    memory_step_downs: list[dict]  # each out-of-memory error and what was tried next
     world_size: int = 1  # training processes (GPUs) across every machine
 
 
@@ -54,38 +58,57 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     import torch
 
     from tasks.modeling import load_for_training, parameter_counts
-    from tasks.trainer import train
+    from tasks.trainer import train, train_within_memory
 
     logger = get_run_logger()
     plan, settings = planned.plan, config.training
     tokenizer = load_tokenizer(config.model)
     _, train_examples = encoded_split(config, data.train_path, tokenizer=tokenizer)
     _, eval_examples = encoded_split(config, data.eval_path, tokenizer=tokenizer)
-    # The plan sized memory for micro_batch_size rows of seq_len tokens; packing fills that many tokens.
-    capacity = plan.micro_batch_size * plan.estimate.seq_len
     checkpoints, resumed_from = _checkpoints(config, run, data, planned, logger)
     best = Path(run.run_dir) / "best"
+    attempt = Attempt(method=plan.method, tokens_per_micro_batch=plan.tokens_per_micro_batch,
+                      gradient_checkpointing=plan.gradient_checkpointing)
     processes, nodes = processes_per_node(config, plan), Nodes.from_environment()
     if processes * nodes.count > 1:
-        outcome, trainable, total, world_size = _train_in_processes(config, run, plan, processes, nodes, train_examples,
-                                                        eval_examples, capacity, checkpoints, best, logger)
+        # No out-of-memory step-down across processes (yet): a process out of memory fails the task.
+        outcome, trainable, total, world_size = _train_in_processes(
+            config, run, plan, processes, nodes, train_examples, eval_examples, attempt.tokens_per_micro_batch,
+            checkpoints, best, logger)
+        step_downs = []
     else:
-        world_size = 1
-        torch.manual_seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
-        model = load_for_training(config.model, plan.method, plan.device, config.lora, plan.gradient_checkpointing)
-        trainable, total = parameter_counts(model)
-        logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed tokens; "
-                    "attention %s", plan.method, plan.device, f"{trainable:,}", f"{total:,}", capacity,
-                    model.config._attn_implementation)
-        outcome = train(model, train_examples, eval_examples, settings, capacity, plan.device, best, logger,
-                        checkpoints)
+        world_size, sizes = 1, {}
+
+        def load(attempt: Attempt):
+            torch.manual_seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
+            model = load_for_training(config.model, attempt.method, plan.device, config.lora,
+                                      attempt.gradient_checkpointing)
+            sizes["trainable"], sizes["total"] = parameter_counts(model)
+            logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed "
+                        "tokens; gradient checkpointing %s; attention %s", attempt.method, plan.device,
+                        f"{sizes['trainable']:,}", f"{sizes['total']:,}", attempt.tokens_per_micro_batch,
+                        "on" if attempt.gradient_checkpointing else "off", model.config._attn_implementation)
+            return model
+
+        def run(model, attempt: Attempt, restarted: bool):
+            # A restart begins at step 0: the attempt that ran out of memory may have changed the model.
+            resumable = checkpoints if not restarted else dataclasses.replace(checkpoints, resume_from=None)
+            return train(model, train_examples, eval_examples, settings, attempt.tokens_per_micro_batch,
+                         plan.device, best, logger, resumable)
+
+        outcome, attempt, step_downs = train_within_memory(
+            load, run, attempt, planned_tokens=plan.tokens_per_micro_batch, longest_row=plan.longest_row,
+            method_fixed=config.method != "auto", log=logger)
+        trainable, total = sizes["trainable"], sizes["total"]
     tokenizer.save_pretrained(best)
     logger.info("trained %d steps in %.1f s; best eval loss %.4f at step %d; peak memory %.2f GiB (%s), "
                 "estimated %.2f GiB", outcome.steps, outcome.seconds, outcome.best_eval_loss, outcome.best_step,
                 outcome.peak_memory_bytes / GIB, outcome.peak_memory_kind, plan.estimate.gib)
-    return TrainResult(method=plan.method, checkpoint_dir=str(best), is_adapter=plan.method != "full",
-                       trainable_parameters=trainable, total_parameters=total, world_size=world_size,
-                       resumed_from=resumed_from, **dataclasses.asdict(outcome))
+    return TrainResult(method=attempt.method, checkpoint_dir=str(best), is_adapter=attempt.method != "full",
+                       trainable_parameters=trainable, total_parameters=total, resumed_from=resumed_from,
+                       tokens_per_micro_batch=attempt.tokens_per_micro_batch,
+                       gradient_checkpointing=attempt.gradient_checkpointing, memory_step_downs=step_downs,
+                       world_size=world_size, **dataclasses.asdict(outcome))
 
 
 def processes_per_node(config: FinetuneConfig, plan) -> int:

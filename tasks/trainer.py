@@ -15,6 +15,7 @@ exactly as one process would with the same rows; only rank 0 writes the best mod
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from tasks.distributed import ONE_PROCESS, Parallel
 from tasks.loss import linear_cross_entropy_sum
 from tasks.overfitting import overfitting_warning
 from tasks.packing import PackedRows, micro_batches, pack
+from tasks.selector import Attempt, step_down
 from tasks.tokenization import IGNORE_INDEX, Example
 
 
@@ -216,7 +218,7 @@ def train(
     log_every, started = max(1, settings.max_steps // 20), time.perf_counter()
     bar = _progress_bar(progress and parallel.is_main, settings.max_steps, start_step)
     model.train()
-    with PeakMemory(device) as memory:
+    with PeakMemory(device) as memory, _states_dropped_on_out_of_memory(optimizer):
         step = start_step
         while step < settings.max_steps and not stopping.should_stop:
             step += 1
@@ -262,6 +264,68 @@ def train(
                         peak_memory_bytes=parallel.max(memory.peak), peak_memory_kind=memory.kind,
                         peak_allocated_bytes=parallel.max(memory.allocated),
                         resumed_from_step=start_step, history=history)
+
+
+def train_within_memory(load: Callable, run: Callable, attempt: Attempt, *, planned_tokens: int, longest_row: int,
+                        method_fixed: bool, log) -> tuple[TrainOutcome, Attempt, list[dict]]:
+    """`run(load(attempt), attempt, restarted)` until it fits: after each out-of-memory error, the next
+    leaner attempt (tasks/selector.step_down), recorded and logged. Returns the outcome, the attempt
+    that trained, and the record of each step down; fails naming every attempt when none is left."""
+    step_downs: list[dict] = []
+    while True:
+        model = None
+        try:
+            model = load(attempt)
+            return run(model, attempt, bool(step_downs)), attempt, step_downs
+        except torch.OutOfMemoryError as error:
+            _release(model)
+            leaner = step_down(attempt, planned_tokens=planned_tokens, longest_row=longest_row,
+                               method_fixed=method_fixed)
+            step_downs.append({"out_of_memory": attempt.model_dump(), "error": str(error).splitlines()[0][:300],
+                               "next": leaner.model_dump() if leaner else None})
+            if leaner is None:
+                raise MemoryError(_out_of_memory_message(step_downs, method_fixed)) from error
+            log.warning("out of GPU memory with %s: trying %s", _describe(attempt), _describe(leaner))
+            attempt = leaner
+        del model  # outside the except block: the traceback no longer holds the failed step's tensors
+        gc.collect()  # adapters and hooks make reference cycles
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _states_dropped_on_out_of_memory(optimizer):
+    """The optimizer's states freed as an out-of-memory error leaves (see _release)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        optimizer.state.clear()
+        raise
+
+
+def _release(model) -> None:
+    """Free a model's weights and gradients now. After an out-of-memory error in backward on CUDA,
+    something outside our code keeps the model reachable (measured: the whole first attempt, 5 GB,
+    still allocated after gc); emptying its tensors gives the memory back whoever holds it."""
+    if model is None:
+        return
+    for parameter in model.parameters():
+        parameter.grad = None
+        parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+    for buffer in model.buffers():
+        buffer.data = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+
+
+def _describe(attempt: Attempt) -> str:
+    return (f"{attempt.method} at {attempt.tokens_per_micro_batch} tokens per micro-batch, gradient checkpointing "
+            f"{'on' if attempt.gradient_checkpointing else 'off'}")
+
+
+def _out_of_memory_message(step_downs: list[dict], method_fixed: bool) -> str:
+    tried = "; ".join(_describe(Attempt(**down["out_of_memory"])) for down in step_downs)
+    hint = "set method to 'auto' to allow LoRA and QLoRA, " if method_fixed else ""
+    return f"out of GPU memory in every configuration tried ({tried}); {hint}lower training.max_seq_len, " \
+           "or use a GPU with more memory"
 
 
 def _warn_if_overfitting(log, history: list[dict]) -> None:

@@ -37,3 +37,4 @@ def test_varlen_packing_matches_padded_batches_on_gpu(tiny_model, tiny_tokenizer
     loss_sum, _ = accumulate_gradients(model, rows, 3 * 128, "cuda")
     assert loss_sum / tokens == pytest.approx(reference, rel=2e-2)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+

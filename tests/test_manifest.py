@@ -17,5 +17,5 @@ def test_memory_estimate_is_recorded_next_to_the_measured_peak():
 
     recorded = memory_comparison({"estimate": {"total": 200}}, {"peak_memory_bytes": 150, "peak_memory_kind": "cuda"})
     assert recorded == {"estimated_bytes": 200, "measured_bytes": 150, "measured_kind": "cuda",
-                        "measured_over_estimated": 0.75}
+                        "measured_over_estimated": 0.75, "step_downs": []}
     assert memory_comparison({}, {})["measured_over_estimated"] is None  # no estimate: no made-up ratio

@@ -1,7 +1,7 @@
 import pytest
 
 from tasks.memory import GIB, ModelShape, UnsupportedModelError, estimate_memory
-from tasks.selector import PlanError, select_plan
+from tasks.selector import Attempt, PlanError, select_plan, step_down, token_capacities
 
 SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
@@ -40,69 +40,122 @@ def test_lora_parameter_count_matches_peft(tiny_model):
 
 def test_methods_order_and_checkpointing():
     shape = ModelShape.from_config(LLAMA_8B)
-    est = {m: estimate_memory(shape, m, "cuda", 4, 2048, False) for m in ("full", "lora", "qlora")}
+    est = {m: estimate_memory(shape, m, "cuda", 8192, False) for m in ("full", "lora", "qlora")}
     assert est["full"].total > est["lora"].total > est["qlora"].total
     assert est["full"].gib > 16 * 8.03e9 / GIB  # 16 bytes per parameter before activations
-    checkpointed = estimate_memory(shape, "lora", "cuda", 4, 2048, True)
+    checkpointed = estimate_memory(shape, "lora", "cuda", 8192, True)
     assert checkpointed.activations < est["lora"].activations / 5
-    assert estimate_memory(shape, "lora", "cuda", 8, 2048, False).activations == 2 * est["lora"].activations
+    assert estimate_memory(shape, "lora", "cuda", 16384, False).activations == 2 * est["lora"].activations
+    unfused = estimate_memory(shape, "lora", "cuda", 8192, False, fused_kernels=False)
+    assert unfused.activations > est["lora"].activations  # transformers' own norms and MLP keep more
 
 
 def test_unknown_architecture_is_named():
     with pytest.raises(UnsupportedModelError, match=r"my.json: model_type 'mamba' lacks intermediate_size"):
         ModelShape.from_config({"model_type": "mamba", "hidden_size": 8, "num_hidden_layers": 2,
                                 "num_attention_heads": 2, "vocab_size": 10}, source="my.json")
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not an architecture the estimator knows.*llama"):
+        ModelShape.from_config({**LLAMA_1B, "model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32768},
+    {"model_type": "qwen3", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+     "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+     "tie_word_embeddings": True},
+    {"model_type": "gemma", "hidden_size": 2048, "intermediate_size": 16384, "num_hidden_layers": 18,
+     "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 256000,
+     "tie_word_embeddings": True},
+    {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+     "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064},
+    {"model_type": "gemma3", "text_config": {**LLAMA_1B, "model_type": "qwen2"}},  # a multimodal wrapper
+], ids=["mistral", "qwen3", "gemma", "phi3", "text_config"])
+def test_parameter_counts_of_other_architectures(config):
+    """The estimator's parameter count is what transformers builds (meta device: no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {**config, **config.get("text_config", {})}
+    fields.pop("text_config", None)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**fields))
+    assert ModelShape.from_config(config).parameters == pytest.approx(sum(p.numel() for p in model.parameters()),
+                                                                     rel=2e-3)  # qwen2's q/k/v biases
 
 
 def plan(budget_gib, method="auto", **kw):
-    return select_plan(ModelShape.from_config(LLAMA_8B), budget_bytes=int(budget_gib * GIB),
-                       budget_source="test", device="cuda", method=method, seq_len=2048, batch_size=8,
-                       micro_batch_size=8, **kw)
+    return select_plan(ModelShape.from_config(LLAMA_8B), budget_bytes=int(budget_gib * GIB), budget_source="test",
+                       device="cuda", method=method, longest_row=2048, largest_step=16384, **kw)
 
 
-def need(method, micro_batch, checkpointing):
-    return estimate_memory(ModelShape.from_config(LLAMA_8B), method, "cuda", micro_batch, 2048, checkpointing).gib
+def need(method, tokens, checkpointing):
+    return estimate_memory(ModelShape.from_config(LLAMA_8B), method, "cuda", tokens, checkpointing).gib
+
+
+def test_token_capacities_halve_down_to_the_longest_row():
+    assert token_capacities(2048, 16384) == [16384, 8192, 4096, 2048]
+    assert token_capacities(2048, 10000) == [10000, 5000, 2500, 2048]
+    assert token_capacities(2048, 16384, max_rows=2) == [4096, 2048]
+    assert token_capacities(300, 200) == [300]  # one row per micro-batch is the least there is
 
 
 def test_auto_prefers_quality_then_speed():
-    big = plan(need("full", 8, False) + 1)
-    assert (big.method, big.micro_batch_size, big.gradient_checkpointing, big.gradient_accumulation) == ("full", 8, False, 1)
+    big = plan(need("full", 16384, False) + 1)
+    assert (big.method, big.tokens_per_micro_batch, big.gradient_checkpointing, big.micro_batches_per_step) == \
+        ("full", 16384, False, 1)
     # Just short of full at its smallest: the best LoRA configuration, without checkpointing if it fits.
-    lora = plan(need("full", 1, True) - 0.1)
-    assert lora.method == "lora" and lora.estimate.total <= (need("full", 1, True) - 0.1) * GIB
-    assert lora.micro_batch_size * lora.gradient_accumulation >= 8
+    lora = plan(need("full", 2048, True) - 0.1)
+    assert lora.method == "lora" and lora.estimate.total <= (need("full", 2048, True) - 0.1) * GIB
+    assert lora.tokens_per_micro_batch * lora.micro_batches_per_step >= 16384
     assert [c.estimate.method for c in lora.candidates] == ["full", "lora", "qlora"]
     assert [c.fits for c in lora.candidates] == [False, True, True]
-    assert plan(need("lora", 1, True) - 0.1).method == "qlora"
+    assert plan(need("lora", 2048, True) - 0.1).method == "qlora"
 
 
 def test_smaller_micro_batch_before_checkpointing():
-    chosen = plan(need("lora", 2, False) + 0.01, method="lora")
-    assert (chosen.micro_batch_size, chosen.gradient_checkpointing, chosen.gradient_accumulation) == (2, False, 4)
-    checkpointed = plan(need("lora", 1, False) - 0.1, method="lora")
+    chosen = plan(need("lora", 4096, False) + 0.01, method="lora")
+    assert (chosen.tokens_per_micro_batch, chosen.gradient_checkpointing, chosen.micro_batches_per_step) == \
+        (4096, False, 4)
+    checkpointed = plan(need("lora", 2048, False) - 0.1, method="lora")
     assert checkpointed.gradient_checkpointing
 
 
 def test_forced_method_that_cannot_fit_says_what_it_needs():
-    budget = need("full", 1, True) - 0.1
-    with pytest.raises(PlanError, match=rf"method 'full' needs at least {need('full', 1, True):.2f} GiB .*"
+    budget = need("full", 2048, True) - 0.1
+    with pytest.raises(PlanError, match=rf"method 'full' needs at least {need('full', 2048, True):.2f} GiB .*"
                                         rf"budget is {budget:.2f} GiB .*use lora"):
         plan(budget, method="full")
-    with pytest.raises(PlanError, match="no method fits: the smallest, qlora"):
-        plan(need("qlora", 1, True) - 0.1)
+    with pytest.raises(PlanError, match="no method fits: the smallest, qlora.*use a GPU of at least "
+                                        r"\d+ GiB \(the smallest common size that fits: 16 GiB\)"):
+        plan(need("qlora", 2048, True) - 0.1)
 
 
 def test_checkpointing_off_is_respected():
-    budget = need("lora", 1, False) - 0.1
+    budget = need("lora", 2048, False) - 0.1
     assert plan(budget).method == "lora"
     assert plan(budget, gradient_checkpointing="off").method == "qlora"
 
 
 def test_forced_method_still_shows_every_candidate():
-    forced = plan(need("full", 8, False) + 1, method="lora")
+    forced = plan(need("full", 16384, False) + 1, method="lora")
     assert forced.method == "lora"
     assert [(c.estimate.method, c.fits) for c in forced.candidates] == [("full", True), ("lora", True), ("qlora", True)]
     assert [row["chosen"] for row in forced.table()] == [False, True, False]
+
+
+def test_out_of_memory_steps_down_in_order():
+    attempt = Attempt(method="full", tokens_per_micro_batch=8192, gradient_checkpointing=False)
+    seen = []
+    while attempt:
+        seen.append((attempt.method, attempt.tokens_per_micro_batch, attempt.gradient_checkpointing))
+        attempt = step_down(attempt, planned_tokens=8192, longest_row=2048, method_fixed=False)
+    assert seen == [("full", 8192, False), ("full", 4096, False), ("full", 2048, False),
+                    ("full", 8192, True), ("full", 4096, True), ("full", 2048, True),
+                    ("lora", 8192, True), ("lora", 4096, True), ("lora", 2048, True),
+                    ("qlora", 8192, True), ("qlora", 4096, True), ("qlora", 2048, True)]
+    forced = Attempt(method="full", tokens_per_micro_batch=2048, gradient_checkpointing=True)
+    assert step_down(forced, planned_tokens=8192, longest_row=2048, method_fixed=True) is None
 
 
 def test_smallest_work_pool_that_fits():
@@ -110,7 +163,7 @@ def test_smallest_work_pool_that_fits():
 
     pools = [WorkPoolSpec(name="h200", gpu_gib=141), WorkPoolSpec(name="l4", gpu_gib=24),
              WorkPoolSpec(name="a100", gpu_gib=80)]
-    kw = dict(method="lora", seq_len=2048, batch_size=8, micro_batch_size=8)
+    kw = dict(method="lora", longest_row=2048, largest_step=16384)
     pool, chosen = select_work_pool(ModelShape.from_config(LLAMA_8B), pools, **kw)
     assert pool.name == ("l4" if need("lora", 1, True) <= 24 * 0.9 else "a100")
     assert chosen.budget_bytes == int(pool.gpu_gib * 0.9 * GIB) and pool.name in chosen.reason
@@ -119,3 +172,47 @@ def test_smallest_work_pool_that_fits():
     assert (pool.name, chosen.method) == ("a100", "full")  # 16 bytes per parameter alone is 18.5 GiB
     with pytest.raises(PlanError, match=r"no work pool's GPU fits(.|\n)*l4 \(24 GiB\)(.|\n)*a100(.|\n)*h200"):
         select_work_pool(ModelShape.from_config(LLAMA_8B), pools, **{**kw, "method": "full"})
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpointing, tmp_path):
+    """Binds the estimator to the trainer: the bytes autograd keeps from the trainer's own forward
+    pass (packed rows, fused loss, LoRA's fused dropout), counted with saved-tensor hooks on CPU, are
+    what the estimator says. A change to the trainer that keeps more or less fails here; the GPU
+    figures (benchmarks/gpu_memory.py) are the fine check."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tasks.config import LoraSettings
+    from tasks.memory import _layer_activation_bytes, _loss_bytes, saved_by_forward
+    from tasks.modeling import _load_4bit, prepare_for_training
+    from tasks.packing import pack
+    from tasks.tokenization import Example
+    from tasks.trainer import summed_loss
+
+    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+              "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 600, "tie_word_embeddings": True}
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **fields))
+    if method == "qlora":
+        model.save_pretrained(tmp_path)
+        model = _load_4bit(str(tmp_path), "cpu")
+    model = prepare_for_training(model, method, "cpu", LoraSettings(r=8, dropout=0.05), checkpointing).train()
+    rows = [Example(input_ids=list(range(1, 129)), labels=list(range(1, 129)), truncated=False)] * 4
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        summed_loss(model, pack(rows), "cpu")
+    shape = ModelShape.from_config(config)
+    per_layer = _layer_activation_bytes(shape, method, False, 4, 4, 8 if method != "full" else 0)
+    estimated = saved_by_forward(shape, 512, checkpointing, per_layer, 4) + _loss_bytes(shape, method, 4, 4, 512)[1]
+    assert estimated == pytest.approx(sum(kept.values()), rel=0.15)
