@@ -3,7 +3,8 @@
 The same global batch (rows per optimizer step) on 1 and on 2 GPUs, each run started by torchrun as
 the train task starts it (tasks/launch.py) and trained by this project's trainer with its
 `Parallel` (tasks/distributed.py): llama-8b LoRA (DDP) and llama-1b full fine-tuning (FSDP2), random
-weights from the config (benchmarks/training_speed.py builds the model and the chat-length rows).
+weights from the config written once to disk and loaded as the train task loads a model
+(benchmarks/gpu_memory.py), chat-length rows from benchmarks/training_speed.py.
 Scaling efficiency = 2-GPU tokens/s / (2 x 1-GPU tokens/s). Run on a machine with 2 GPUs:
 
     python benchmarks/multi_gpu_scaling.py run --out scaling.jsonl
@@ -36,18 +37,25 @@ def one_case(args) -> None:
     import logging
 
     import torch
-    from training_speed import random_examples, random_model
+    from gpu_memory import checkpoint_for
+    from training_speed import random_examples
 
-    from tasks.config import TrainingSettings
+    from tasks.config import LoraSettings, TrainingSettings
     from tasks.distributed import join_process_group, leave_process_group
     from tasks.trainer import train
 
-    from tasks.modeling import use_expandable_segments
+    from tasks.modeling import load_for_training, use_expandable_segments
 
     use_expandable_segments("cuda")  # as the train task's model loading does; before any CUDA allocation
     parallel = join_process_group("cuda")
-    torch.manual_seed(0)  # the same random weights (and LoRA initialisation) on every GPU
-    model = random_model(args.shape, args.method, args.checkpointing == "on")
+    # Random weights written once to disk (rank 0 first), then loaded as the train task loads a model.
+    if parallel.is_main:
+        path = checkpoint_for(args.shape, Path(tempfile.gettempdir()))
+    parallel.barrier()
+    path = checkpoint_for(args.shape, Path(tempfile.gettempdir()))
+    torch.manual_seed(0)  # the same LoRA initialisation on every GPU
+    model = load_for_training(str(path), args.method, "cuda", LoraSettings(r=16, alpha=32, dropout=0.05),
+                              args.checkpointing == "on")
     steps = WARM_STEPS + TIMED_STEPS
     examples = random_examples(args.rows * steps + 8, model.config.vocab_size, "chat")
     settings = TrainingSettings(max_steps=steps, batch_size=args.rows, max_seq_len=2048, eval_every=10_000,
@@ -73,7 +81,7 @@ def one_case(args) -> None:
 
 def run_all(args) -> None:
     for shape, method, checkpointing, rows, capacity in CASES:
-        for gpus in GPU_COUNTS:
+        for gpus in args.gpus:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
                        __file__, "case", shape, method, "--rows", str(rows), "--capacity", str(capacity),
                        "--checkpointing", "on" if checkpointing else "off", "--out", args.out]
@@ -105,6 +113,8 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     everything = commands.add_parser("run", help="every case on 1 and on 2 GPUs, one torchrun each")
     everything.add_argument("--out", required=True)
+    everything.add_argument("--gpus", type=int, nargs="+", default=list(GPU_COUNTS),
+                            help="GPU counts to run (default 1 2); 1 alone on a one-GPU machine")
     case = commands.add_parser("case", help="one case, in each torchrun process")
     case.add_argument("shape")
     case.add_argument("method", choices=["full", "lora", "qlora"])

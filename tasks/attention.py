@@ -104,6 +104,9 @@ def use_packed_attention(model, device: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+    # The probe runs autograd on its own tensors: here, not in the first forward, where gradient
+    # checkpointing would count its saved tensors and then miss them in the recomputation.
+    _takes_grouped_heads()
     AttentionInterface.register(PACKED_VARLEN, _packed_varlen_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_VARLEN, _packed_varlen_mask)
     model.set_attn_implementation(PACKED_VARLEN)

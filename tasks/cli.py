@@ -2,7 +2,7 @@
 
     prefect-finetune download OUTPUT [--run RUN_ID|latest] [--to DIR]
     prefect-finetune verify   OUTPUT [--run RUN_ID|latest] [--to DIR] [--base PATH] [--no-load]
-    prefect-finetune plan     --model PATH --gpu-gib N [N ...] [--data PATH] [--method auto] ...
+    prefect-finetune plan     --model PATH --gpu-gib N [N ...] [--gpus N] [--data PATH] [--method auto] ...
 
 OUTPUT is what the flow published to (a local folder or s3://bucket/prefix). `download` fetches a
 run and checks every file against the sha256 in its manifest; `verify` does the same, then loads
@@ -110,6 +110,8 @@ def _add_plan(subparsers) -> None:
                         help="a model folder, its config.json, or an s3:// prefix holding config.json")
     parser.add_argument("--gpu-gib", type=float, nargs="+", required=True,
                         help="GPU memory in GiB; several sizes (e.g. 24 80 141): the smallest that fits")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="GPUs per machine: full fine-tuning is sharded across them (FSDP2), adapters use DDP")
     parser.add_argument("--data", help="training data (path or s3://); without it every row is max-seq-len long")
     parser.add_argument("--data-format", default="auto")
     parser.add_argument("--method", default="auto", choices=["auto", "full", "lora", "qlora"])
@@ -136,7 +138,7 @@ def _plan(args: argparse.Namespace) -> None:
         shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()),
                                        source=f"{args.model} config.json")
         longest, largest_step, origin = _token_lengths(args, model_dir)
-    pools = [WorkPoolSpec(name=f"{gib:g} GiB", gpu_gib=gib) for gib in args.gpu_gib]
+    pools = [WorkPoolSpec(name=f"{gib:g} GiB", gpu_gib=gib, gpus=args.gpus) for gib in args.gpu_gib]
     try:
         pool, plan = select_work_pool(
             shape, pools, safety=args.safety, method=args.method, longest_row=longest, largest_step=largest_step,
@@ -145,7 +147,8 @@ def _plan(args: argparse.Namespace) -> None:
     except PlanError as error:
         raise CheckFailed(str(error)) from error
     print(f"model: {shape.model_type}, {shape.parameters / 1e9:.2f}B parameters; rows: {origin}")
-    print(f"GPU: {pool.gpu_gib:g} GiB, planning within {args.safety:.0%} ({plan.budget_bytes / GIB:.2f} GiB)")
+    print(f"GPU: {pool.gpu_gib:g} GiB{f' x {pool.gpus}' if pool.gpus > 1 else ''}, planning within "
+          f"{args.safety:.0%} ({plan.budget_bytes / GIB:.2f} GiB per GPU)")
     print(f"{'method':<7}{'tokens/micro-batch':>20}{'grad ckpt':>11}{'estimated GiB':>15}  fits")
     for row in plan.table():
         print(f"{row['method']:<7}{row['tokens_per_micro_batch']:>20,}{'on' if row['grad_checkpointing'] else 'off':>11}"

@@ -135,10 +135,15 @@ def estimate_memory(
     lora_r: int = 16,
     lora_targets: list[str] | str = "all-linear",
     fused_kernels: bool | None = None,
+    num_gpus: int = 1,
 ) -> MemoryEstimate:
-    """Peak memory of a training step on micro-batches of `tokens` packed tokens.
+    """Peak memory of one GPU (or the CPU) in a training step on micro-batches of `tokens` packed tokens.
 
     `fused_kernels`: whether Liger's kernels run (tasks/kernels.py); by default, on CUDA.
+    `num_gpus` > 1: one process per GPU (tasks/distributed.py). Full fine-tuning is sharded (FSDP2):
+    each GPU keeps 1/n of the weights, gradients and optimizer states, plus the layer being gathered;
+    adapters run data-parallel (DDP): every GPU holds the whole base, plus a second copy of the
+    adapters' gradients for the all-reduce.
     """
     if method not in ("full", "lora", "qlora"):
         raise ValueError(f"unknown method {method!r}")
@@ -173,7 +178,14 @@ def estimate_memory(
         # holds (most of) the activations or the fp32 gradients, not both: the larger counts. The
         # vocabulary matrix's gradient is formed once more than it is kept (twice when tied).
         vocab_gradient = 4 * shape.vocab_size * shape.hidden_size * (2 if shape.tied_embeddings else 1)
-        activations = max(activations, 4 * params + vocab_gradient - logits)
+        activations = max(activations, 4 * params // num_gpus + vocab_gradient - logits)
+    if num_gpus > 1:
+        if method == "full":  # FSDP2: shards, plus gathered whole: the root (embeddings, head, final norm)
+            layer = 4 * (linear // shape.num_layers)  # and two layers (one in use, one prefetched)
+            weights = 4 * params // num_gpus + copies + 2 * layer + 4 * (params - linear)
+            trainable = 8 * params // num_gpus
+        else:  # DDP: the all-reduce buckets hold the adapters' gradients once more
+            trainable += 4 * adapters
     allocated = weights + trainable + activations + logits
     fragmentation = FRAGMENTATION[device]
     if device == "cuda" and method == "full" and gradient_checkpointing:

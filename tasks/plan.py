@@ -40,13 +40,16 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     from tasks.modeling import pick_device
 
     device = pick_device()
+    gpus = _gpus(config, device)
     budget, source = _memory_budget(config, device)
+    if device == "cpu" and gpus > 1:  # each process holds its own copy in the same RAM
+        budget, source = budget // gpus, f"{source}, shared by {gpus} processes"
     plan = select_plan(
         shape, budget_bytes=budget, budget_source=source, device=device, method=config.method,
         longest_row=min(settings.max_seq_len, stats["tokens_max"]), largest_step=stats["tokens_largest_step"],
         max_rows_per_micro_batch=settings.micro_batch_size, gradient_checkpointing=settings.gradient_checkpointing,
         lora_r=config.lora.r, lora_targets=config.lora.target_list(),
-        fused_kernels=fused_kernels_available(shape.model_type, device),
+        fused_kernels=fused_kernels_available(shape.model_type, device), num_gpus=gpus,
     )
     logger.info("plan: %s", plan.reason)
     create_table_artifact(plan.table(), key="finetune-plan", description=f"Memory plan. {plan.reason}")
@@ -80,6 +83,17 @@ def _read_model_config(model: str) -> dict:
         raise FileNotFoundError(f"{path}: not found; `model` must be a local folder holding a Hugging Face "
                                 "model (config.json, safetensors weights, tokenizer)")
     return json.loads(path.read_text())
+
+
+def _gpus(config: FinetuneConfig, device: str) -> int:
+    """Training processes the run gets: `training.num_gpus`, else every visible GPU (one on CPU)."""
+    if config.training.num_gpus:
+        return config.training.num_gpus
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.device_count()
+    return 1
 
 
 def _memory_budget(config: FinetuneConfig, device: str) -> tuple[int, str]:

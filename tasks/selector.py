@@ -35,7 +35,8 @@ class TrainingPlan(BaseModel):
     device: str
     tokens_per_micro_batch: int  # packed tokens per forward pass (the trainer's token capacity)
     longest_row: int  # tokens: no micro-batch can be smaller
-    micro_batches_per_step: int  # in the largest step; typical steps need fewer
+    micro_batches_per_step: int  # per GPU, in the largest step; typical steps need fewer
+    num_gpus: int = 1  # training processes, one per GPU: FSDP2 shards full fine-tuning, DDP for adapters
     gradient_checkpointing: bool
     budget_bytes: int
     budget_source: str
@@ -72,18 +73,22 @@ def select_plan(
     lora_r: int = 16,
     lora_targets: list[str] | str = "all-linear",
     fused_kernels: bool | None = None,
+    num_gpus: int = 1,
 ) -> TrainingPlan:
     """`longest_row`: tokens of the longest (truncated) row; `largest_step`: tokens of the largest
     optimizer step (the `batch_size` longest rows); `max_rows_per_micro_batch` caps a micro-batch
-    at that many longest rows."""
+    at that many longest rows; `num_gpus`: GPUs the run gets (each its own process: a step's rows
+    are split across them, and full fine-tuning is sharded, so it may fit on several but not one);
+    `budget_bytes` is per GPU."""
     checkpointing = {"auto": (False, True), "off": (False,), "on": (True,)}[gradient_checkpointing]
-    capacities = token_capacities(longest_row, largest_step, max_rows_per_micro_batch)
+    per_gpu_step = -(-largest_step // num_gpus)
+    capacities = token_capacities(longest_row, per_gpu_step, max_rows_per_micro_batch)
 
     def best_for(m: str) -> Candidate:
         tried = None
         for ckpt in checkpointing:
             for tokens in capacities:
-                tried = estimate_memory(shape, m, device, tokens, ckpt, lora_r, lora_targets, fused_kernels)
+                tried = estimate_memory(shape, m, device, tokens, ckpt, lora_r, lora_targets, fused_kernels, num_gpus)
                 if tried.total <= budget_bytes:
                     return Candidate(estimate=tried, fits=True)
         return Candidate(estimate=tried, fits=False)  # the smallest configuration: what it needs at least
@@ -92,7 +97,7 @@ def select_plan(
     candidates = [best_for(m) for m in METHODS_BY_QUALITY]
     allowed = [c for c in candidates if method in ("auto", c.estimate.method)]
     chosen = next((c for c in allowed if c.fits), None)
-    budget = f"{budget_bytes / GIB:.2f} GiB ({budget_source})"
+    budget = f"{budget_bytes / GIB:.2f} GiB ({budget_source})" + (f" on each of {num_gpus} GPUs" if num_gpus > 1 else "")
     if chosen is None:
         if method != "auto":
             needed = allowed[0].estimate
@@ -114,10 +119,11 @@ def select_plan(
         f"{est.method}: the {'requested' if method != 'auto' else 'highest-quality'} method that fits "
         f"{budget}; estimated peak {est.gib:.2f} GiB with micro-batches of up to {est.tokens} packed tokens, "
         f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}"
+        + (f"; {num_gpus} GPUs ({'FSDP2, sharded' if est.method == 'full' else 'DDP'})" if num_gpus > 1 else "")
     )
     return TrainingPlan(
         method=est.method, device=device, tokens_per_micro_batch=est.tokens, longest_row=longest_row,
-        micro_batches_per_step=math.ceil(largest_step / est.tokens),
+        micro_batches_per_step=math.ceil(per_gpu_step / est.tokens), num_gpus=num_gpus,
         gradient_checkpointing=est.gradient_checkpointing, budget_bytes=budget_bytes,
         budget_source=budget_source, estimate=est, candidates=candidates, reason=reason,
     )
@@ -174,23 +180,24 @@ class WorkPoolSpec(BaseModel):
 
     name: str
     gpu_gib: float  # memory of one GPU, as sold (e.g. 24, 80, 141)
+    gpus: int = 1  # GPUs per machine (a run uses one machine's)
 
 
 def select_work_pool(shape: ModelShape, pools: list[WorkPoolSpec], *, safety: float = GPU_SAFETY,
                      **plan_kwargs) -> tuple[WorkPoolSpec, TrainingPlan]:
     """The smallest pool whose GPU fits a plan, and that plan (`plan_kwargs` as for select_plan).
 
-    Pools are tried from the smallest GPU up, each with `safety` of its memory as the budget, so a
-    job that fits a 24 GiB card does not hold an 80 GiB one. Raises PlanError naming what each pool lacks.
+    Pools are tried from the least memory per machine up, each with `safety` of its GPUs' memory as
+    the budget, so a job that fits a 24 GiB card does not hold an 80 GiB one. Raises PlanError naming what each pool lacks.
     """
     if not pools:
         raise PlanError("no work pools given: list at least one pool with its GPU memory (name, gpu_gib)")
     failures = []
-    for pool in sorted(pools, key=lambda p: p.gpu_gib):
+    for pool in sorted(pools, key=lambda p: (p.gpu_gib * p.gpus, p.gpu_gib)):
         try:
             plan = select_plan(shape, budget_bytes=int(pool.gpu_gib * safety * GIB),
                                budget_source=f"{safety:.0%} of a {pool.gpu_gib:g} GiB GPU in work pool {pool.name!r}",
-                               device="cuda", **plan_kwargs)
+                               device="cuda", num_gpus=pool.gpus, **plan_kwargs)
         except PlanError as error:
             failures.append(f"{pool.name} ({pool.gpu_gib:g} GiB): {error}")
             continue

@@ -112,18 +112,18 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
 
 
 def processes_per_node(config: FinetuneConfig, plan) -> int:
-    """Training processes on this machine: `training.num_gpus` when set, else the plan's GPU count when
-    the planner gives one, else one per visible GPU (one process on a CPU)."""
-    wanted = config.training.num_gpus or getattr(plan, "num_gpus", None)
+    """Training processes on this machine: `training.num_gpus` when set, else the plan's (which planned
+    for every visible GPU); one process on a CPU unless `training.num_gpus` asks for more."""
+    wanted = config.training.num_gpus or plan.num_gpus
     if plan.device != "cuda":
-        return wanted or 1
+        return wanted
     import torch
 
     visible = torch.cuda.device_count()
-    if wanted and wanted > visible:
+    if wanted > visible:
         raise ValueError(f"training wants {wanted} GPUs but {visible} are visible on this machine; lower "
                          "training.num_gpus or run on a work pool with more GPUs per machine")
-    return wanted or visible
+    return wanted
 
 
 def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: int, nodes, train_examples,

@@ -112,6 +112,9 @@ def test_plan_picks_the_smallest_gpu_that_fits(tmp_path, capsys):
     # there: 122.5 GiB with checkpointing, benchmarks/results/README.md)
     assert main(["plan", "--model", str(tmp_path), "--gpu-gib", "24", "80", "141", "--max-seq-len", "2048"]) == 0
     assert "GPU: 24 GiB" in capsys.readouterr().out  # auto: LoRA or QLoRA fits the smallest
+    assert main(["plan", "--model", str(tmp_path), "--gpu-gib", "141", "--gpus", "2", "--method", "full",
+                 "--max-seq-len", "2048"]) == 0  # sharded over two, it needs less than 90% of each
+    assert "GPU: 141 GiB x 2" in (out := capsys.readouterr().out) and "2 GPUs (FSDP2, sharded)" in out
 
 
 def test_plan_says_what_nothing_fits_needs(tmp_path, capsys):

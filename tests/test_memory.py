@@ -216,3 +216,19 @@ def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpoint
     per_layer = _layer_activation_bytes(shape, method, False, 4, 4, 8 if method != "full" else 0)
     estimated = saved_by_forward(shape, 512, checkpointing, per_layer, 4) + _loss_bytes(shape, method, 4, 4, 512)[1]
     assert estimated == pytest.approx(sum(kept.values()), rel=0.15)
+
+
+def test_sharding_lets_full_fine_tuning_fit_on_several_gpus():
+    """FSDP2 splits weights, gradients and AdamW states across GPUs: 8B full fine-tuning needs more
+    than 90% of an H200 alone, and fits on each of two; adapters (DDP) need as much per GPU as on one."""
+    shape = ModelShape.from_config(LLAMA_8B)
+    one, two = (estimate_memory(shape, "full", "cuda", 2048, True, num_gpus=n) for n in (1, 2))
+    assert one.gib > 141 * 0.9 > two.gib and two.trainable_state == one.trainable_state // 2
+    lora_one, lora_two = (estimate_memory(shape, "lora", "cuda", 2048, True, num_gpus=n) for n in (1, 2))
+    assert lora_one.weights == lora_two.weights and lora_two.total > lora_one.total
+    chosen = select_plan(shape, budget_bytes=int(141 * 0.9 * GIB), budget_source="test", device="cuda",
+                         method="auto", longest_row=2048, largest_step=16384, num_gpus=2)
+    assert (chosen.method, chosen.num_gpus) == ("full", 2) and "2 GPUs (FSDP2, sharded)" in chosen.reason
+    alone = select_plan(shape, budget_bytes=int(141 * 0.9 * GIB), budget_source="test", device="cuda",
+                        method="auto", longest_row=2048, largest_step=16384)
+    assert alone.method == "lora"
