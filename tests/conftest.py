@@ -128,4 +128,4 @@ def pytest_collection_modifyitems(config, items):
 
 
 # The real local stack (prefect server, moto server, worker) for the integration and browser tests.
-from local_stack import moto_endpoint, prefect_server, stack_dir  # noqa: E402,F401
+from local_stack import deployed, moto_endpoint, prefect_server, stack_dir  # noqa: E402,F401

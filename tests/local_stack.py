@@ -20,6 +20,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+POOL = "test-gpu"
+BUCKET = "uploads"
+TINY_TRAINING = {"learning_rate": 3e-3, "lr_schedule": "constant", "max_steps": 2, "batch_size": 8,
+                 "max_seq_len": 128, "eval_every": 2, "early_stopping_patience": 0}
+TINY_EVALUATION = {"max_new_tokens": 4, "max_generation_rows": 2}
 
 
 def free_port() -> int:
@@ -126,6 +131,17 @@ def moto_endpoint(stack_dir):
         yield f"http://127.0.0.1:{port}"
     finally:
         moto.stop()
+
+
+@pytest.fixture(scope="session")
+def deployed(prefect_server, moto_endpoint, tiny_model, stack_dir) -> dict:
+    """deployments/prefect.yaml (tiny runs, the test's pool and bucket) registered with `prefect deploy`."""
+    env = base_env(stack_dir / "prefect-home") | aws_env(moto_endpoint) | {"PREFECT_API_URL": prefect_server}
+    prefect_cli(["work-pool", "create", POOL, "--type", "process"], env)
+    project = project_file_for_test(BUCKET, tiny_model, POOL, f"s3://{BUCKET}/models/incoming", TINY_TRAINING,
+                                    TINY_EVALUATION, stack_dir / "prefect.yaml")
+    prefect_cli(["--no-prompt", "deploy", "--prefect-file", str(project), "--all"], env, timeout_s=300)
+    return {"env": env, "project": project}
 
 
 def aws_env(endpoint: str) -> dict:

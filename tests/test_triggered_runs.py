@@ -15,23 +15,18 @@ import pytest
 import yaml
 
 from conftest import DEMO_DATA
-from local_stack import ROOT, PYTHON, Process, aws_env, base_env, prefect_cli, project_file_for_test
+from local_stack import BUCKET, POOL, PYTHON, ROOT, Process
 
 pytestmark = pytest.mark.integration
 
-POOL = "test-gpu"
 PREFIX = "datasets/incoming/"
-BUCKET = "uploads"
-TINY_TRAINING = {"learning_rate": 3e-3, "lr_schedule": "constant", "max_steps": 2, "batch_size": 8,
-                 "max_seq_len": 128, "eval_every": 2, "early_stopping_patience": 0}
-TINY_EVALUATION = {"max_new_tokens": 4, "max_generation_rows": 2}
 
 
 @pytest.fixture(scope="module")
-def stack(prefect_server, moto_endpoint, tiny_model, stack_dir):
+def stack(prefect_server, moto_endpoint, deployed, stack_dir):
     import boto3
 
-    env = base_env(stack_dir / "prefect-home") | aws_env(moto_endpoint) | {"PREFECT_API_URL": prefect_server}
+    env = deployed["env"]
     s3 = boto3.client("s3", **_boto(moto_endpoint))
     sqs = boto3.client("sqs", **_boto(moto_endpoint))
     s3.create_bucket(Bucket=BUCKET)
@@ -42,11 +37,6 @@ def stack(prefect_server, moto_endpoint, tiny_model, stack_dir):
     config["QueueConfigurations"][0]["QueueArn"] = queue_arn
     s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration=config)
 
-    prefect_cli(["work-pool", "create", POOL, "--type", "process"], env)
-    project = project_file_for_test(BUCKET, tiny_model, POOL, f"s3://{BUCKET}/models/incoming", TINY_TRAINING,
-                                    TINY_EVALUATION, stack_dir / "prefect.yaml")
-    prefect_cli(["--no-prompt", "deploy", "--prefect-file", str(project), "--all"], env, timeout_s=300)
-
     worker_env = env | {"FINETUNE_REPO_DIR": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1",
                         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(stack_dir / "results")}
     worker = Process("worker", [PYTHON, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
@@ -54,8 +44,7 @@ def stack(prefect_server, moto_endpoint, tiny_model, stack_dir):
     bridge = Process("s3-bridge", [PYTHON, "-m", "flows.s3_bridge", "--queue-url", queue_url, "--prefix", PREFIX,
                                    "--debounce", "2", "--wait", "1"], env, stack_dir)
     try:
-        yield {"api": prefect_server, "s3": s3, "sqs": sqs, "queue_url": queue_url, "project": project,
-               "logs": [worker, bridge]}
+        yield {"api": prefect_server, "s3": s3, "sqs": sqs, "queue_url": queue_url, "logs": [worker, bridge]}
     finally:
         bridge.stop()
         worker.stop(signals=(signal.SIGTERM, signal.SIGINT))  # the worker exits on SIGINT after SIGTERM
