@@ -10,7 +10,13 @@ export PREFECT_API_URL=http://127.0.0.1:${PREFECT_PORT:-4200}/api
 export AWS_ENDPOINT_URL=http://127.0.0.1:${S3_PORT:-5000} AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
 export AWS_DEFAULT_REGION=us-east-1 FINETUNE_REPO_DIR=$(pwd)
 pids=()
-trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done' EXIT
+stop() {  # newest first (bridge, workers, then the servers they talk to); workers exit on SIGINT after SIGTERM
+  for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; done
+  sleep 2
+  for ((i=${#pids[@]}-1; i>=0; i--)); do kill -INT "${pids[i]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap stop EXIT
 infra/start-prefect-server.sh & pids+=($!)
 infra/start-s3.sh & pids+=($!)
 until curl -sf "$PREFECT_API_URL/health" >/dev/null; do sleep 1; done
