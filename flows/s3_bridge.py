@@ -30,6 +30,7 @@ def run_bridge(queue_url: str, *, prefix: str = "", suffixes: tuple[str, ...] = 
                debounce_s: float = 10.0, wait_s: int = 20, group: str = "object",
                should_stop=lambda: False, seen: SeenObjects | None = None, sqs=None) -> None:
     import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
 
     sqs = sqs or boto3.client("sqs")
     seen = seen or SeenObjects()
@@ -41,8 +42,13 @@ def run_bridge(queue_url: str, *, prefix: str = "", suffixes: tuple[str, ...] = 
     while not should_stop():
         due_in = debouncer.next_due_in(time.monotonic())
         poll_s = wait_s if due_in is None else max(0, min(wait_s, int(due_in + 0.999)))
-        answer = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=poll_s,
-                                     VisibilityTimeout=visibility)
+        try:
+            answer = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=poll_s,
+                                         VisibilityTimeout=visibility)
+        except (BotoCoreError, ClientError) as error:  # SQS or the network hiccuped: held messages stay held
+            log.warning("bridge: receiving from SQS failed (%s); retrying in 5s", error)
+            time.sleep(5)
+            answer = {}
         for message in answer.get("Messages", []):
             handles[message["MessageId"]] = message["ReceiptHandle"]
             _take(message, debouncer, prefix, suffixes)

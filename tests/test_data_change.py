@@ -50,7 +50,8 @@ def test_retraining_is_skipped_only_when_the_newest_run_used_the_same_data(tmp_p
     assert unchanged_since_published(config_for(tmp_path, other, eval_data)) is None
 
 
-def test_published_runs_are_found_in_s3(bucket, tmp_path):
+def test_published_runs_are_found_in_s3(empty_bucket, tmp_path):
+    bucket = empty_bucket  # other tests publish runs to the shared moto state
     import boto3
 
     s3 = boto3.client("s3")
@@ -80,3 +81,21 @@ def test_an_overwritten_event_object_is_refused(bucket):
 def test_data_etag_needs_an_s3_object():
     with pytest.raises(ValueError, match="data_etag is set but data='local.jsonl' is not an s3:// object"):
         FinetuneConfig(model="m", data="local.jsonl", data_etag="abc")
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_api")
+def test_a_run_for_an_overwritten_object_stops_before_it_starts(tiny_model, bucket, tmp_path):
+    import boto3
+
+    from conftest import tiny_config
+    from flows.finetune import finetune
+
+    s3 = boto3.client("s3")
+    etag = s3.put_object(Bucket=bucket, Key="in/a.jsonl", Body=(DEMO_DATA / "train.jsonl").read_bytes())["ETag"]
+    s3.put_object(Bucket=bucket, Key="in/a.jsonl", Body=(DEMO_DATA / "eval.jsonl").read_bytes())  # a newer upload
+    config = tiny_config(tiny_model, tmp_path, data=f"s3://{bucket}/in/a.jsonl", eval_data=None,
+                         data_etag=etag.strip('"'))
+    state = finetune(config, return_state=True)
+    assert state.is_failed() and "overwritten after the event" in str(state.result(raise_on_failure=False))
+    assert not (tmp_path / "work").exists()  # nothing started: no run folder, no model loaded
