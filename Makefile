@@ -11,7 +11,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup model demo test test-fast clean
+.PHONY: setup model demo test test-fast chromium clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ model: setup
 demo: model
 	$(BIN)/python demo/run.py
 
-test: model
+test: model chromium
 	$(BIN)/python -m pytest
+
+# The UI test drives Debian's chromium through Playwright (never `playwright install`).
+chromium:
+	@command -v chromium >/dev/null || [ -x "$${CHROMIUM:-}" ] || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not integration and not e2e"

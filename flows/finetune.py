@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from tasks.config import FinetuneConfig
 from tasks.evaluate import evaluate, evaluate_published
+from tasks.freshness import require_data_version
 from tasks.ingest import ingest
 from tasks.plan import plan_training
 from tasks.publish import decide_promotion, package_run, promote_run, upload_run, write_report
@@ -32,6 +33,7 @@ class FinetuneResult(BaseModel):
 
 @flow(name="finetune", log_prints=True)
 def finetune(config: FinetuneConfig) -> FinetuneResult:
+    require_data_version(config)  # event-triggered runs: the object is still the version announced
     run = start_run(config)
     data = ingest(config, run)
     planned = plan_training(config, data)

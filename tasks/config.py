@@ -162,6 +162,11 @@ class DataSettings(_Settings):
 class FinetuneConfig(_Settings):
     model: str = Field(description="Local folder of a Hugging Face causal LM (config.json, safetensors, tokenizer).")
     data: str = Field(description="Training data: a local path or s3://bucket/key (.jsonl, .json, .csv, .parquet).")
+    data_etag: str | None = Field(
+        None, description="S3 ETag `data` must still have (event-triggered runs set it from the upload event): "
+        "a run whose object was overwritten since stops before training, since the newer upload has its own run. "
+        "Empty: not checked.",
+    )
     eval_data: str | None = Field(None, description="Held-out data; when empty, a split of `data` is used.")
     data_format: DataFormat = Field(
         "auto", description="Row format; 'auto' detects it from the columns."
@@ -200,6 +205,8 @@ class FinetuneConfig(_Settings):
             elif not uri.lower().endswith(DATA_SUFFIXES) and not _is_folder(uri):
                 problems.append(f"{name}={uri!r} has an unsupported suffix: use one of {', '.join(DATA_SUFFIXES)}, "
                                 "or a folder / s3 prefix ending in '/'")
+        if self.data_etag is not None and not is_s3_uri(self.data):
+            problems.append(f"data_etag is set but data={self.data!r} is not an s3:// object: drop data_etag")
         if is_s3_uri(self.output) and not split_s3_uri(self.output)[0]:
             problems.append(f"output={self.output!r} has no bucket: use s3://bucket/prefix")
         if not self.model.strip():

@@ -125,3 +125,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The real local stack (prefect server, moto server, worker) for the integration and browser tests.
+from local_stack import deployed, moto_endpoint, prefect_server, stack_dir  # noqa: E402,F401

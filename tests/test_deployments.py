@@ -1,15 +1,70 @@
-"""deployments/prefect.yaml points at the real flow, and its parameters pass the flow's schema."""
+"""deployments/prefect.yaml points at the real flows, and every parameter set it holds (the deployments'
+and the triggers', with the event templates filled in) passes the flow's schema."""
+import re
+
+import pytest
 import yaml
 
 from conftest import ROOT
 
+SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+DEPLOYMENTS = {d["name"]: d for d in SPEC["deployments"]}
+EVENT = {"bucket": "my-bucket", "key": "datasets/incoming/new.jsonl", "etag": "9b2cf535f27731c974343645a3985328"}
 
-def test_deployment_entrypoint_and_parameters_are_valid():
+
+def fill_event_templates(value):
+    """What the server's trigger renders: `{{ event.payload.X }}` -> the event's payload value."""
+    if isinstance(value, dict):
+        return {k: fill_event_templates(v) for k, v in value.items()}
+    if isinstance(value, str):
+        return re.sub(r"{{\s*event\.payload\.(\w+)\s*}}", lambda m: EVENT[m.group(1)], value)
+    return value
+
+
+# ids: a bare "gpu" id would read as the `gpu` marker keyword and be skipped without CUDA
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS), ids=lambda n: f"deployment-{n}")
+def test_deployment_entrypoint_and_parameters_are_valid(name):
     from prefect.flows import load_flow_from_entrypoint
 
-    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
-    for deployment in spec["deployments"]:
-        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
-        assert flow.name == "finetune"
-        validated = flow.validate_parameters(deployment["parameters"])
-        assert validated["config"].method == deployment["parameters"]["config"]["method"]
+    deployment = DEPLOYMENTS[name]
+    flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+    flow.validate_parameters(deployment["parameters"])
+    for trigger in deployment.get("triggers", []):
+        validated = flow.validate_parameters(fill_event_templates(trigger["parameters"]))
+        assert validated["config"].data == "s3://my-bucket/datasets/incoming/new.jsonl"
+        assert validated["config"].data_etag == EVENT["etag"]
+
+
+def test_every_fine_tuning_deployment_runs_one_at_a_time_on_a_gpu_pool():
+    finetuning = [d for d in DEPLOYMENTS.values() if d["entrypoint"] in ("flows/finetune.py:finetune",
+                                                                        "flows/retrain.py:retrain")]
+    assert {d["name"] for d in finetuning} == {"gpu", "gpu-24gb", "gpu-80gb", "nightly", "on-upload"}
+    for d in finetuning:
+        assert d["work_pool"]["name"].startswith("gpu") and d["concurrency_limit"]["limit"] == 1
+        assert d["concurrency_limit"]["collision_strategy"] == "ENQUEUE" and d["enforce_parameter_schema"]
+
+
+def test_router_pools_each_have_a_deployment():
+    from tasks.routing import deployment_for
+    from tasks.selector import WorkPoolSpec
+
+    for pool in DEPLOYMENTS["auto"]["parameters"]["pools"]:
+        name = deployment_for(WorkPoolSpec(**pool))
+        assert name == f"finetune/{pool['name']}" and DEPLOYMENTS[pool["name"]]["work_pool"]["name"] == pool["name"]
+
+
+def test_nightly_schedule_and_upload_trigger():
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    [schedule] = DEPLOYMENTS["nightly"]["schedules"]
+    assert schedule["cron"] == "0 3 * * *" and schedule["timezone"] == "UTC" and schedule["active"]
+    [trigger] = DEPLOYMENTS["on-upload"]["triggers"]
+    parsed = DeploymentEventTrigger(**{k: v for k, v in trigger.items() if k != "type"})
+    assert parsed.expect == {"s3.object.created"}
+    assert parsed.match.model_dump()["prefect.resource.id"] == "s3://my-bucket/datasets/incoming/*"
+    # the prefix the bucket notification config (infra/s3-notification.json) sends is the one the trigger matches
+    import json
+
+    notification = json.loads((ROOT / "infra" / "s3-notification.json").read_text())["QueueConfigurations"][0]
+    assert notification["Filter"]["Key"]["FilterRules"][0]["Value"] == "datasets/incoming/"
+    assert notification["Events"] == ["s3:ObjectCreated:*"]

@@ -147,7 +147,7 @@ def test_bad_data_fails_in_ingest_before_any_model_is_loaded(tiny_model, tmp_pat
     state = finetune(tiny_config(tiny_model, tmp_path, data=str(tmp_path / name), eval_data=None), return_state=True)
     assert state.is_failed()
     assert expected in str(state.result(raise_on_failure=False))
-    assert "ingest" in task_names(state) and set(task_names(state)) <= {"ingest", "validate"}  # no model
+    assert "ingest" in task_names(state) and set(task_names(state)) <= {"check-data-version", "ingest", "validate"}  # no model
     assert not (tmp_path / "out").exists()
 
 
@@ -156,7 +156,7 @@ def test_forced_method_that_does_not_fit_fails_in_plan(tiny_model, tmp_path):
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
     assert "method 'full' needs at least" in message and "budget is 0.50 GiB (memory_budget_gib)" in message
-    assert [name for name in task_names(state) if name != "validate"] == ["ingest", "plan"]
+    assert [name for name in task_names(state) if name not in ("validate", "check-data-version")] == ["ingest", "plan"]
 
 
 def test_a_new_run_with_resume_continues_from_the_last_checkpoint(tiny_model, tmp_path):

@@ -1,0 +1,180 @@
+"""The real local stack as processes: `prefect server start`, moto's server (S3 + SQS), a process worker,
+the S3 bridge. Each is started in its own process group and stopped by its PID (never by name).
+
+Imported by conftest; the fixtures are session-scoped so the integration and browser tests share one
+server (startup and migrations cost ~15-30 s on a 2-core machine).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+POOL = "test-gpu"
+BUCKET = "uploads"
+TINY_TRAINING = {"learning_rate": 3e-3, "lr_schedule": "constant", "max_steps": 2, "batch_size": 8,
+                 "max_seq_len": 128, "eval_every": 2, "early_stopping_patience": 0}
+TINY_EVALUATION = {"max_new_tokens": 4, "max_generation_rows": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A child process in its own session (so the worker's flow-run children go with it), logging to a file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path = ROOT):
+        self.name, self.log = name, log_dir / f"{name}.log"
+        self._log_file = open(self.log, "w")
+        self.popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, signals=(signal.SIGTERM,), grace_s: float = 10) -> None:
+        """Each signal in turn to the process group led by our PID, then SIGKILL."""
+        for signum in (*signals, signal.SIGKILL):
+            if self.popen.poll() is not None:
+                break
+            try:
+                os.killpg(self.pid, signum)
+            except ProcessLookupError:
+                break
+            try:
+                self.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children of the group that outlived their leader (a flow run of the worker)
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log_file.close()
+
+
+def wait_http(url: str, process: Process, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n{process.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status < 500:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{process.name}: {url} did not answer in {timeout_s:.0f}s:\n{process.tail()}")
+
+
+def base_env(prefect_home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+    env.update({
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PYTHONPATH": str(ROOT),  # the worktree's tasks/ and flows/, not an installed copy
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def prefect_server(stack_dir):
+    """`prefect server start` on 127.0.0.1 (SQLite in a temp dir); yields its API URL."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = base_env(stack_dir / "prefect-home") | {
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{stack_dir / 'prefect.db'}",
+        "PREFECT_UI_API_URL": api,  # the UI's browser calls go here, not to the default port 4200
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+    }
+    server = Process("prefect-server", [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                        "--port", str(port)], env, stack_dir)
+    try:
+        wait_http(f"{api}/health", server, timeout_s=180)
+        yield api
+    finally:
+        server.stop(signals=(signal.SIGTERM, signal.SIGINT))
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(stack_dir):
+    """moto's server (S3 and SQS in one process, so S3 can notify SQS) as a child process."""
+    port = free_port()
+    moto = Process("moto", [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                   base_env(stack_dir / "prefect-home"), stack_dir)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", moto, timeout_s=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        moto.stop()
+
+
+@pytest.fixture(scope="session")
+def deployed(prefect_server, moto_endpoint, tiny_model, stack_dir) -> dict:
+    """deployments/prefect.yaml (tiny runs, the test's pool and bucket) registered with `prefect deploy`."""
+    env = base_env(stack_dir / "prefect-home") | aws_env(moto_endpoint) | {"PREFECT_API_URL": prefect_server}
+    prefect_cli(["work-pool", "create", POOL, "--type", "process"], env)
+    project = project_file_for_test(BUCKET, tiny_model, POOL, f"s3://{BUCKET}/models/incoming", TINY_TRAINING,
+                                    TINY_EVALUATION, stack_dir / "prefect.yaml")
+    prefect_cli(["--no-prompt", "deploy", "--prefect-file", str(project), "--all"], env, timeout_s=300)
+    return {"env": env, "project": project}
+
+
+def aws_env(endpoint: str) -> dict:
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def prefect_cli(args: list[str], env: dict, timeout_s: float = 180) -> str:
+    result = subprocess.run([PYTHON, "-m", "prefect", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout_s)
+    if result.returncode:
+        raise RuntimeError(f"prefect {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def project_file_for_test(bucket: str, model: Path, pool: str, output: str, training: dict, evaluation: dict,
+                      dest: Path) -> Path:
+    """deployments/prefect.yaml with the test's pool, bucket, model and a tiny run; triggers, schedules and
+    templates exactly as shipped."""
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    keep = {"gpu", "on-upload", "nightly"}
+    spec["deployments"] = [d for d in spec["deployments"] if d["name"] in keep]
+    for deployment in spec["deployments"]:
+        deployment["work_pool"] = {"name": pool}
+        configs = [deployment["parameters"]["config"]] + [t["parameters"]["config"] for t in deployment.get("triggers", [])]
+        for config in configs:
+            config.update(model=str(model), output=output, training=training, evaluation=evaluation,
+                          work_dir=str(dest.parent / "work"))
+            for name in ("data", "eval_data"):
+                if name in config:
+                    config[name] = config[name].replace("s3://my-bucket/", f"s3://{bucket}/")
+        for trigger in deployment.get("triggers", []):
+            trigger["match"]["prefect.resource.id"] = trigger["match"]["prefect.resource.id"].replace(
+                "s3://my-bucket/", f"s3://{bucket}/")
+    dest.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return dest

@@ -1,0 +1,57 @@
+"""The plan's choice of GPU work pool decides which deployment (and so which pool) a run goes to; the
+nightly retraining flow trains only on changed data. Against a real temporary Prefect server."""
+import pytest
+
+from conftest import tiny_config
+from tasks.routing import choose_work_pool, deployment_for
+from tasks.selector import PlanError, WorkPoolSpec
+
+SMALL, BIG = WorkPoolSpec(name="gpu-small", gpu_gib=0.5), WorkPoolSpec(name="gpu-big", gpu_gib=4)
+
+
+def test_smallest_pool_whose_gpu_fits(tiny_model, tmp_path):
+    config = tiny_config(tiny_model, tmp_path)
+    # The tiny model needs ~1 GiB on CUDA (mostly runtime overhead): 0.5 GiB is too small, 4 fits, 80 is waste.
+    pool, plan = choose_work_pool(config, [WorkPoolSpec(name="gpu-80gb", gpu_gib=80), BIG, SMALL])
+    assert pool == BIG and plan.method == "full" and "gpu-big" in plan.budget_source
+    assert deployment_for(pool) == "finetune/gpu-big"
+    with pytest.raises(PlanError, match="no work pool's GPU fits this run:\n  gpu-small"):
+        choose_work_pool(config, [SMALL])
+    with pytest.raises(PlanError, match="config.json: not found"):
+        choose_work_pool(config.model_copy(update={"model": str(tmp_path)}), [BIG])
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_api")
+def test_router_starts_the_run_on_the_chosen_pools_deployment(tiny_model, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.route import route_finetune
+    from flows.finetune import finetune
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(finetune)
+        ids = {pool.name: client.create_deployment(flow_id=flow_id, name=pool.name, entrypoint="flows/finetune.py:finetune",
+                                                   paused=True)  # nothing picks the runs up in this test
+               for pool in (SMALL, BIG)}
+        config = tiny_config(tiny_model, tmp_path)
+        run_id = route_finetune(config, [SMALL, BIG])
+        run = client.read_flow_run(run_id)
+    assert run.deployment_id == ids["gpu-big"]
+    assert run.parameters["config"]["model"] == str(tiny_model)
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_api")
+def test_nightly_retrain_skips_unchanged_data(tiny_model, tmp_path):
+    from flows.retrain import retrain
+
+    config = tiny_config(tiny_model, tmp_path, method="lora",
+                         training={"max_steps": 2, "batch_size": 8, "max_seq_len": 128, "eval_every": 2,
+                                   "early_stopping_patience": 0})
+    first = retrain(config, return_state=True)
+    assert first.is_completed() and first.result().run_id  # trained and published
+    second = retrain(config, return_state=True)
+    assert second.is_completed() and second.result() is None
+    assert "data unchanged since run " + first.result().run_id in second.message
+    assert len(list((tmp_path / "out" / "runs").iterdir())) == 1  # nothing trained the second time

@@ -1,0 +1,97 @@
+"""The deployment's run form in a real browser, and the server's schema check on a bad parameter.
+
+Headless Chromium (Debian's `chromium`, driven by Playwright without `playwright install`) opens the
+local Prefect UI's run form for finetune/gpu registered from deployments/prefect.yaml. Every request
+that is not to 127.0.0.1 is blocked (the UI tries one analytics call even offline). The screenshot is
+saved to tests/artifacts/run-form.png (the whole form) and run-form-method.png (the method dropdown
+open), with the page's HTML in run-form.html (tests/artifacts/ is ignored by git), for a person to look at.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from local_stack import ROOT
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def deployment_id(api: str, name: str) -> str:
+    answer = httpx.get(f"{api}/deployments/name/{name}", timeout=30)
+    answer.raise_for_status()
+    return answer.json()["id"]
+
+
+def test_run_form_shows_the_typed_parameters(prefect_server, deployed):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: `apt-get install -y --no-install-recommends chromium` "
+                    "(make test does it)")
+    from playwright.sync_api import sync_playwright
+
+    ui = prefect_server.removesuffix("/api")
+    url = f"{ui}/v2/deployments/deployment/{deployment_id(prefect_server, 'finetune/gpu')}/run"
+    blocked = []
+
+    def only_local(route):
+        if urlparse(route.request.url).hostname == "127.0.0.1":
+            return route.continue_()
+        blocked.append(route.request.url)
+        return route.abort()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        # Playwright gives the browser a fresh temporary profile itself (no --user-data-dir needed).
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            context.route("**/*", only_local)
+            page = context.new_page()
+            page.goto(url, wait_until="networkidle", timeout=120_000)
+            page.get_by_text("Local folder of a Hugging Face causal LM", exact=False).first.wait_for(timeout=60_000)
+            text = page.inner_text("body")
+            page.screenshot(path=str(ARTIFACTS / "run-form.png"), full_page=True)
+            (ARTIFACTS / "run-form.html").write_text(page.content())
+            print(f"\nscreenshot: {ARTIFACTS / 'run-form.png'}; blocked: {blocked}")
+            # The typed fields with their descriptions, from FinetuneConfig's Field(description=...).
+            for expected in ("Method (Optional)", "'auto' picks the best method that fits memory", "Data",
+                             "Training data: a local path or s3://bucket/key", "Min Improvement"):
+                assert expected.lower() in text.lower(), f"{expected!r} not on the run form:\n{text[:3000]}"
+            method_dropdown = _method_options(page)
+            page.screenshot(path=str(ARTIFACTS / "run-form-method.png"))  # the dropdown, open
+            assert {"auto", "full", "lora", "qlora"} <= set(method_dropdown), method_dropdown
+        finally:
+            browser.close()
+
+
+def _method_options(page) -> list[str]:
+    """Open the `method` dropdown (a listbox button labelled by the field's title) and read its options."""
+    page.get_by_role("button", name="Select Method", exact=True).click()
+    options = page.get_by_role("option")
+    options.first.wait_for(timeout=30_000)
+    return [o.strip() for o in options.all_inner_texts()]
+
+
+def test_server_rejects_an_invalid_parameter(prefect_server, deployed):
+    """enforce_parameter_schema: a bad value is refused when the run is created, naming the field."""
+    dep = deployment_id(prefect_server, "finetune/gpu")
+    good = httpx.get(f"{prefect_server}/deployments/{dep}", timeout=30).json()["parameters"]["config"]
+    for bad, words in (({**good, "method": "bogus"}, ("bogus", "auto")),
+                       ({**good, "publish": {"max_regression": -0.5}}, ("-0.5", "minimum")),
+                       ({**good, "training": {"learning_rte": 0.1}}, ("learning_rte",))):
+        answer = httpx.post(f"{prefect_server}/deployments/{dep}/create_flow_run",
+                            json={"parameters": {"config": bad}}, timeout=30)
+        assert answer.status_code == 409, answer.text
+        assert all(w in answer.text for w in words), answer.text
+    accepted = httpx.post(f"{prefect_server}/deployments/{dep}/create_flow_run",
+                          json={"parameters": {"config": good}, "state": {"type": "CANCELLED"}}, timeout=30)
+    assert accepted.status_code == 201, accepted.text  # the same request with a valid config is accepted
