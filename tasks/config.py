@@ -159,6 +159,19 @@ class DataSettings(_Settings):
     )
 
 
+class ModelLoadingSettings(_Settings):
+    """What a model folder may make this process do while it loads. Both are off: a model is data."""
+
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped inside the model folder (auto_map in config.json). That code "
+        "runs with the worker's permissions and credentials: turn on only for a folder you have read and trust.",
+    )
+    allow_pickle_weights: bool = Field(
+        False, description="Accept pickle weight files (pytorch_model.bin, adapter_model.bin, .pt) when the folder "
+        "has no safetensors. Unpickling can run arbitrary code: prefer converting the folder to safetensors.",
+    )
+
+
 class FinetuneConfig(_Settings):
     model: str = Field(description="Local folder of a Hugging Face causal LM (config.json, safetensors, tokenizer).")
     data: str = Field(description="Training data: a local path or s3://bucket/key (.jsonl, .json, .csv, .parquet).")
@@ -189,6 +202,7 @@ class FinetuneConfig(_Settings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     data_checks: DataSettings = Field(default_factory=DataSettings)
+    model_loading: ModelLoadingSettings = Field(default_factory=ModelLoadingSettings)
 
     @model_validator(mode="after")
     def _check_locations(self) -> FinetuneConfig:

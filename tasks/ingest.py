@@ -197,7 +197,7 @@ def encoded_split(config: FinetuneConfig, split_file: Path | str, conversations:
 
     if conversations is None:
         conversations = read_conversations(str(split_file))[1]
-    examples = encode_all_cached(tokenizer or load_tokenizer(config.model), conversations,
+    examples = encode_all_cached(tokenizer or load_tokenizer(config.model, config.model_loading), conversations,
                                  config.training.max_seq_len, Path(config.work_dir) / "cache" / "encoded",
                                  sha256_file(Path(split_file)))
     return conversations, examples
