@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tasks.schemas import DatasetError
-from tasks.storage import StorageNotFoundError, is_s3_uri, s3_client, split_s3_uri
+from tasks.storage import StorageNotFoundError, is_s3_uri, s3_client, safe_local_path, split_s3_uri
 
 SUFFIXES = ("jsonl", "json", "csv", "parquet", "arrow")
 READ_BLOCK = 8 * 2**20
@@ -53,7 +53,8 @@ def _list_local(uri: str) -> list[SourceFile]:
                            f"one split folder, e.g. {path / (splits[0] if splits else 'train')}")
     if (path / "state.json").is_file():  # datasets' save_to_disk: state.json lists the Arrow files
         names = [entry["filename"] for entry in json.loads((path / "state.json").read_text())["_data_files"]]
-        return [SourceFile(str(path / name), (path / name).stat().st_size) for name in names]
+        files = [safe_local_path(path, name, str(path / "state.json")) for name in names]  # no reading outside
+        return [SourceFile(str(file), file.stat().st_size) for file in files]
     found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not found:
