@@ -148,6 +148,14 @@ class DataSettings(_Settings):
     )
     min_rows: int = Field(1, ge=1, description="Fewest usable rows a dataset (each split) must keep.")
     max_row_bytes: int = Field(1_000_000, ge=1, description="Rows larger than this (bytes of text) are rejected.")
+    max_file_bytes: int = Field(
+        20 * 2**30, ge=1, description="Largest data file accepted (bytes, from its size on disk or in S3, checked "
+        "before anything is read): a bound on what an upload can make a run read. Default 20 GiB.",
+    )
+    max_rows: int = Field(
+        50_000_000, ge=1, description="Most rows a dataset (data or eval_data, all its files together) may have; "
+        "reading stops, and the run fails, at the block of rows that passes it.",
+    )
     duplicates: Literal["reject", "allow"] = Field(
         "reject", description="Exact and normalised (case, whitespace) copies of an earlier row.",
     )

@@ -31,9 +31,16 @@ class SourceFile:
         return self.uri.lower().rsplit(".", 1)[-1]
 
 
-def list_source_files(uri: str) -> list[SourceFile]:
-    """The data files behind `uri`, in a stable order; raise when there are none or they disagree."""
+def list_source_files(uri: str, max_file_bytes: int | None = None) -> list[SourceFile]:
+    """The data files behind `uri`, in a stable order; raise when there are none, they disagree, or
+    one is larger than `max_file_bytes` (known from the listing: nothing has been read yet)."""
     files = _list_s3(uri) if is_s3_uri(uri) else _list_local(uri)
+    if max_file_bytes is not None:
+        for file in files:
+            if file.size > max_file_bytes:
+                raise DatasetError(f"{file.uri}: {file.size:,} bytes, more than data_checks.max_file_bytes="
+                                   f"{max_file_bytes:,}; split it into smaller files (a folder or s3 prefix of "
+                                   "them is one dataset) or raise the limit")
     suffixes = sorted({f.suffix for f in files})
     if len(suffixes) > 1:
         raise DatasetError(f"{uri}: holds files of several types ({', '.join(suffixes)}); "
