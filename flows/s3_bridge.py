@@ -79,7 +79,7 @@ def _take(message: dict, debouncer: Debouncer, prefix: str, suffixes: tuple[str,
     for obj in parsed.objects:
         reason = skip_reason(obj.key, prefix, suffixes)
         if reason:
-            log.info("bridge: ignoring %s: %s", obj.uri, reason)
+            log.info("bridge: ignoring %r: %s", obj.uri, reason)  # repr: a key may hold control characters
             continue
         debouncer.add(obj, message_id, time.monotonic())
         wanted += 1

@@ -66,18 +66,26 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def load_and_run(folder: Path, base_path: str) -> str:
-    """Load the published model as a user would (plain transformers) and check one forward pass."""
+    """Load the published model as a user would (plain transformers) and check one forward pass.
+
+    A downloaded folder is untrusted: no code from it runs and no pickle is opened (weight_safety).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.weight_safety import pretrained_kwargs, require_safe_weights, tokenizer_kwargs
+
     if (folder / "merged").is_dir():
         model_dir = folder / "merged"
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        require_safe_weights(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **pretrained_kwargs())
     else:  # adapter-only publish: the consumer brings the base (transformers applies it through peft)
         model_dir = folder / "adapter"
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        require_safe_weights(base_path)
+        require_safe_weights(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **pretrained_kwargs())
         model.load_adapter(str(model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, **tokenizer_kwargs())
     inputs = tokenizer(["Hello"], return_tensors="pt")
     with torch.no_grad():
         logits = model.eval()(**inputs).logits

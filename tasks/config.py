@@ -148,6 +148,14 @@ class DataSettings(_Settings):
     )
     min_rows: int = Field(1, ge=1, description="Fewest usable rows a dataset (each split) must keep.")
     max_row_bytes: int = Field(1_000_000, ge=1, description="Rows larger than this (bytes of text) are rejected.")
+    max_file_bytes: int = Field(
+        20 * 2**30, ge=1, description="Largest data file accepted (bytes, from its size on disk or in S3, checked "
+        "before anything is read): a bound on what an upload can make a run read. Default 20 GiB.",
+    )
+    max_rows: int = Field(
+        50_000_000, ge=1, description="Most rows a dataset (data or eval_data, all its files together) may have; "
+        "reading stops, and the run fails, at the block of rows that passes it.",
+    )
     duplicates: Literal["reject", "allow"] = Field(
         "reject", description="Exact and normalised (case, whitespace) copies of an earlier row.",
     )
@@ -156,6 +164,19 @@ class DataSettings(_Settings):
     )
     max_truncated_fraction: float = Field(
         1.0, ge=0, le=1, description="Fail when more than this share of rows is longer than max_seq_len tokens.",
+    )
+
+
+class ModelLoadingSettings(_Settings):
+    """What a model folder may make this process do while it loads. Both are off: a model is data."""
+
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped inside the model folder (auto_map in config.json). That code "
+        "runs with the worker's permissions and credentials: turn on only for a folder you have read and trust.",
+    )
+    allow_pickle_weights: bool = Field(
+        False, description="Accept pickle weight files (pytorch_model.bin, adapter_model.bin, .pt) when the folder "
+        "has no safetensors. Unpickling can run arbitrary code: prefer converting the folder to safetensors.",
     )
 
 
@@ -189,6 +210,7 @@ class FinetuneConfig(_Settings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     data_checks: DataSettings = Field(default_factory=DataSettings)
+    model_loading: ModelLoadingSettings = Field(default_factory=ModelLoadingSettings)
 
     @model_validator(mode="after")
     def _check_locations(self) -> FinetuneConfig:

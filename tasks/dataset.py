@@ -67,7 +67,7 @@ def scan_dataset(uri: str, data_format: str = "auto", checks: DataSettings | Non
                  reference: np.ndarray | None = None, collect: bool = True) -> Scan:
     """Read and check every row of `uri`; `reference` holds the training rows' hashes (leakage)."""
     checks = checks or DataSettings()
-    files = list_source_files(uri)
+    files = list_source_files(uri, checks.max_file_bytes)
     data_format, evidence = detect_format(files[0], data_format)
     for other in files[1:]:
         detect_format(other, data_format)  # every file must have the format's columns
@@ -77,6 +77,8 @@ def scan_dataset(uri: str, data_format: str = "auto", checks: DataSettings | Non
     for index, chunk, checked in _checked_chunks(files, data_format, checks.max_row_bytes, word):
         uri_of_file = files[index].uri
         read += chunk.read
+        if read > checks.max_rows:  # stop reading here: the rest of the data is never parsed
+            raise_too_many_rows(uri, checks.max_rows, f" (passed in {uri_of_file})")
         problems += checked.problems
         bad_values.update({(uri_of_file, row): value for row, value in chunk.raw.items()})
         bad_values.update({(uri_of_file, row): value for row, value in checked.bad_values.items()})
@@ -103,6 +105,11 @@ def scan_dataset(uri: str, data_format: str = "auto", checks: DataSettings | Non
     return Scan(uri, files, data_format, evidence, word, read, problems, bad_values,
                 kept_table.filter(pa.array(keep)) if kept_table is not None else None,
                 rows[keep], file_ids[keep], normalised[keep])
+
+
+def raise_too_many_rows(uri: str, max_rows: int, where: str = "") -> None:
+    raise DatasetError(f"{uri}: more than data_checks.max_rows={max_rows:,} rows{where}; train on a sample or a "
+                       "smaller set of files, or raise the limit")
 
 
 def _checked_chunks(files: list[SourceFile], data_format: str, max_row_bytes: int, word: str):

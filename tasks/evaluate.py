@@ -14,6 +14,7 @@ from tasks.plan import PlanResult
 from tasks.runs import RunInfo
 from tasks.tokenization import load_tokenizer
 from tasks.train import TrainResult
+from tasks.weight_safety import SAFE
 
 
 class EvalResult(BaseModel):
@@ -40,11 +41,12 @@ def evaluate(config: FinetuneConfig, data: IngestResult, planned: PlanResult, la
     quantized = (trained.method if trained else planned.plan.method) == "qlora"  # after any memory step-down
     device = planned.plan.device
     if trained is None:
-        model = load_for_inference(config.model, device, quantized=quantized)
+        model = load_for_inference(config.model, device, quantized=quantized, loading=config.model_loading)
     elif trained.is_adapter:
-        model = load_for_inference(config.model, device, adapter=trained.checkpoint_dir, quantized=quantized)
+        model = load_for_inference(config.model, device, adapter=trained.checkpoint_dir, quantized=quantized,
+                                   loading=config.model_loading)
     else:
-        model = load_for_inference(trained.checkpoint_dir, device)
+        model = load_for_inference(trained.checkpoint_dir, device, loading=config.model_loading)
     return _score(config, data, device, label, model)
 
 
@@ -64,24 +66,25 @@ def evaluate_published(config: FinetuneConfig, data: IngestResult, planned: Plan
         return None
     local = Path(run.run_dir) / "published"
     run_id, manifest = fetch_run(config.output, pointer["run_id"], local, config.publish.max_concurrency)
-    model = _load_published(local, manifest, planned.plan.device)
+    model = _load_published(local, manifest, planned.plan.device, config.model_loading)
     result = _score(config, data, planned.plan.device, "published", model)
     return result.model_copy(update={"run_id": run_id})
 
 
-def _load_published(folder: Path, manifest: dict, device: str):
+def _load_published(folder: Path, manifest: dict, device: str, loading=None):
     """The merged model when it was published, else its adapter on the base it was trained from."""
     from tasks.modeling import load_for_inference
 
     if (folder / "merged").is_dir():
-        return load_for_inference(str(folder / "merged"), device)
-    return load_for_inference(manifest["base_model"]["path"], device, adapter=str(folder / "adapter"))
+        return load_for_inference(str(folder / "merged"), device, loading=loading or SAFE)
+    return load_for_inference(manifest["base_model"]["path"], device, adapter=str(folder / "adapter"),
+                              loading=loading or SAFE)
 
 
 def _score(config: FinetuneConfig, data: IngestResult, device: str, label: str, model) -> EvalResult:
     from tasks.evaluation import evaluate_model
 
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, config.model_loading)
     conversations, examples = encoded_split(config, data.eval_path, tokenizer=tokenizer)
     result = evaluate_model(model, tokenizer, conversations, examples, config.evaluation, device)
     metric = config.evaluation.metric

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from tasks.config import ModelLoadingSettings
 from tasks.modeling import load_for_inference
+from tasks.weight_safety import SAFE, pretrained_kwargs
 
 MERGE_TOLERANCE = 1e-3  # max |logit difference| between merged and unmerged fp32 models
 MIN_SAVED_AGREEMENT = 0.9  # share of probe positions whose top-1 token survives a cast to 16 bits
@@ -35,27 +37,30 @@ def publish_dtype(base_path: str, requested: str) -> torch.dtype:
 
 @torch.no_grad()
 def export_model(base_path: str, checkpoint_dir: str, is_adapter: bool, out_dir: Path, dtype: torch.dtype,
-                 tokenizer, probe_texts: list[str], device: str, max_shard_size: str = "2GB") -> dict:
+                 tokenizer, probe_texts: list[str], device: str, max_shard_size: str = "2GB",
+                 loading: ModelLoadingSettings = SAFE) -> dict:
     tokenizer.padding_side = "right"
     probe = tokenizer(probe_texts, add_special_tokens=False, padding=True, truncation=True,
                       max_length=PROBE_TOKENS, return_tensors="pt").to(device)
     mask = probe["attention_mask"].bool()
     if is_adapter:
-        model = load_for_inference(base_path, device, adapter=checkpoint_dir, dtype=torch.float32)
+        model = load_for_inference(base_path, device, adapter=checkpoint_dir, dtype=torch.float32, loading=loading)
         expected = model(**probe).logits[mask]
         model = model.merge_and_unload()
         merge_error = (model(**probe).logits[mask] - expected).abs().max().item()
         if not merge_error <= MERGE_TOLERANCE:  # written so that NaN fails too
             raise ExportError(f"merged model differs from base + adapter by {merge_error:.2e} (> {MERGE_TOLERANCE})")
     else:
-        model = load_for_inference(checkpoint_dir, device, dtype=torch.float32)
+        model = load_for_inference(checkpoint_dir, device, dtype=torch.float32, loading=loading)
         expected, merge_error = model(**probe).logits[mask], 0.0
     model.config.use_cache = True  # training turned the KV cache off; users generate with it
     model.to(dtype).save_pretrained(out_dir, max_shard_size=max_shard_size)
     _save_generation_config(model, tokenizer, out_dir)
     tokenizer.save_pretrained(out_dir)
     del model
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, device_map={"": device}).eval()
+    # The folder was just written by save_pretrained (safetensors): no pickle, no remote code.
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, device_map={"": device},
+                                                    **pretrained_kwargs(SAFE)).eval()
     saved = reloaded(**probe).logits[mask]
     agreement = (saved.argmax(-1) == expected.argmax(-1)).float().mean().item()
     verification = {

@@ -19,8 +19,9 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import DataSettings, FinetuneConfig
-from tasks.dataset import (Dataset, content_sha256, describe, load_kept, quarantine_records, read_conversations,
-                           scan_dataset, split_dataset, to_conversation, write_conversations, write_quarantine)
+from tasks.dataset import (Dataset, content_sha256, describe, load_kept, quarantine_records, raise_too_many_rows,
+                           read_conversations, scan_dataset, split_dataset, to_conversation, write_conversations,
+                           write_quarantine)
 from tasks.runs import RunInfo
 from tasks.schemas import SCHEMA_VERSION, DatasetError
 from tasks.sources import list_source_files
@@ -71,9 +72,10 @@ class Verdict(BaseModel):
         return len(self.quarantine)
 
 
-def fingerprint(uri: str) -> str:
-    """The content's identity without trusting names or dates: S3 ETags, else sha256 of the bytes."""
-    files = list_source_files(uri)
+def fingerprint(uri: str, max_file_bytes: int | None = None) -> str:
+    """The content's identity without trusting names or dates: S3 ETags, else sha256 of the bytes.
+    Files over `max_file_bytes` are refused here, before their bytes are hashed."""
+    files = list_source_files(uri, max_file_bytes)
     if is_s3_uri(uri):
         return "etag:" + hashlib.sha256(" ".join(f"{f.uri}={f.etag}" for f in files).encode()).hexdigest()
     return "sha256:" + content_sha256(files)
@@ -109,6 +111,8 @@ def enforce(verdict: Verdict, checks: DataSettings) -> None:
     if verdict.read == 0:
         raise DatasetError(f"{verdict.source}: the dataset has no rows (an empty file, or a header without "
                            "rows); add at least one example")
+    if verdict.read > checks.max_rows:  # a verdict cached under a larger limit
+        raise_too_many_rows(verdict.source, checks.max_rows)
     if verdict.quarantine:
         if checks.on_invalid == "fail":
             raise DatasetError(verdict.report + "\ndata_checks.on_invalid is 'fail'; fix the rows, or set it to "
@@ -184,7 +188,8 @@ def _keep_and_quarantine(verdicts: list[Verdict], run_dir: Path) -> tuple[list[D
 
 
 def _validate(uri: str, data_format: str, checks: DataSettings, reference: bytes | None) -> tuple[Verdict, str]:
-    state = validate_data(uri, fingerprint(uri), data_format, checks, reference, return_state=True)
+    state = validate_data(uri, fingerprint(uri, checks.max_file_bytes), data_format, checks, reference,
+                          return_state=True)
     return state.result(), "cached" if state.name == "Cached" else "ran"
 
 
@@ -197,7 +202,7 @@ def encoded_split(config: FinetuneConfig, split_file: Path | str, conversations:
 
     if conversations is None:
         conversations = read_conversations(str(split_file))[1]
-    examples = encode_all_cached(tokenizer or load_tokenizer(config.model), conversations,
+    examples = encode_all_cached(tokenizer or load_tokenizer(config.model, config.model_loading), conversations,
                                  config.training.max_seq_len, Path(config.work_dir) / "cache" / "encoded",
                                  sha256_file(Path(split_file)))
     return conversations, examples

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from tasks.storage import key_problem
+
 MANIFEST_SCHEMA = 1
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "prefect", "pandera", "boto3")
 
@@ -78,6 +80,9 @@ def verify_files(folder: Path) -> list[str]:
     manifest = json.loads((folder / "manifest.json").read_text())
     problems = []
     for entry in manifest["files"]:
+        if problem := key_problem(entry["path"]):
+            problems.append(f"{entry['path']!r}: {problem}")
+            continue
         path = folder / entry["path"]
         if not path.is_file():
             problems.append(f"{entry['path']}: missing")

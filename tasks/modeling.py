@@ -11,9 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tasks.attention import use_packed_attention
-from tasks.config import LoraSettings
+from tasks.config import LoraSettings, ModelLoadingSettings
 from tasks.kernels import use_fused_kernels
 from tasks.lora_dropout import fuse_lora_dropout
+from tasks.weight_safety import SAFE, pretrained_kwargs, require_safe_weights
 
 
 def pick_device() -> str:
@@ -24,15 +25,18 @@ def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
-def load_for_training(path: str, method: str, device: str, lora: LoraSettings, gradient_checkpointing: bool):
+def load_for_training(path: str, method: str, device: str, lora: LoraSettings, gradient_checkpointing: bool,
+                      loading: ModelLoadingSettings = SAFE):
     use_expandable_segments(device)
+    require_safe_weights(path, loading)
     if method == "qlora":
-        model = _load_4bit(path, device)
+        model = _load_4bit(path, device, loading)
     else:
         # Full fine-tuning keeps fp32 master weights (bf16 autocast on CUDA); LoRA freezes a
         # compute-dtype base.
         dtype = torch.float32 if method == "full" else compute_dtype(device)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device},
+                                                     **pretrained_kwargs(loading))
     model = prepare_for_training(model, method, device, lora, gradient_checkpointing)
     if device == "cuda":  # give back what loading cached (whole bf16 shards, for 4-bit): training starts lean
         torch.cuda.empty_cache()
@@ -69,7 +73,7 @@ def prepare_for_training(model, method: str, device: str, lora: LoraSettings, gr
     return attach_lora(model, lora)
 
 
-def _load_4bit(path: str, device: str):
+def _load_4bit(path: str, device: str, loading: ModelLoadingSettings = SAFE):
     from transformers import BitsAndBytesConfig  # bitsandbytes itself is imported by transformers here
 
     quantization = BitsAndBytesConfig(
@@ -79,7 +83,8 @@ def _load_4bit(path: str, device: str):
         bnb_4bit_compute_dtype=compute_dtype(device),
     )
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quantization, dtype=compute_dtype(device), device_map={"": device}
+        path, quantization_config=quantization, dtype=compute_dtype(device), device_map={"": device},
+        **pretrained_kwargs(loading),
     )
 
 
@@ -96,13 +101,16 @@ def attach_lora(model, lora: LoraSettings):
 
 
 def load_for_inference(path: str, device: str, adapter: str | None = None, dtype: torch.dtype | None = None,
-                       quantized: bool = False):
+                       quantized: bool = False, loading: ModelLoadingSettings = SAFE):
     """The base (4-bit when `quantized`, as QLoRA trained it), with the adapter on top if given."""
+    require_safe_weights(path, loading)
+    if adapter:  # checked before the base loads: refusing late wastes the load
+        require_safe_weights(adapter, loading)
     if quantized:
-        model = _load_4bit(path, device)
+        model = _load_4bit(path, device, loading)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or compute_dtype(device),
-                                                     device_map={"": device})
+                                                     device_map={"": device}, **pretrained_kwargs(loading))
     if adapter:
         from peft import PeftModel
 

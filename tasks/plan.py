@@ -17,6 +17,7 @@ from tasks.memory import GIB, ModelShape
 from tasks.schemas import DatasetError
 from tasks.selector import GPU_SAFETY, TrainingPlan, select_plan
 from tasks.tokenization import length_stats, load_tokenizer
+from tasks.weight_safety import require_safe_weights
 
 RAM_SAFETY = 0.8  # share of available RAM we plan to use on CPU
 
@@ -32,7 +33,9 @@ class PlanResult(BaseModel):
 def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     logger = get_run_logger()
     shape = ModelShape.from_config(_read_model_config(config.model), source=f"{config.model}/config.json")
-    tokenizer = load_tokenizer(config.model)
+    # Refused here, before any token is counted, rather than when training loads the weights.
+    require_safe_weights(config.model, config.model_loading)
+    tokenizer = load_tokenizer(config.model, config.model_loading)
     settings = config.training
     stats = _check_lengths(config, tokenizer, data.train_path, config.data, logger)
     _check_lengths(config, tokenizer, data.eval_path, config.eval_data or config.data, logger)

@@ -29,6 +29,7 @@ from tasks.report import headline, metrics_table_rows, summary_markdown
 from tasks.runs import RunInfo
 from tasks.storage import MANIFEST_NAME, is_s3_uri, is_transient, publish_folder, split_s3_uri
 from tasks.train import TrainResult
+from tasks.weight_safety import recorded
 
 PROBE_ROWS = 4  # eval rows whose logits must survive merging and saving
 FP32_EXPORT_HEADROOM = 1.5  # an fp32 copy of the model plus probe logits and allocator slack
@@ -90,7 +91,8 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
 
 def _describe_base(config: FinetuneConfig, planned: PlanResult) -> dict:
     return {"path": config.model, "revision": _base_revision(config.model), "model_type": planned.model_type,
-            "parameters": planned.model_parameters, "config_sha256": sha256_file(Path(config.model) / "config.json")}
+            "parameters": planned.model_parameters, "config_sha256": sha256_file(Path(config.model) / "config.json"),
+            "loading": recorded(config.model_loading)}  # whether code or pickles from the folder were allowed
 
 
 def _describe_data(data: IngestResult, planned: PlanResult) -> dict:
@@ -104,12 +106,13 @@ def _merge_and_verify(config: FinetuneConfig, data: IngestResult, planned: PlanR
     from tasks.export import export_model, publish_dtype
     from tasks.tokenization import load_tokenizer, render
 
-    tokenizer = load_tokenizer(trained.checkpoint_dir)
+    tokenizer = load_tokenizer(trained.checkpoint_dir, config.model_loading)
     _, conversations = read_conversations(data.eval_path)
     probe = [render(tokenizer, c) for c in conversations[:PROBE_ROWS]]
     return export_model(config.model, trained.checkpoint_dir, trained.is_adapter, out_dir,
                         publish_dtype(config.model, config.publish.dtype), tokenizer, probe,
-                        _export_device(planned), max_shard_size=f"{config.publish.max_shard_size_mb}MB")
+                        _export_device(planned), max_shard_size=f"{config.publish.max_shard_size_mb}MB",
+                        loading=config.model_loading)
 
 
 def _base_revision(model_path: str) -> str | None:

@@ -20,7 +20,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks.storage import MANIFEST_NAME, StorageNotFoundError, is_s3_uri, join_uri, s3_client, split_s3_uri
+from tasks.storage import (MANIFEST_NAME, StorageNotFoundError, is_s3_uri, join_uri, s3_client, safe_local_path,
+                           split_s3_uri)
 
 RUNS, LATEST, HISTORY = "runs", "latest.json", "history"
 POINTER_SCHEMA = 1
@@ -118,7 +119,7 @@ def missing_files(output: str, run_id: str, manifest: dict) -> list[str]:
                 problems.append(entry["path"])
         return problems
     for entry in manifest["files"]:
-        path = Path(base, entry["path"])
+        path = safe_local_path(Path(base), entry["path"], f"{base}/{MANIFEST_NAME}")
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             problems.append(entry["path"])
     return problems
@@ -181,7 +182,10 @@ def fetch_run(output: str, run: str, dest: Path, concurrency: int = 8) -> tuple[
         return run_id, download_run_folder(run_uri(output, run_id), dest, concurrency)
     manifest = read_manifest(output, run_id)
     source = Path(run_uri(output, run_id))
-    for entry in [*manifest["files"], {"path": MANIFEST_NAME}]:
-        (dest / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / entry["path"], dest / entry["path"])
+    listed = f"{source}/{MANIFEST_NAME}"  # its paths are data: checked on both sides before copying any
+    pairs = [(safe_local_path(source, e["path"], listed), safe_local_path(dest, e["path"], listed))
+             for e in [*manifest["files"], {"path": MANIFEST_NAME}]]
+    for origin, target in pairs:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(origin, target)
     return run_id, manifest

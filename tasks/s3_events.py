@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
+from tasks.storage import key_problem
+
 EVENT_NAME = "s3.object.created"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 # A fixed namespace, so the same (bucket, key, etag) always maps to the same Prefect event id and
@@ -106,6 +108,8 @@ def parse_message(body: str) -> ParsedMessage:
 
 def skip_reason(key: str, prefix: str = "", suffixes: tuple[str, ...] = DATA_SUFFIXES) -> str | None:
     """Why a key is not a dataset file to train on, or None when it is."""
+    if problem := key_problem(key):  # event payloads are data: refuse keys no file could be named after
+        return f"an unsafe key: it {problem}"
     if not key.startswith(prefix):
         return f"outside prefix {prefix!r}"
     if key.endswith("/"):

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.storage import MANIFEST_NAME, StorageNotFoundError, s3_client, split_s3_uri
+from tasks.storage import MANIFEST_NAME, StorageNotFoundError, s3_client, safe_local_path, split_s3_uri
 
 READ_BLOCK = 8 * 2**20
 CONTENT_TYPES = {".safetensors": "application/octet-stream", ".json": "application/json",
@@ -193,13 +193,17 @@ def download_run_folder(run_uri: str, local_dir: Path, concurrency: int = 8) -> 
     bucket, prefix = split_s3_uri(run_uri)
     client = s3_client(max_pool_connections=4 * concurrency)
 
-    def fetch(entry: dict) -> None:
-        target = local_dir / entry["path"]
+    # The manifest's paths are remote data too: all checked before anything is written.
+    targets = [(entry["path"], safe_local_path(local_dir, entry["path"], f"{run_uri}/{MANIFEST_NAME}"))
+               for entry in manifest["files"]]
+
+    def fetch(path_and_target: tuple[str, Path]) -> None:
+        path, target = path_and_target
         target.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, _key(prefix, entry["path"]), str(target))
+        client.download_file(bucket, _key(prefix, path), str(target))
 
     local_dir.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        list(pool.map(fetch, manifest["files"]))
+        list(pool.map(fetch, targets))
     (local_dir / MANIFEST_NAME).write_bytes(found[0])
     return manifest

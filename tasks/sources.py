@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tasks.schemas import DatasetError
-from tasks.storage import StorageNotFoundError, is_s3_uri, s3_client, split_s3_uri
+from tasks.storage import StorageNotFoundError, is_s3_uri, s3_client, safe_local_path, split_s3_uri
 
 SUFFIXES = ("jsonl", "json", "csv", "parquet", "arrow")
 READ_BLOCK = 8 * 2**20
@@ -31,9 +31,16 @@ class SourceFile:
         return self.uri.lower().rsplit(".", 1)[-1]
 
 
-def list_source_files(uri: str) -> list[SourceFile]:
-    """The data files behind `uri`, in a stable order; raise when there are none or they disagree."""
+def list_source_files(uri: str, max_file_bytes: int | None = None) -> list[SourceFile]:
+    """The data files behind `uri`, in a stable order; raise when there are none, they disagree, or
+    one is larger than `max_file_bytes` (known from the listing: nothing has been read yet)."""
     files = _list_s3(uri) if is_s3_uri(uri) else _list_local(uri)
+    if max_file_bytes is not None:
+        for file in files:
+            if file.size > max_file_bytes:
+                raise DatasetError(f"{file.uri}: {file.size:,} bytes, more than data_checks.max_file_bytes="
+                                   f"{max_file_bytes:,}; split it into smaller files (a folder or s3 prefix of "
+                                   "them is one dataset) or raise the limit")
     suffixes = sorted({f.suffix for f in files})
     if len(suffixes) > 1:
         raise DatasetError(f"{uri}: holds files of several types ({', '.join(suffixes)}); "
@@ -53,7 +60,8 @@ def _list_local(uri: str) -> list[SourceFile]:
                            f"one split folder, e.g. {path / (splits[0] if splits else 'train')}")
     if (path / "state.json").is_file():  # datasets' save_to_disk: state.json lists the Arrow files
         names = [entry["filename"] for entry in json.loads((path / "state.json").read_text())["_data_files"]]
-        return [SourceFile(str(path / name), (path / name).stat().st_size) for name in names]
+        files = [safe_local_path(path, name, str(path / "state.json")) for name in names]  # no reading outside
+        return [SourceFile(str(file), file.stat().st_size) for file in files]
     found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not found:

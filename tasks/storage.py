@@ -17,6 +17,56 @@ class StorageNotFoundError(FileNotFoundError):
     """The object or file does not exist (a user error, never retried)."""
 
 
+class UnsafeKeyError(ValueError):
+    """A remote key (or a path read from remote data) that must not become a local path."""
+
+
+# Below common filesystem limits (PATH_MAX 4096, NAME_MAX 255) and at S3's own key limit (1024 bytes).
+MAX_KEY_BYTES = 1024
+MAX_SEGMENT_BYTES = 255
+
+
+def key_problem(key: str) -> str | None:
+    """Why `key` cannot be used as a relative local path, or None when it can.
+
+    Keys are data written by whoever can upload: '..' would climb out of the destination, a leading
+    '/' would replace it, a backslash is a separator on Windows, and control characters (NUL, newline,
+    bell) break file names, logs and anything that prints them.
+    """
+    if not key:
+        return "is empty"
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        return f"is {len(key.encode('utf-8', 'surrogatepass'))} bytes long (at most {MAX_KEY_BYTES})"
+    if controls := sorted({f"{ord(c):#04x}" for c in key if ord(c) < 32 or 127 <= ord(c) < 160}):
+        return f"contains control characters ({', '.join(controls)})"
+    if "\\" in key:
+        return "contains a backslash (a path separator on Windows)"
+    if key.startswith("/") or (len(key) > 1 and key[1] == ":"):
+        return "is an absolute path"
+    segments = key.split("/")
+    if ".." in segments:
+        return "has a '..' segment (it would leave the destination folder)"
+    if long := [s for s in segments if len(s.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES]:
+        return f"has a {len(long[0].encode('utf-8', 'surrogatepass'))}-byte name (at most {MAX_SEGMENT_BYTES} per part)"
+    return None
+
+
+def safe_local_path(root: Path, relative: str, source: str = "") -> Path:
+    """`root / relative`, refused (UnsafeKeyError naming the key and why) unless it stays inside root.
+
+    `source` names where `relative` came from (a bucket prefix, a manifest) for the error message.
+    """
+    problem = key_problem(relative)
+    target = Path(root, relative)
+    if problem is None and not target.resolve().is_relative_to(Path(root).resolve()):
+        problem = "leads outside the destination folder (through a symbolic link)"
+    if problem:
+        where = f" (from {source})" if source else ""
+        raise UnsafeKeyError(f"key {relative!r}{where} {problem}: refusing to write it under {root}. "
+                             "Rename or delete that object; keys are taken as data, never as paths to follow.")
+    return target
+
+
 def is_s3_uri(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -123,13 +173,13 @@ def download_folder(uri: str, local_dir: Path) -> Path:
     client = s3_client()
     bucket, prefix = split_s3_uri(uri)
     prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-    found = False
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            found = True
-            target = local_dir / obj["Key"][len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(target))
-    if not found:
+    keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])]
+    if not keys:
         raise StorageNotFoundError(f"{uri}: no objects under this prefix")
+    # Every key is checked before the first byte is written: a bad key fails the download, not half of it.
+    targets = {key: safe_local_path(local_dir, key[len(prefix):], uri) for key in keys if not key.endswith("/")}
+    for key, target in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, key, str(target))
     return local_dir

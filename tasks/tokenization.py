@@ -26,10 +26,13 @@ class Example:
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, loading=None):
+    """The tokenizer of a model folder; `loading` (ModelLoadingSettings) defaults to no remote code."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    from tasks.weight_safety import SAFE, tokenizer_kwargs
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs(loading or SAFE))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

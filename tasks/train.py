@@ -62,7 +62,7 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
 
     logger = get_run_logger()
     plan, settings = planned.plan, config.training
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, config.model_loading)
     _, train_examples = encoded_split(config, data.train_path, tokenizer=tokenizer)
     _, eval_examples = encoded_split(config, data.eval_path, tokenizer=tokenizer)
     checkpoints, resumed_from = _checkpoints(config, run, data, planned, logger)
@@ -82,7 +82,7 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
         def load(attempt: Attempt):
             torch.manual_seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
             model = load_for_training(config.model, attempt.method, plan.device, config.lora,
-                                      attempt.gradient_checkpointing)
+                                      attempt.gradient_checkpointing, loading=config.model_loading)
             sizes["trainable"], sizes["total"] = parameter_counts(model)
             logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed "
                         "tokens; gradient checkpointing %s; attention %s", attempt.method, plan.device,
@@ -143,6 +143,7 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
                          f"work_dir under the shared volume {nodes.shared_dir} (it is {config.work_dir})")
     job = TrainingJob(
         model=config.model, method=plan.method, device=plan.device, lora=config.lora.model_dump(),
+        model_loading=config.model_loading.model_dump(),
         training=config.training.model_dump(), gradient_checkpointing=plan.gradient_checkpointing,
         token_capacity=capacity, best_dir=str(best), result=str(folder / "result.json"),
         train_examples=write_examples(train_examples, folder / "train.jsonl"),

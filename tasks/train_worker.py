@@ -20,7 +20,7 @@ def train_job(job, parallel, log: logging.Logger):
     import torch
 
     from tasks.checkpoint_store import upload_checkpoint
-    from tasks.config import LoraSettings, TrainingSettings
+    from tasks.config import LoraSettings, ModelLoadingSettings, TrainingSettings
     from tasks.launch import read_examples
     from tasks.modeling import load_for_training, parameter_counts
     from tasks.trainer import Checkpoints, train
@@ -28,7 +28,7 @@ def train_job(job, parallel, log: logging.Logger):
     settings = TrainingSettings(**job.training)
     torch.manual_seed(settings.seed)  # the same LoRA initialisation on every process, as in one process
     model = load_for_training(job.model, job.method, job.device, LoraSettings(**job.lora),
-                              job.gradient_checkpointing)
+                              job.gradient_checkpointing, loading=ModelLoadingSettings(**(job.model_loading or {})))
     counts = parameter_counts(model)
     checkpoints = None
     if job.checkpoints is not None:

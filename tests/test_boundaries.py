@@ -9,7 +9,7 @@ PURE = ["tasks.config", "tasks.schemas", "tasks.dataset", "tasks.storage", "task
         "tasks.model_card", "tasks.registry", "tasks.s3_transfer", "tasks.cli",
         "tasks.packing", "tasks.checkpoint_store", "tasks.sources", "tasks.reading",
         "tasks.quality", "tasks.overfitting", "tasks.loss_curve", "tasks.launch", "tasks.s3_events",
-        "tasks.data_change", "tasks.routing"]
+        "tasks.data_change", "tasks.routing", "tasks.weight_safety"]
 HEAVY = ["prefect", "torch", "transformers", "peft", "bitsandbytes"]
 
 
