@@ -6,16 +6,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import FinetuneConfig
 from tasks.data_change import DataChangedError, etag_mismatch, unchanged_since_published
-from tasks.storage import is_transient
-
-
-def retry_if_transient(task, task_run, state) -> bool:
-    """Retry only when the store or network hiccuped; a changed object is not transient."""
-    try:
-        state.result()
-    except Exception as error:
-        return is_transient(error)
-    return False
+from tasks.storage import retry_if_transient
 
 
 @task(name="check-data-version", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_if_transient,

@@ -27,7 +27,7 @@ from tasks.promotion import GateDecision, ModelScores, promotion_gate
 from tasks.registry import promote
 from tasks.report import headline, metrics_table_rows, summary_markdown
 from tasks.runs import RunInfo
-from tasks.storage import MANIFEST_NAME, is_s3_uri, is_transient, publish_folder, split_s3_uri
+from tasks.storage import MANIFEST_NAME, is_s3_uri, publish_folder, retry_if_transient, split_s3_uri
 from tasks.train import TrainResult
 from tasks.weight_safety import recorded
 
@@ -152,16 +152,7 @@ def _export_device(planned: PlanResult) -> str:
     return planned.plan.device if fits else "cpu"
 
 
-def _transient_storage_error(task, task_run, state) -> bool:
-    """Retry uploads only when the store or network hiccuped, never on a user error."""
-    try:
-        state.result()
-    except Exception as error:
-        return is_transient(error)
-    return False
-
-
-@task(name="upload", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient_storage_error,
+@task(name="upload", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
 def upload_run(config: FinetuneConfig, run: RunInfo) -> str:
     """Publish the staged folder to `<output>/runs/<run-id>/`; a retry sends only what is missing."""
@@ -183,7 +174,7 @@ def upload_run(config: FinetuneConfig, run: RunInfo) -> str:
     return run.output_uri
 
 
-@task(name="promote", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient_storage_error,
+@task(name="promote", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
 def promote_run(config: FinetuneConfig, run: RunInfo, decision: GateDecision) -> bool:
     """Move `<output>/latest.json` to this run if the gate said so; a run not promoted stays published."""

@@ -110,6 +110,16 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """A Prefect `retry_condition_fn`: retry only when the store or network hiccuped, never on a
+    user error (a missing object, a changed file, bad data)."""
+    try:
+        state.result()
+    except Exception as error:
+        return is_transient(error)
+    return False
+
 def read_bytes(uri: str) -> bytes:
     if not is_s3_uri(uri):
         path = Path(uri)
