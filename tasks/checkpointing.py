@@ -12,6 +12,7 @@ folder must be on storage every process sees (one machine, or a shared volume ac
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from tasks.storage import MANIFEST_NAME
 
 KIND = "training-checkpoint"
 SHARDED = "sharded"  # FSDP2's model and optimizer shards (torch.distributed.checkpoint)
+FULL_BELOW_BYTES = 1 << 20  # less free than this when a write failed: the disk was full
 
 
 def step_name(step: int) -> str:
@@ -47,6 +49,24 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, best
     if not parallel.is_main:
         parallel.barrier()  # until rank 0 has written the manifest and renamed the folder
         return folder
+    try:
+        _write(partial, model, optimizer, scheduler, state, best_dir, parallel, rng)
+    except Exception as error:  # disk full, quota, read-only: the earlier checkpoints stay as they were
+        free_then = shutil.disk_usage(partial.parent).free
+        shutil.rmtree(partial, ignore_errors=True)  # give back what the half checkpoint took
+        raise CheckpointWriteError(_write_failure(folder, state["step"], error, free_then)) from error
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    parallel.barrier()
+    return folder
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message says which, why, and what is still there."""
+
+
+def _write(partial: Path, model, optimizer, scheduler, state: dict, best_dir: Path | None, parallel: Parallel,
+           rng: list[dict]) -> None:
     if not parallel.sharded:  # DDP replicates the adapters and their optimizer: rank 0's are everyone's
         trainable = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
                      if p.requires_grad}
@@ -59,10 +79,49 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, best
     manifest = {"kind": KIND, "step": state["step"], "saved_at": datetime.now(timezone.utc).isoformat(),
                 "state": state, "files": file_entries(partial)}
     (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
-    parallel.barrier()
-    return folder
+
+
+def save_best(model, best_dir: Path, step: int, parallel: Parallel = ONE_PROCESS) -> None:
+    """The best model so far, written beside `best_dir` and then swapped in, so a failed write
+    (a full disk) leaves the previous best model whole."""
+    partial = best_dir.with_name(f".{best_dir.name}.partial")
+    if parallel.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    try:
+        parallel.save_pretrained(model, partial)
+    except Exception as error:
+        free_then = shutil.disk_usage(partial.parent).free
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointWriteError(f"could not save the best model so far (step {step}) to {best_dir}: "
+                                   f"{_cause(error, free_then)}; the partial folder was removed and the previous "
+                                   f"best model is kept. {GO_ON}") from error
+    if parallel.is_main:
+        shutil.rmtree(best_dir, ignore_errors=True)
+        os.replace(partial, best_dir)
+
+
+GO_ON = ("Free space on that disk or set work_dir to a larger one, then retry the flow run: it continues from "
+         "its last complete checkpoint")
+
+
+def _write_failure(folder: Path, step: int, error: Exception, free_then: int) -> str:
+    """What failed and why, the last checkpoint that is still complete, and how to go on."""
+    earlier = [p for p in sorted(folder.parent.glob("step-*"), reverse=True)
+               if p.name < folder.name and read_manifest(p) is not None]
+    kept = (f"the last complete checkpoint, {earlier[0]} (step {read_manifest(earlier[0])['step']}), is intact"
+            if earlier else "there is no earlier checkpoint, so a retry starts from step 0")
+    return (f"could not write the checkpoint for step {step} to {folder}: {_cause(error, free_then)}; the "
+            f"partial folder was removed and {kept}. {GO_ON}")
+
+
+def _cause(error: Exception, free_then: int) -> str:
+    # torch.save and safetensors do not raise OSError on a full disk (torch: "unexpected pos 576 vs
+    # 534"), so a full disk is told by the space left when the write failed.
+    free = f"{free_then / 2**20:.1f} MiB free when it failed"
+    if getattr(error, "errno", None) == errno.ENOSPC or free_then < FULL_BELOW_BYTES:
+        return f"no space left on device ({free})"
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first_line} ({free})"
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.attention import cu_seq_lens
-from tasks.checkpointing import load_checkpoint, save_checkpoint, step_name
+from tasks.checkpointing import load_checkpoint, save_best, save_checkpoint, step_name
 from tasks.config import TrainingSettings
 from tasks.distributed import ONE_PROCESS, Parallel
 from tasks.loss import linear_cross_entropy_sum
@@ -240,7 +240,7 @@ def train(
             if step % settings.eval_every == 0 or step == settings.max_steps:
                 record["eval_loss"] = mean_loss(model, eval_examples, token_capacity, device, parallel)
                 if stopping.improved(step, record["eval_loss"]):
-                    parallel.save_pretrained(model, best_dir)
+                    save_best(model, best_dir, step, parallel)
             history.append(record)
             _report(log, bar, record, settings.max_steps, log_every)
             if "eval_loss" in record:

@@ -125,7 +125,7 @@ def test_a_failing_process_fails_the_run_with_its_own_error(tiny_model, tmp_path
                       eval_examples=write_examples(eval_rows, tmp_path / "eval.jsonl"),
                       best_dir=str(tmp_path / "best"), result=str(tmp_path / "result.json"))
     with pytest.raises(TrainingProcessFailed,
-                       match=r"(?s)training process rank 0 failed.*ValueError: Provided path .*should be a directory"):
+                       match=r"(?s)training process rank 0 failed.*NotADirectoryError: .*best"):
         run_training_processes(job, tmp_path / "job.json", 2, LOG)
     assert not (tmp_path / "result.json").exists()
 

@@ -182,6 +182,24 @@ def test_a_new_run_with_resume_continues_from_the_last_checkpoint(tiny_model, tm
     assert manifest["training"]["resumed_from_step"] == 0 and manifest["training"]["resumed_from"] is None
 
 
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_one_before(tiny_model, tmp_path):
+    training = {"learning_rate": 3e-3, "lr_schedule": "constant", "batch_size": 8, "max_seq_len": 128,
+                "eval_every": 2, "early_stopping_patience": 0, "checkpoint_every": 2, "max_steps": 4}
+    finetune(tiny_config(tiny_model, tmp_path, method="lora", training=training))
+    (newest,) = (tmp_path / "out" / "checkpoints").glob("*/step-0000004")
+    with open(newest / "optimizer.pt", "r+b") as handle:  # one flipped byte, as a bad disk or copy gives
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+    resumed = finetune(tiny_config(tiny_model, tmp_path, method="lora", resume=True,
+                                   training={**training, "max_steps": 6}))
+    manifest = json.loads((tmp_path / "out" / "runs" / resumed.run_id / "manifest.json").read_text())
+    assert manifest["training"]["resumed_from"] == str(newest.with_name("step-0000002"))
+    assert [r["step"] for r in manifest["training"]["history"]] == [1, 2, 3, 4, 5, 6]
+
+
 def test_quarantined_rows_are_published_next_to_the_model(tiny_model, tmp_path):
     rows = [json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
                                      {"role": "assistant", "content": f"Answer {i}." if i != 5 else " "}]})
