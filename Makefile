@@ -11,7 +11,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup model demo test test-fast chromium clean
+.PHONY: setup model demo test test-fast audit chromium clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ chromium:
 	@command -v chromium >/dev/null || [ -x "$${CHROMIUM:-}" ] || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
+# Known vulnerabilities in the installed packages, from PyPI's advisories (CI runs it after the tests).
+audit: setup
+	$(BIN)/python infra/dependency_audit.py
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not integration and not e2e"
