@@ -7,18 +7,19 @@ import torch
 
 from tasks.config import EvaluationSettings
 from tasks.metrics import compute_metrics
-from tasks.tokenization import Example, prompt_text
+from tasks.tokenization import Example, generation_task
 from tasks.trainer import mean_loss
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
                      batch_size: int, device: str) -> list[str]:
-    """Greedy answers to each conversation's last question, batched with left padding."""
+    """Greedy answers to each conversation's last question (or continuations of each plain-text row's
+    first half: tokenization.generation_task), batched with left padding."""
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     answers = []
     for start in range(0, len(conversations), batch_size):
-        prompts = [prompt_text(tokenizer, c) for c in conversations[start:start + batch_size]]
+        prompts = [generation_task(tokenizer, c)[0] for c in conversations[start:start + batch_size]]
         batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
@@ -35,7 +36,8 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], examples: 
     loss = mean_loss(model, examples, capacity, device)
     chosen = conversations[: settings.max_generation_rows]
     predictions = generate_answers(model, tokenizer, chosen, settings.max_new_tokens, settings.batch_size, device)
-    references = [c[-1]["content"] for c in chosen]
+    tasks = [generation_task(tokenizer, c) for c in chosen]
+    references = [reference for _, reference in tasks]
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
@@ -43,7 +45,8 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], examples: 
         "eval_rows": len(examples),
         "generated_rows": len(chosen),
         "answers": [
-            {"question": c[-2]["content"] if len(c) > 1 else "", "reference": r, "prediction": p}
+            {"question": c[-2]["content"] if len(c) > 1 else c[-1]["content"][: -len(r) or None].strip(),
+             "reference": r, "prediction": p}
             for c, r, p in zip(chosen, references, predictions)
         ],
     }

@@ -54,6 +54,21 @@ def prompt_text(tokenizer, conversation: list[dict]) -> str:
     return render(tokenizer, conversation[:-1], add_generation_prompt=True)
 
 
+def generation_task(tokenizer, conversation: list[dict]) -> tuple[str, str]:
+    """What to generate from, and the reference the generation is scored against. A chat row: its
+    last question and the answer. A plain-text row (one assistant message: nothing asks for it):
+    its first half of words, as rendered in training, and the rest, so the metrics score how the
+    model continues text like what it learned."""
+    answer = conversation[-1]["content"]
+    if len(conversation) > 1:
+        return prompt_text(tokenizer, conversation), answer
+    words = answer.split(" ")
+    head = " ".join(words[: len(words) // 2])  # empty for one word: the whole text is the reference
+    rendered = render(tokenizer, conversation)
+    before = rendered[: rendered.rfind(answer)] if answer in rendered else ""
+    return before + head, answer[len(head):].strip()
+
+
 def assistant_spans(tokenizer, conversation: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     full = render(tokenizer, conversation)
     spans = []

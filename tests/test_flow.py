@@ -200,6 +200,20 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_one_before(tiny_model, t
     assert [r["step"] for r in manifest["training"]["history"]] == [1, 2, 3, 4, 5, 6]
 
 
+def test_plain_text_data_is_evaluated_on_continuations(tiny_model, tmp_path):
+    for name in ("train", "eval"):  # the demo rows as plain text: question and answer in one string
+        rows = [json.loads(line) for line in (DEMO_DATA / f"{name}.jsonl").read_text().splitlines()]
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"text": " ".join(m["content"] for m in row["messages"])}) + "\n" for row in rows))
+    config = tiny_config(tiny_model, tmp_path, data=str(tmp_path / "train.jsonl"), method="lora",
+                         eval_data=str(tmp_path / "eval.jsonl"), evaluation={"metric": "chrf", "max_new_tokens": 8,
+                                                                            "max_generation_rows": 2})
+    result = finetune(config.model_copy(update={"training": config.training.model_copy(update={"max_steps": 4})}))
+    report = json.loads((tmp_path / "out" / "runs" / result.run_id / "manifest.json").read_text())
+    assert report["data"]["sources"][0]["data_format"] == "text"
+    assert result.tuned_eval_loss < result.base_eval_loss and 0 <= result.tuned_score <= 1
+
+
 def test_quarantined_rows_are_published_next_to_the_model(tiny_model, tmp_path):
     rows = [json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
                                      {"role": "assistant", "content": f"Answer {i}." if i != 5 else " "}]})

@@ -1,7 +1,7 @@
 import pytest
 
 from tasks.dataset import to_conversation
-from tasks.tokenization import IGNORE_INDEX, encode, length_stats, render
+from tasks.tokenization import IGNORE_INDEX, encode, generation_task, length_stats, render
 
 
 def trained_text(tokenizer, example) -> str:
@@ -48,6 +48,20 @@ def test_tokenizer_without_chat_template_gets_a_plain_one(tiny_model):
 def test_plain_text_rows_train_the_whole_text(tiny_tokenizer):
     example = encode(tiny_tokenizer, to_conversation({"text": "The Q7 weighs 173 grams."}, "text"), max_seq_len=512)
     assert trained_text(tiny_tokenizer, example) == "The Q7 weighs 173 grams.<|im_end|>\n"
+
+
+def test_generation_continues_a_plain_text_row_from_its_first_half(tiny_tokenizer):
+    chat = to_conversation({"prompt": "How heavy is it?", "completion": "It weighs 173 grams."}, "prompt_completion")
+    prompt, reference = generation_task(tiny_tokenizer, chat)
+    assert prompt == render(tiny_tokenizer, chat[:-1], add_generation_prompt=True)
+    assert reference == "It weighs 173 grams."
+
+    text = to_conversation({"text": "The Quillfeather Q7 weighs 173 grams and lasts 41 days."}, "text")
+    prompt, reference = generation_task(tiny_tokenizer, text)
+    # the prompt is the row as training rendered it, cut after its first half of words
+    assert render(tiny_tokenizer, text).startswith(prompt) and prompt.endswith("The Quillfeather Q7 weighs 173")
+    assert reference == "grams and lasts 41 days."
+    assert generation_task(tiny_tokenizer, to_conversation({"text": "Hello"}, "text"))[1] == "Hello"
 
 
 def test_mask_marks_exactly_the_answer_tokens(tiny_tokenizer):
