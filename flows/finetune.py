@@ -2,10 +2,11 @@
 model) -> gate -> package -> upload -> promote -> report."""
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from tasks.config import FinetuneConfig
+from tasks.credentials import use_s3_credentials
 from tasks.evaluate import evaluate, evaluate_published
 from tasks.freshness import require_data_version
 from tasks.ingest import ingest
@@ -33,6 +34,7 @@ class FinetuneResult(BaseModel):
 
 @flow(name="finetune", log_prints=True)
 def finetune(config: FinetuneConfig) -> FinetuneResult:
+    use_s3_credentials(config.aws_credentials_secret, get_run_logger())  # before the first S3 call
     require_data_version(config)  # event-triggered runs: the object is still the version announced
     run = start_run(config)
     data = ingest(config, run)

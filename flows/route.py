@@ -6,6 +6,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
 from tasks.config import FinetuneConfig
+from tasks.credentials import use_s3_credentials
 from tasks.routing import choose_work_pool, deployment_for
 from tasks.selector import WorkPoolSpec
 
@@ -30,5 +31,6 @@ def start_on(deployment: str, config: FinetuneConfig) -> str:
 
 @flow(name="finetune-router")
 def route_finetune(config: FinetuneConfig, pools: list[WorkPoolSpec] = DEFAULT_POOLS) -> str:
+    use_s3_credentials(config.aws_credentials_secret, get_run_logger())  # the plan may read s3://
     deployment = pick_pool(config, pools)
     return start_on(deployment, config)

@@ -201,6 +201,11 @@ class FinetuneConfig(_Settings):
     )
     output: str = Field("outputs", description="Where runs are published: a local folder or s3://bucket/prefix.")
     work_dir: str = Field(".finetune-work", description="Local scratch folder for data, checkpoints and staging.")
+    aws_credentials_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding S3 credentials as JSON: aws_access_key_id, "
+        "aws_secret_access_key and, for temporary keys, aws_session_token. Empty: boto3's own chain "
+        "(environment, instance or pod role, ~/.aws).",
+    )
     publish: PublishSettings = Field(default_factory=PublishSettings)
     resume: bool = Field(
         False, description="Continue from the newest checkpoint in `output` of an earlier run with the same "
