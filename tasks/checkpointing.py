@@ -31,6 +31,10 @@ SHARDED = "sharded"  # FSDP2's model and optimizer shards (torch.distributed.che
 FULL_BELOW_BYTES = 1 << 20  # less free than this when a write failed: the disk was full
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message says which, why, and what is still there."""
+
+
 def step_name(step: int) -> str:
     return f"step-{step:07d}"
 
@@ -59,10 +63,6 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, best
     os.replace(partial, folder)
     parallel.barrier()
     return folder
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written; the message says which, why, and what is still there."""
 
 
 def _write(partial: Path, model, optimizer, scheduler, state: dict, best_dir: Path | None, parallel: Parallel,

@@ -36,8 +36,7 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], examples: 
     loss = mean_loss(model, examples, capacity, device)
     chosen = conversations[: settings.max_generation_rows]
     predictions = generate_answers(model, tokenizer, chosen, settings.max_new_tokens, settings.batch_size, device)
-    tasks = [generation_task(tokenizer, c) for c in chosen]
-    references = [reference for _, reference in tasks]
+    references = [generation_task(tokenizer, c)[1] for c in chosen]
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
