@@ -27,7 +27,7 @@ from local_stack import (PYTHON, ROOT, TINY_EVALUATION, TINY_TRAINING, Api, boto
                          notify_queue, prefect_cli, project_file_for_test, queue_empty, start_bridge, start_worker,
                          stop_stack, wait_for)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.load]
 
 GPUS = 2
 FILES = 50
