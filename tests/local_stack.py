@@ -178,3 +178,88 @@ def project_file_for_test(bucket: str, model: Path, pool: str, output: str, trai
                 "s3://my-bucket/", f"s3://{bucket}/")
     dest.write_text(yaml.safe_dump(spec, sort_keys=False))
     return dest
+
+
+# --- Pieces the integration tests share: S3 -> SQS wiring, a worker, the bridge, reading runs back ---
+
+def boto_kwargs(endpoint: str) -> dict:
+    return {"endpoint_url": endpoint, "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
+            "region_name": "us-east-1"}
+
+
+def notify_queue(s3, sqs, bucket: str, queue_name: str) -> str:
+    """Create `bucket` and a queue, and point the bucket's notifications at it with the config the README gives
+    for production (infra/s3-notification.json); returns the queue URL."""
+    import json
+
+    s3.create_bucket(Bucket=bucket)
+    queue_url = sqs.create_queue(QueueName=queue_name)["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    config = json.loads((ROOT / "infra" / "s3-notification.json").read_text())
+    config["QueueConfigurations"][0]["QueueArn"] = queue_arn
+    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=config)
+    return queue_url
+
+
+def start_worker(name: str, pool: str, limit: int, env: dict, log_dir: Path) -> Process:
+    """A process worker running this checkout's flows; polls every second so latency figures are not poll-bound."""
+    worker_env = env | {"FINETUNE_REPO_DIR": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1",
+                        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(log_dir / "results")}
+    return Process(name, [PYTHON, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+                          "--limit", str(limit)], worker_env, log_dir)
+
+
+def start_bridge(name: str, queue_url: str, prefix: str, env: dict, log_dir: Path, debounce_s: float = 2) -> Process:
+    return Process(name, [PYTHON, "-m", "flows.s3_bridge", "--queue-url", queue_url, "--prefix", prefix,
+                          "--debounce", str(debounce_s), "--wait", "1"], env, log_dir)
+
+
+def stop_stack(worker: Process, bridge: Process) -> None:
+    bridge.stop()
+    worker.stop(signals=(signal.SIGTERM, signal.SIGINT))  # the worker exits on SIGINT after SIGTERM
+
+
+class Api:
+    def __init__(self, api: str):
+        from prefect.client.orchestration import SyncPrefectClient
+
+        self.client = SyncPrefectClient(api)
+
+    def deployment(self, name: str):
+        return self.client.read_deployment_by_name(name)
+
+    def runs_of(self, deployment_id) -> list:
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        return self.client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                                          sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+
+
+def wait_for(what: str, check, timeout_s: float, logs: list[Process], every_s: float = 0.5):
+    """Poll `check` until it returns something truthy; on timeout fail with the tails of `logs`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    tails = "\n\n".join(f"--- {p.name} ---\n{p.tail(60)}" for p in logs)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{tails}")
+
+
+def notification_body(bucket: str, key: str, etag: str, size: int) -> str:
+    """What S3 puts in SQS for a PUT, as a redelivery or a second notification would carry it."""
+    import json
+    from datetime import datetime, timezone
+
+    return json.dumps({"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
+                                    "eventTime": datetime.now(timezone.utc).isoformat(), "eventName": "ObjectCreated:Put",
+                                    "s3": {"bucket": {"name": bucket},
+                                           "object": {"key": key, "size": size, "eTag": etag}}}]})
+
+
+def queue_empty(sqs, queue_url: str) -> bool:
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return all(v == "0" for v in attributes.values())

@@ -7,7 +7,6 @@ a real process worker, moto's server with S3 -> SQS bucket notifications, and th
 from __future__ import annotations
 
 import json
-import signal
 import time
 from datetime import datetime, timezone
 
@@ -15,7 +14,9 @@ import pytest
 import yaml
 
 from conftest import DEMO_DATA
-from local_stack import BUCKET, POOL, PYTHON, ROOT, Process
+from local_stack import (BUCKET, POOL, ROOT, Api, boto_kwargs, notification_body, notify_queue, queue_empty,
+                         start_bridge, start_worker, stop_stack)
+from local_stack import wait_for as stack_wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,68 +28,19 @@ def stack(prefect_server, moto_endpoint, deployed, stack_dir):
     import boto3
 
     env = deployed["env"]
-    s3 = boto3.client("s3", **_boto(moto_endpoint))
-    sqs = boto3.client("sqs", **_boto(moto_endpoint))
-    s3.create_bucket(Bucket=BUCKET)
-    queue_url = sqs.create_queue(QueueName="dataset-uploads")["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    # The notification config the README gives for production (infra/s3-notification.json), on moto.
-    config = json.loads((ROOT / "infra" / "s3-notification.json").read_text())
-    config["QueueConfigurations"][0]["QueueArn"] = queue_arn
-    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration=config)
-
-    worker_env = env | {"FINETUNE_REPO_DIR": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1",
-                        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(stack_dir / "results")}
-    worker = Process("worker", [PYTHON, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
-                                "--limit", "1"], worker_env, stack_dir)
-    bridge = Process("s3-bridge", [PYTHON, "-m", "flows.s3_bridge", "--queue-url", queue_url, "--prefix", PREFIX,
-                                   "--debounce", "2", "--wait", "1"], env, stack_dir)
+    s3 = boto3.client("s3", **boto_kwargs(moto_endpoint))
+    sqs = boto3.client("sqs", **boto_kwargs(moto_endpoint))
+    queue_url = notify_queue(s3, sqs, BUCKET, "dataset-uploads")
+    worker = start_worker("worker", POOL, 1, env, stack_dir)
+    bridge = start_bridge("s3-bridge", queue_url, PREFIX, env, stack_dir)
     try:
         yield {"api": prefect_server, "s3": s3, "sqs": sqs, "queue_url": queue_url, "logs": [worker, bridge]}
     finally:
-        bridge.stop()
-        worker.stop(signals=(signal.SIGTERM, signal.SIGINT))  # the worker exits on SIGINT after SIGTERM
-
-
-def _boto(endpoint: str) -> dict:
-    return {"endpoint_url": endpoint, "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
-            "region_name": "us-east-1"}
-
-
-class Api:
-    def __init__(self, api: str):
-        from prefect.client.orchestration import SyncPrefectClient
-
-        self.client = SyncPrefectClient(api)
-
-    def deployment(self, name: str):
-        return self.client.read_deployment_by_name(name)
-
-    def runs_of(self, deployment_id) -> list:
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-        from prefect.client.schemas.sorting import FlowRunSort
-
-        return self.client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-                                          sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+        stop_stack(worker, bridge)
 
 
 def wait_for(what: str, check, timeout_s: float, stack: dict, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    logs = "\n\n".join(f"--- {p.name} ---\n{p.tail(60)}" for p in stack["logs"])
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{logs}")
-
-
-def notification_body(bucket: str, key: str, etag: str, size: int) -> str:
-    """What S3 puts in SQS for a PUT, as a redelivery or a second notification would carry it."""
-    return json.dumps({"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
-                                    "eventTime": datetime.now(timezone.utc).isoformat(), "eventName": "ObjectCreated:Put",
-                                    "s3": {"bucket": {"name": bucket},
-                                           "object": {"key": key, "size": size, "eTag": etag}}}]})
+    return stack_wait_for(what, check, timeout_s, stack["logs"], every_s)
 
 
 def finish(api: Api, run_id, stack: dict):
@@ -135,7 +87,7 @@ def test_each_new_upload_starts_exactly_one_run(stack):
         {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": BUCKET}))
     s3.put_object(Bucket=BUCKET, Key=PREFIX + "notes.txt", Body=b"not data")
     s3.put_object(Bucket=BUCKET, Key=PREFIX + "_temporary/part-0.jsonl", Body=first)
-    wait_for("the bridge to drain the queue", lambda: _queue_empty(sqs, stack["queue_url"]), 60, stack)
+    wait_for("the bridge to drain the queue", lambda: queue_empty(sqs, stack["queue_url"]), 60, stack)
     time.sleep(5)  # time for a (wrong) second trigger to fire and a run to be created
     assert len(api.runs_of(deployment.id)) == 1
 
@@ -147,12 +99,6 @@ def test_each_new_upload_starts_exactly_one_run(stack):
     run = finish(api, runs[1].id, stack)
     assert run.parameters["config"]["data"] == f"s3://{BUCKET}/{PREFIX}second.jsonl"
     assert len(api.runs_of(deployment.id)) == 2
-
-
-def _queue_empty(sqs, queue_url: str) -> bool:
-    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
-        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-    return all(v == "0" for v in attributes.values())
 
 
 def test_nightly_retraining_schedule_is_registered(stack):
