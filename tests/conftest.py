@@ -116,6 +116,16 @@ def tiny_config(model: Path, tmp_path: Path, **overrides):
     return FinetuneConfig(**settings)
 
 
+SUMMARY_LINES = pytest.StashKey[list]()  # figures a test wants shown at the end of every run (tests/test_load.py)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.stash.get(SUMMARY_LINES, None):
+        terminalreporter.write_sep("=", "figures")
+        for line in config.stash[SUMMARY_LINES]:
+            terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

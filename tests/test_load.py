@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DEMO_DATA
+from conftest import DEMO_DATA, SUMMARY_LINES
 from local_stack import (PYTHON, ROOT, TINY_EVALUATION, TINY_TRAINING, Api, boto_kwargs, notification_body,
                          notify_queue, prefect_cli, project_file_for_test, queue_empty, start_bridge, start_worker,
                          stop_stack, wait_for)
@@ -120,7 +120,7 @@ def send_duplicates(s3, sqs, queue_url: str, uploads: dict[str, dict]) -> int:
     return len(reuploaded) + len(renotified)
 
 
-def test_fifty_uploads_in_a_minute_give_fifty_runs_within_the_gpu_limit(load_stack):
+def test_fifty_uploads_in_a_minute_give_fifty_runs_within_the_gpu_limit(load_stack, request):
     api, logs = load_stack["api"], load_stack["logs"]
     deployment = api.deployment(f"finetune/{DEPLOYMENT}")
     began = time.monotonic()
@@ -143,7 +143,7 @@ def test_fifty_uploads_in_a_minute_give_fifty_runs_within_the_gpu_limit(load_sta
     overlap = max_running(runs)
     figures = load_figures(runs, uploads, api, overlap, duplicates, time.monotonic() - began,
                            load_stack["server_log"], logs[1].log)
-    report(figures)
+    request.config.stash.setdefault(SUMMARY_LINES, []).extend(report(figures))
     assert overlap <= GPUS, f"{overlap} runs were Running at once; the GPU limit is {GPUS}"
     assert overlap == GPUS, f"at most {overlap} ran at once: the load never reached the limit it is meant to test"
 
@@ -220,7 +220,7 @@ def locked_errors(server_log: Path) -> dict[str, int]:
     return counts
 
 
-def report(figures: dict) -> None:
+def report(figures: dict) -> list[str]:
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
     ARTIFACT.write_text(json.dumps(figures, indent=2) + "\n")
     lines = [f"\nload: {figures['files']} uploads (+{figures['duplicates_sent']} duplicates) -> {figures['runs']} runs,"
@@ -232,3 +232,4 @@ def report(figures: dict) -> None:
     lines.append(f"all {figures['runs']} done {figures['first_upload_to_last_run_done_s']}s after the first upload; "
                  f"test body {figures['test_body_s']}s; figures in {ARTIFACT.relative_to(ROOT)}")
     print("\n".join(lines))
+    return lines
