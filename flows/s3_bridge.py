@@ -11,6 +11,8 @@ Exactly once, layer by layer:
   second notification for the same object, or a restarted bridge emits nothing new;
 - the event id is derived from (bucket, key, etag), so a copy emitted between "accepted" and
   "recorded as seen" (a crash there) is dropped by the server's own seen-event check.
+Records older than SQS's longest retention (14 days) are dropped once an hour: no notification
+that old can come back, and one Variable per object would otherwise pile up for ever.
 The deployment trigger in deployments/prefect.yaml turns each event into one flow run.
 """
 from __future__ import annotations
@@ -19,11 +21,13 @@ import argparse
 import logging
 import signal
 import time
+from datetime import datetime, timedelta, timezone
 
-from tasks.s3_announce import SeenObjects, announce
+from tasks.s3_announce import KEEP_SEEN_DAYS, SeenObjects, announce
 from tasks.s3_events import DATA_SUFFIXES, EVENT_NAME, Debouncer, NotificationError, parse_message, skip_reason
 
 log = logging.getLogger("prefect_finetune.s3_bridge")
+PRUNE_EVERY_S = 3600
 
 
 def run_bridge(queue_url: str, *, prefix: str = "", suffixes: tuple[str, ...] = DATA_SUFFIXES,
@@ -38,8 +42,12 @@ def run_bridge(queue_url: str, *, prefix: str = "", suffixes: tuple[str, ...] = 
     handles: dict[str, str] = {}  # message id -> newest receipt handle (a redelivery gets a new one)
     # Held messages must stay invisible while they wait out the debounce window, or SQS hands them out again.
     visibility = int(debounce_s + wait_s + 60)
+    next_prune = time.monotonic()
     log.info("bridge: polling %s for s3://*/%s* (debounce %.0fs, group by %s)", queue_url, prefix, debounce_s, group)
     while not should_stop():
+        if time.monotonic() >= next_prune:
+            next_prune = time.monotonic() + PRUNE_EVERY_S
+            _prune(seen)
         due_in = debouncer.next_due_in(time.monotonic())
         poll_s = wait_s if due_in is None else max(0, min(wait_s, int(due_in + 0.999)))
         try:
@@ -63,6 +71,16 @@ def run_bridge(queue_url: str, *, prefix: str = "", suffixes: tuple[str, ...] = 
                      batch.obj.uri, batch.obj.etag)
         for message_id in debouncer.release():
             sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=handles.pop(message_id))
+
+
+def _prune(seen: SeenObjects) -> None:
+    try:
+        dropped = seen.forget_before(datetime.now(timezone.utc) - timedelta(days=KEEP_SEEN_DAYS))
+    except Exception as error:  # the API is down: try again at the next hour, announcing goes on
+        log.warning("bridge: could not drop old announced-object records (%s)", error)
+        return
+    if dropped:
+        log.info("bridge: dropped %d announced-object records older than %d days", dropped, KEEP_SEEN_DAYS)
 
 
 def _take(message: dict, debouncer: Debouncer, prefix: str, suffixes: tuple[str, ...]) -> None:

@@ -10,9 +10,16 @@ from datetime import datetime, timezone
 from tasks.s3_events import EVENT_NAME, S3Object
 
 
+SEEN_TAG = "s3-seen"
+# SQS keeps a message at most 14 days, so no notification older than that can be redelivered: a record
+# of having announced it is not needed longer.
+KEEP_SEEN_DAYS = 14
+SEEN_PAGE = 200  # records read per request when dropping old ones
+
+
 class SeenObjects:
     """The (bucket, key, etag) already announced: one Prefect Variable each (a value is capped at 5,000
-    characters, so one variable per object, not one growing list)."""
+    characters, so one variable per object, not one growing list), dropped after KEEP_SEEN_DAYS."""
 
     def seen(self, obj: S3Object) -> bool:
         from prefect.variables import Variable
@@ -23,7 +30,29 @@ class SeenObjects:
         from prefect.variables import Variable
 
         Variable.set(obj.dedupe_key, {"uri": obj.uri, "etag": obj.etag, "announced_at": _now()}, overwrite=True,
-                     tags=["s3-seen"])
+                     tags=[SEEN_TAG])
+
+    def forget_before(self, cutoff: datetime) -> int:
+        """Drop the records last written before `cutoff`; returns how many were dropped."""
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        stale, offset, page_size = [], 0, SEEN_PAGE
+        with get_client(sync_client=True) as client:
+            while True:
+                page = client.request("POST", "/variables/filter", json={
+                    "variables": {"tags": {"all_": [SEEN_TAG]}}, "sort": "CREATED_DESC", "offset": offset,
+                    "limit": page_size}).json()
+                stale += [v["name"] for v in page if datetime.fromisoformat(v["updated"]) < cutoff]
+                if len(page) < page_size:
+                    break
+                offset += page_size
+            for name in stale:
+                try:
+                    client.delete_variable_by_name(name)
+                except ObjectNotFound:  # another bridge dropped it first
+                    pass
+        return len(stale)
 
 
 def announce(obj: S3Object, seen: SeenObjects | None = None) -> bool:

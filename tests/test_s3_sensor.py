@@ -43,6 +43,28 @@ def test_an_object_is_announced_once_per_etag():
     assert first["id"] == str(obj.event_id) and first["payload"]["bucket"] == "bucket-a" and first["payload"]["key"] == key
 
 
+def test_old_announcement_records_are_dropped_and_nothing_else(monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.variables import Variable
+
+    from tasks.s3_announce import SeenObjects
+    from tasks.s3_events import S3Object
+
+    seen = SeenObjects()
+    seen.forget_before(datetime.now(timezone.utc) + timedelta(seconds=1))  # earlier tests' records
+    objects = [S3Object("bucket-p", f"datasets/{uuid.uuid4().hex}.jsonl", f"etag-{i}", 1) for i in range(3)]
+    for obj in objects:
+        seen.remember(obj)
+    Variable.set("unrelated-setting", "kept", overwrite=True)
+    monkeypatch.setattr("tasks.s3_announce.SEEN_PAGE", 2)  # three records: two pages
+    assert seen.forget_before(datetime.now(timezone.utc) - timedelta(hours=1)) == 0  # all are recent
+    assert all(seen.seen(obj) for obj in objects)
+    assert seen.forget_before(datetime.now(timezone.utc) + timedelta(seconds=1)) == 3
+    assert not any(seen.seen(obj) for obj in objects)
+    assert Variable.get("unrelated-setting") == "kept"
+
+
 def test_sensor_announces_new_objects_since_its_cursor(bucket):
     import boto3
 
