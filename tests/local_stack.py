@@ -101,21 +101,43 @@ def stack_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("stack")
 
 
+def server_settings() -> dict:
+    """The server settings production uses (infra/prefect-server.env, read by infra/start-prefect-server.sh)."""
+    settings = {}
+    for line in (ROOT / "infra" / "prefect-server.env").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def start_prefect_server(name: str, port: int, db: Path, prefect_home: Path, log_dir: Path) -> Process:
+    """`prefect server start` on 127.0.0.1:`port` with its SQLite database at `db`; returns once it answers.
+    Starting it again with the same port, database and home is a restart of the same server."""
+    api = f"http://127.0.0.1:{port}/api"
+    env = base_env(prefect_home) | server_settings() | {
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
+        "PREFECT_UI_API_URL": api,  # the UI's browser calls go here, not to the default port 4200
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+    }
+    server = Process(name, [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                            "--port", str(port)], env, log_dir)
+    try:
+        wait_http(f"{api}/health", server, timeout_s=180)
+    except BaseException:
+        server.stop(signals=(signal.SIGTERM, signal.SIGINT))
+        raise
+    return server
+
+
 @pytest.fixture(scope="session")
 def prefect_server(stack_dir):
     """`prefect server start` on 127.0.0.1 (SQLite in a temp dir); yields its API URL."""
     port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = base_env(stack_dir / "prefect-home") | {
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{stack_dir / 'prefect.db'}",
-        "PREFECT_UI_API_URL": api,  # the UI's browser calls go here, not to the default port 4200
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-    }
-    server = Process("prefect-server", [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                        "--port", str(port)], env, stack_dir)
+    server = start_prefect_server("prefect-server", port, stack_dir / "prefect.db", stack_dir / "prefect-home",
+                                  stack_dir)
     try:
-        wait_http(f"{api}/health", server, timeout_s=180)
-        yield api
+        yield f"http://127.0.0.1:{port}/api"
     finally:
         server.stop(signals=(signal.SIGTERM, signal.SIGINT))
 
@@ -137,11 +159,21 @@ def moto_endpoint(stack_dir):
 def deployed(prefect_server, moto_endpoint, tiny_model, stack_dir) -> dict:
     """deployments/prefect.yaml (tiny runs, the test's pool and bucket) registered with `prefect deploy`."""
     env = base_env(stack_dir / "prefect-home") | aws_env(moto_endpoint) | {"PREFECT_API_URL": prefect_server}
-    prefect_cli(["work-pool", "create", POOL, "--type", "process"], env)
-    project = project_file_for_test(BUCKET, tiny_model, POOL, f"s3://{BUCKET}/models/incoming", TINY_TRAINING,
-                                    TINY_EVALUATION, stack_dir / "prefect.yaml")
-    prefect_cli(["--no-prompt", "deploy", "--prefect-file", str(project), "--all"], env, timeout_s=300)
+    project = deploy(env, tiny_model, POOL, f"s3://{BUCKET}/models/incoming", stack_dir,
+                     keep=("gpu", "on-upload", "nightly"))
     return {"env": env, "project": project}
+
+
+def deploy(env: dict, model: Path, pool: str, output: str, folder: Path, keep: tuple[str, ...],
+           pool_template: Path | None = None, training: dict = TINY_TRAINING) -> Path:
+    """Create `pool` (a process pool, from `pool_template` when given) and register the `keep` deployments of
+    deployments/prefect.yaml on it with `prefect deploy`, against the server env's PREFECT_API_URL names."""
+    template = ["--base-job-template", str(pool_template)] if pool_template else []
+    prefect_cli(["work-pool", "create", pool, "--type", "process", *template], env)
+    project = project_file_for_test(BUCKET, model, pool, output, training, TINY_EVALUATION,
+                                    folder / "prefect.yaml", keep=set(keep))
+    prefect_cli(["--no-prompt", "deploy", "--prefect-file", str(project), "--all"], env, timeout_s=300)
+    return project
 
 
 def aws_env(endpoint: str) -> dict:
@@ -158,11 +190,10 @@ def prefect_cli(args: list[str], env: dict, timeout_s: float = 180) -> str:
 
 
 def project_file_for_test(bucket: str, model: Path, pool: str, output: str, training: dict, evaluation: dict,
-                      dest: Path) -> Path:
+                          dest: Path, keep: set[str]) -> Path:
     """deployments/prefect.yaml with the test's pool, bucket, model and a tiny run; triggers, schedules and
     templates exactly as shipped."""
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
-    keep = {"gpu", "on-upload", "nightly"}
     spec["deployments"] = [d for d in spec["deployments"] if d["name"] in keep]
     for deployment in spec["deployments"]:
         deployment["work_pool"] = {"name": pool}

@@ -76,9 +76,8 @@ def deploy_load_deployment(env: dict, model: Path, folder: Path) -> None:
     load bucket and pool, with the deployment concurrency limit set to the GPU count."""
     folder.mkdir(exist_ok=True)
     project = project_file_for_test(LOAD_BUCKET, model, POOL, f"s3://{LOAD_BUCKET}/models/incoming", LOAD_TRAINING,
-                                    LOAD_EVALUATION, folder / "prefect.yaml")
+                                    LOAD_EVALUATION, folder / "prefect.yaml", keep={"on-upload"})
     spec = yaml.safe_load(project.read_text())
-    spec["deployments"] = [d for d in spec["deployments"] if d["name"] == "on-upload"]
     spec["deployments"][0]["name"] = DEPLOYMENT
     spec["deployments"][0]["concurrency_limit"]["limit"] = GPUS
     project.write_text(yaml.safe_dump(spec, sort_keys=False))
