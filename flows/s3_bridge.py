@@ -21,9 +21,8 @@ import argparse
 import logging
 import signal
 import time
-from datetime import datetime, timedelta, timezone
 
-from tasks.s3_announce import KEEP_SEEN_DAYS, SeenObjects, announce
+from tasks.s3_announce import KEEP_SEEN_DAYS, SeenObjects, announce, forget_expired
 from tasks.s3_events import DATA_SUFFIXES, EVENT_NAME, Debouncer, NotificationError, parse_message, skip_reason
 
 log = logging.getLogger("prefect_finetune.s3_bridge")
@@ -75,7 +74,7 @@ def run_bridge(queue_url: str, *, prefix: str = "", suffixes: tuple[str, ...] = 
 
 def _prune(seen: SeenObjects) -> None:
     try:
-        dropped = seen.forget_before(datetime.now(timezone.utc) - timedelta(days=KEEP_SEEN_DAYS))
+        dropped = forget_expired(seen)
     except Exception as error:  # the API is down: try again at the next hour, announcing goes on
         log.warning("bridge: could not drop old announced-object records (%s)", error)
         return

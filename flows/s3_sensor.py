@@ -6,14 +6,14 @@ dedupe as the SQS bridge, so an object both notified and polled still gives one 
 """
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import datetime, timedelta, timezone
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.variables import Variable
 
 from tasks.freshness import retry_if_transient
-from tasks.s3_announce import announce
+from tasks.s3_announce import KEEP_SEEN_DAYS, announce, forget_expired
 from tasks.s3_events import DATA_SUFFIXES, S3Object, new_since, skip_reason
 
 
@@ -44,6 +44,21 @@ def announce_new(bucket: str, objects: list[dict], prefix: str, suffixes: list[s
     return emitted
 
 
+@task(name="forget-old-announcements", cache_policy=NO_CACHE)
+def forget_old_announcements(pruned_variable: str) -> int:
+    """At most once an hour (the sensor polls every few minutes): drop the dedupe records older than
+    SQS's and any re-poll's horizon (tasks/s3_announce.KEEP_SEEN_DAYS)."""
+    last = Variable.get(pruned_variable, default=None)
+    now = datetime.now(timezone.utc)
+    if last and now - datetime.fromisoformat(last) < timedelta(hours=1):
+        return 0
+    dropped = forget_expired()
+    Variable.set(pruned_variable, now.isoformat(), overwrite=True)
+    if dropped:
+        get_run_logger().info("dropped %d announced-object records older than %d days", dropped, KEEP_SEEN_DAYS)
+    return dropped
+
+
 @flow(name="s3-sensor")
 def s3_sensor(bucket: str, prefix: str = "", suffixes: list[str] = list(DATA_SUFFIXES),
               cursor_variable: str = "s3-sensor-cursor", announce_existing: bool = False) -> int:
@@ -53,4 +68,5 @@ def s3_sensor(bucket: str, prefix: str = "", suffixes: list[str] = list(DATA_SUF
     fresh, next_cursor = new_since(list_prefix(bucket, prefix), cursor)
     emitted = announce_new(bucket, fresh, prefix, suffixes) if cursor is not None or announce_existing else 0
     Variable.set(cursor_variable, next_cursor, overwrite=True)
+    forget_old_announcements(f"{cursor_variable}-pruned-at")
     return emitted

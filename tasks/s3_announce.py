@@ -5,7 +5,7 @@ parsing, filtering and debouncing they share is pure, in tasks/s3_events.py.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from tasks.s3_events import EVENT_NAME, S3Object
 
@@ -53,6 +53,11 @@ class SeenObjects:
                 except ObjectNotFound:  # another bridge dropped it first
                     pass
         return len(stale)
+
+
+def forget_expired(seen: SeenObjects | None = None) -> int:
+    """Drop the records older than KEEP_SEEN_DAYS; returns how many."""
+    return (seen or SeenObjects()).forget_before(datetime.now(timezone.utc) - timedelta(days=KEEP_SEEN_DAYS))
 
 
 def announce(obj: S3Object, seen: SeenObjects | None = None) -> bool:
