@@ -27,6 +27,7 @@ import pytest
 from conftest import DEMO_DATA
 from local_stack import PYTHON, ROOT, TINY_EVALUATION, TINY_TRAINING, Process, base_env, deploy, free_port, \
     start_prefect_server
+from local_stack import wait_for as wait_showing_logs
 
 pytestmark = pytest.mark.integration
 
@@ -99,14 +100,7 @@ def client(api: str):
 
 
 def wait_for(what: str, check, timeout_s: float, stack: dict, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    logs = "\n\n".join(f"--- {p.name} ---\n{p.tail(60)}" for p in (stack["worker"], stack["server"].process))
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{logs}")
+    return wait_showing_logs(what, check, timeout_s, [stack["worker"], stack["server"].process], every_s)
 
 
 def run_config(stack: dict, name: str, training: dict) -> dict:
