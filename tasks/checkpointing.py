@@ -106,10 +106,11 @@ GO_ON = ("Free space on that disk or set work_dir to a larger one, then retry th
 
 def _write_failure(folder: Path, step: int, error: Exception, free_then: int) -> str:
     """What failed and why, the last checkpoint that is still complete, and how to go on."""
-    earlier = [p for p in sorted(folder.parent.glob("step-*"), reverse=True)
-               if p.name < folder.name and read_manifest(p) is not None]
-    kept = (f"the last complete checkpoint, {earlier[0]} (step {read_manifest(earlier[0])['step']}), is intact"
-            if earlier else "there is no earlier checkpoint, so a retry starts from step 0")
+    # newest first, stopping at the first intact one: checking a checkpoint hashes all of its files
+    earlier = (p for p in sorted(folder.parent.glob("step-*"), reverse=True) if p.name < folder.name)
+    intact = next(((p, m) for p in earlier if (m := read_manifest(p)) is not None), None)
+    kept = (f"the last complete checkpoint, {intact[0]} (step {intact[1]['step']}), is intact"
+            if intact else "there is no earlier checkpoint, so a retry starts from step 0")
     return (f"could not write the checkpoint for step {step} to {folder}: {_cause(error, free_then)}; the "
             f"partial folder was removed and {kept}. {GO_ON}")
 
