@@ -42,3 +42,11 @@ def test_process_template_is_prefects_with_the_gpu_pinned():
     assert ours["job_configuration"] == default["job_configuration"]
     assert set(ours["variables"]["properties"]) == set(default["variables"]["properties"])
     assert render(ours, {})["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_both_gpu_templates_let_runs_wait_out_an_api_outage():
+    """tests/test_api_restart.py measures what this buys with the process template: a run whose API was
+    down ~100 s as it finished is recorded Completed (with Prefect's default of 5 retries it ended Failed)."""
+    for name in ("process-gpu.json", "kubernetes-gpu.json"):
+        env = render(json.loads((POOLS / name).read_text()), {})["env"]
+        assert env["PREFECT_CLIENT_MAX_RETRIES"] == "8", name
