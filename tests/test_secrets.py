@@ -75,7 +75,10 @@ def test_planted_secrets_appear_in_no_output_log_or_artifact(tiny_model, empty_b
 
     APILogHandler().flush()  # logs are sent in batches: send the rest before reading them back
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        logs = []  # every log line, page by page (the server answers at most 200 at a time)
+        while page := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                       limit=200, offset=len(logs)):
+            logs += page
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         flow_run = client.read_flow_run(flow_run_id)
