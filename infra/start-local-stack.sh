@@ -37,6 +37,7 @@ echo "bucket my-bucket notifies $QUEUE_URL"
 infra/create-work-pools.sh
 # The deployments whose pools exist here (the router and its Kubernetes pools need KUBERNETES=1).
 prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --name gpu --name on-upload --name nightly --name poll
+python infra/apply_automations.py deployments/automations.yaml
 POOL=gpu infra/start-worker.sh & pids+=($!)
 POOL=cpu infra/start-worker.sh & pids+=($!)
 QUEUE_URL=$QUEUE_URL infra/start-s3-bridge.sh & pids+=($!)

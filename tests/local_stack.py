@@ -191,8 +191,8 @@ def prefect_cli(args: list[str], env: dict, timeout_s: float = 180) -> str:
 
 def project_file_for_test(bucket: str, model: Path, pool: str, output: str, training: dict, evaluation: dict,
                           dest: Path, keep: set[str]) -> Path:
-    """deployments/prefect.yaml with the test's pool, bucket, model and a tiny run; triggers, schedules and
-    templates exactly as shipped."""
+    """deployments/prefect.yaml with the test's pool, bucket, model and a tiny run; triggers, schedules (paused)
+    and templates as shipped."""
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     spec["deployments"] = [d for d in spec["deployments"] if d["name"] in keep]
     for deployment in spec["deployments"]:
@@ -204,6 +204,8 @@ def project_file_for_test(bucket: str, model: Path, pool: str, output: str, trai
             for name in ("data", "eval_data"):
                 if name in config:
                     config[name] = config[name].replace("s3://my-bucket/", f"s3://{bucket}/")
+        for schedule in deployment.get("schedules", []):
+            schedule["active"] = False  # registered as shipped, but a 03:00 run must not take a test's worker
         for trigger in deployment.get("triggers", []):
             trigger["match"]["prefect.resource.id"] = trigger["match"]["prefect.resource.id"].replace(
                 "s3://my-bucket/", f"s3://{bucket}/")
@@ -238,6 +240,15 @@ def start_worker(name: str, pool: str, limit: int, env: dict, log_dir: Path) -> 
                         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(log_dir / "results")}
     return Process(name, [PYTHON, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                           "--limit", str(limit)], worker_env, log_dir)
+
+
+def start_held_worker(name: str, pool: str, env: dict, folder: Path, hold_step: int) -> Process:
+    """start_worker (limit 1) whose flow runs import tests/flow_run_hooks/: training waits inside step
+    `hold_step` until `folder`/release exists, and writes its process id to `folder`/holding meanwhile."""
+    hooks = Path(__file__).with_name("flow_run_hooks")
+    return start_worker(name, pool, 1, env | {
+        "PYTHONPATH": f"{ROOT}:{hooks}", "FINETUNE_TEST_HOLD_STEP": str(hold_step),
+        "FINETUNE_TEST_RELEASE": str(folder / "release"), "FINETUNE_TEST_HOLDING": str(folder / "holding")}, folder)
 
 
 def start_bridge(name: str, queue_url: str, prefix: str, env: dict, log_dir: Path, debounce_s: float = 2) -> Process:

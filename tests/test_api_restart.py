@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from conftest import DEMO_DATA
-from local_stack import PYTHON, ROOT, TINY_EVALUATION, TINY_TRAINING, Process, base_env, deploy, free_port, \
-    start_prefect_server
+from local_stack import ROOT, TINY_EVALUATION, TINY_TRAINING, Process, base_env, deploy, free_port, \
+    start_held_worker, start_prefect_server
 from local_stack import wait_for as wait_showing_logs
 
 pytestmark = pytest.mark.integration
@@ -86,12 +86,7 @@ def stack(tiny_model, tmp_path_factory):
     try:
         deploy(env, tiny_model, POOL, str(folder / "unused-output"), folder, keep=("gpu",),
                pool_template=ROOT / "infra" / "work-pools" / "process-gpu.json", training=TRAINING)
-        worker_env = env | {"FINETUNE_REPO_DIR": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1",
-                            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(folder / "results"),
-                            "PYTHONPATH": f"{ROOT}:{Path(__file__).with_name('flow_run_hooks')}",
-                            "FINETUNE_TEST_HOLD_STEP": str(HOLD_STEP), "FINETUNE_TEST_RELEASE": str(folder / "release")}
-        worker = Process("worker", [PYTHON, "-m", "prefect", "worker", "start", "--pool", POOL, "--type",
-                                    "process", "--limit", "1"], worker_env, folder)
+        worker = start_held_worker("worker", POOL, env, folder, HOLD_STEP)
         yield {"server": server, "worker": worker, "folder": folder, "model": tiny_model}
     finally:
         if worker:
@@ -211,9 +206,10 @@ def assert_recorded_once(api, run, config: dict, stack: dict) -> None:
     assert states.count("RUNNING") == 1 and states[-1] == "COMPLETED", states
 
     # Task runs are recorded from events; those sent around an outage arrive when the client resends them.
-    def recorded():
+    def recorded():  # every task of the flow, each final (a resent backlog arrives task by task)
         runs = task_runs(api, run.id)
-        return runs if runs and all(t.state and t.state.is_final() for t in runs) else None
+        named = {task_name(t) for t in runs}
+        return runs if set(FLOW_TASKS) <= named and all(t.state and t.state.is_final() for t in runs) else None
 
     runs = wait_for("every task run in a final state", recorded, 60, stack)
     assert all(t.state.is_completed() and t.run_count == 1 for t in runs), [(t.name, t.state.type) for t in runs]

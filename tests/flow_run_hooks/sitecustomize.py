@@ -5,7 +5,8 @@ imports this first. Two timing hooks; what they time is Prefect's and the traine
   its 300 s lease), so a renewal after the server restart happens during the test, as it would within
   minutes in production;
 - with FINETUNE_TEST_HOLD_STEP=N and FINETUNE_TEST_RELEASE=<file>, training waits inside step N until
-  the file exists (at most HOLD_LIMIT_S). A step takes 0.03-1.5 s on this shared 2-core machine, so
+  the file exists (at most HOLD_LIMIT_S); with FINETUNE_TEST_HOLDING=<file> it writes its process id
+  there while it waits (tests/test_flow_run_crash.py kills that process). A step takes 0.03-1.5 s on this shared 2-core machine, so
   no number of steps outlasts two server restarts reliably; the hold keeps the run training until the
   test has restarted the server, like tests/resume_worker.py patches the same function to die in a step.
 """
@@ -22,12 +23,14 @@ leases._RENEWAL_FRACTION = 0.05
 HOLD_LIMIT_S = 900  # longer than the test waits: only the test's release ends a hold in a passing test
 
 
-def _hold_in_step(trainer, step: int, release: Path) -> None:
+def _hold_in_step(trainer, step: int, release: Path, holding: Path | None) -> None:
     accumulate, calls = trainer.accumulate_gradients, [0]
 
     def accumulate_or_wait(*args, **kwargs):
         calls[0] += 1  # one call per optimizer step (tasks/trainer.py)
         deadline = time.monotonic() + HOLD_LIMIT_S
+        if holding and calls[0] == step and not release.exists():
+            holding.write_text(str(os.getpid()))
         while calls[0] == step and not release.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         return accumulate(*args, **kwargs)
@@ -46,7 +49,9 @@ class _PatchTrainerOnImport(importlib.abc.MetaPathFinder):
 
         def exec_and_patch(module):
             exec_module(module)
-            _hold_in_step(module, int(os.environ["FINETUNE_TEST_HOLD_STEP"]), Path(os.environ["FINETUNE_TEST_RELEASE"]))
+            holding = os.environ.get("FINETUNE_TEST_HOLDING")
+            _hold_in_step(module, int(os.environ["FINETUNE_TEST_HOLD_STEP"]), Path(os.environ["FINETUNE_TEST_RELEASE"]),
+                          Path(holding) if holding else None)
 
         spec.loader.exec_module = exec_and_patch
         return spec
