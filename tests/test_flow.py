@@ -23,7 +23,8 @@ def task_names(state, last: str) -> list[str]:
     deadline = time.monotonic() + 30
     while True:
         with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
         names = sorted(run.name.rsplit("-", 1)[0] if not run.name.startswith("evaluate-") else run.name for run in runs)
         if last in names or time.monotonic() > deadline:
             return names

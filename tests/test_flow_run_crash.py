@@ -118,7 +118,8 @@ def test_the_shipped_automation_retries_a_crashed_run_by_itself(stack):
     """deployments/automations.yaml applied as the README says; nobody retries by hand."""
     from prefect.client.orchestration import SyncPrefectClient
 
-    api, logs, output = SyncPrefectClient(stack["api"]), [stack["worker"], stack["server"]], stack["folder"] / "out-auto"
+    api, logs = SyncPrefectClient(stack["api"]), [stack["worker"], stack["server"]]
+    output = stack["folder"] / "out-auto"
     for _ in range(2):  # applying twice leaves one automation
         subprocess.run([sys.executable, "infra/apply_automations.py", "deployments/automations.yaml"],
                        env=stack["env"], cwd=ROOT, check=True, capture_output=True, timeout=120)

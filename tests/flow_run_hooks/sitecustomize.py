@@ -6,9 +6,10 @@ imports this first. Two timing hooks; what they time is Prefect's and the traine
   minutes in production;
 - with FINETUNE_TEST_HOLD_STEP=N and FINETUNE_TEST_RELEASE=<file>, training waits inside step N until
   the file exists (at most HOLD_LIMIT_S); with FINETUNE_TEST_HOLDING=<file> it writes its process id
-  there while it waits (tests/test_flow_run_crash.py kills that process). A step takes 0.03-1.5 s on this shared 2-core machine, so
-  no number of steps outlasts two server restarts reliably; the hold keeps the run training until the
-  test has restarted the server, like tests/resume_worker.py patches the same function to die in a step.
+  there while it waits (tests/test_flow_run_crash.py kills that process). A step takes 0.03-1.5 s on
+  this shared 2-core machine, so no number of steps outlasts two server restarts reliably; the hold
+  keeps the run training until the test has restarted the server, like tests/resume_worker.py patches
+  the same function to die in a step.
 """
 import importlib.abc
 import importlib.machinery
