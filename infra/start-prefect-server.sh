@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
 # Start a local Prefect server (SQLite under $PREFECT_HOME; Postgres if
 # PREFECT_API_DATABASE_CONNECTION_URL is set) and print the API URL to export.
-# Server settings that keep runs alive across a server restart: infra/prefect-server.env.
-# SQLite under a burst of uploads (tests/test_load.py): runs queued behind the GPU limit turn Late
-# after 15 s, and the late-runs service's writes collide with the API's ("database is locked" in the
-# server log, hundreds of times; retried, no client request fails). Postgres avoids it; on SQLite,
-# PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED=false removes them (695 -> 0 in that test), at the cost
-# of the Late label.
+# Server settings that keep runs alive across a server restart and keep a burst of uploads from
+# losing a run on SQLite: infra/prefect-server.env (each one is used unless already set).
 set -euo pipefail
 PORT=${PREFECT_PORT:-4200}
 export PREFECT_HOME=${PREFECT_HOME:-$(pwd)/.prefect}
