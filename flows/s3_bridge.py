@@ -22,11 +22,12 @@ import logging
 import signal
 import time
 
-from tasks.s3_announce import KEEP_SEEN_DAYS, SeenObjects, announce, forget_expired
+from tasks.s3_announce import KEEP_SEEN_DAYS, SeenObjects, announce, forget_expired, reannounce_failed
 from tasks.s3_events import DATA_SUFFIXES, EVENT_NAME, Debouncer, NotificationError, parse_message, skip_reason
 
 log = logging.getLogger("prefect_finetune.s3_bridge")
 PRUNE_EVERY_S = 3600
+REANNOUNCE_EVERY_S = 30  # how often failed trigger actions are looked for (tasks/s3_announce.reannounce_failed)
 
 
 def run_bridge(queue_url: str, *, prefix: str = "", suffixes: tuple[str, ...] = DATA_SUFFIXES,
@@ -41,12 +42,15 @@ def run_bridge(queue_url: str, *, prefix: str = "", suffixes: tuple[str, ...] = 
     handles: dict[str, str] = {}  # message id -> newest receipt handle (a redelivery gets a new one)
     # Held messages must stay invisible while they wait out the debounce window, or SQS hands them out again.
     visibility = int(debounce_s + wait_s + 60)
-    next_prune = time.monotonic()
+    next_prune = next_reannounce = time.monotonic()
     log.info("bridge: polling %s for s3://*/%s* (debounce %.0fs, group by %s)", queue_url, prefix, debounce_s, group)
     while not should_stop():
         if time.monotonic() >= next_prune:
             next_prune = time.monotonic() + PRUNE_EVERY_S
             _prune(seen)
+        if time.monotonic() >= next_reannounce:
+            next_reannounce = time.monotonic() + REANNOUNCE_EVERY_S
+            _reannounce()
         due_in = debouncer.next_due_in(time.monotonic())
         poll_s = wait_s if due_in is None else max(0, min(wait_s, int(due_in + 0.999)))
         try:
@@ -80,6 +84,16 @@ def _prune(seen: SeenObjects) -> None:
         return
     if dropped:
         log.info("bridge: dropped %d announced-object records older than %d days", dropped, KEEP_SEEN_DAYS)
+
+
+def _reannounce() -> None:
+    try:
+        uris = reannounce_failed()
+    except Exception as error:  # the API is down: look again next time
+        log.warning("bridge: could not look for failed trigger actions (%s)", error)
+        return
+    for uri in uris:
+        log.warning("bridge: the trigger's action for %s failed in Prefect; announced it again", uri)
 
 
 def _take(message: dict, debouncer: Debouncer, prefix: str, suffixes: tuple[str, ...]) -> None:

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.variables import Variable
 
 from tasks.freshness import retry_if_transient
-from tasks.s3_announce import KEEP_SEEN_DAYS, announce, forget_expired
+from tasks.s3_announce import KEEP_SEEN_DAYS, announce, forget_expired, reannounce_failed
 from tasks.s3_events import DATA_SUFFIXES, S3Object, new_since, skip_reason
 
 
@@ -59,6 +59,15 @@ def forget_old_announcements(pruned_variable: str) -> int:
     return dropped
 
 
+@task(name="reannounce-failed-uploads", cache_policy=NO_CACHE)
+def reannounce_failed_uploads() -> list[str]:
+    """Announce again the uploads whose trigger action Prefect gave up on (tasks/s3_announce.reannounce_failed)."""
+    uris = reannounce_failed()
+    for uri in uris:
+        get_run_logger().warning("the trigger's action for %s failed in Prefect; announced it again", uri)
+    return uris
+
+
 @flow(name="s3-sensor")
 def s3_sensor(bucket: str, prefix: str = "", suffixes: list[str] = list(DATA_SUFFIXES),
               cursor_variable: str = "s3-sensor-cursor", announce_existing: bool = False) -> int:
@@ -69,4 +78,5 @@ def s3_sensor(bucket: str, prefix: str = "", suffixes: list[str] = list(DATA_SUF
     emitted = announce_new(bucket, fresh, prefix, suffixes) if cursor is not None or announce_existing else 0
     Variable.set(cursor_variable, next_cursor, overwrite=True)
     forget_old_announcements(f"{cursor_variable}-pruned-at")
+    reannounce_failed_uploads()
     return emitted

@@ -5,6 +5,7 @@ parsing, filtering and debouncing they share is pure, in tasks/s3_events.py.
 """
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta, timezone
 
 from tasks.s3_events import EVENT_NAME, S3Object
@@ -81,6 +82,49 @@ def emit_created(obj: S3Object) -> None:
     with get_client(sync_client=True) as client:
         response = client.request("POST", "/events", json=[event.model_dump(mode="json")])
         response.raise_for_status()
+
+
+ACTION_FAILED = "prefect.automation.action.failed"
+RETRY_WINDOW = timedelta(days=1)  # how far back failed actions are looked for
+
+
+def reannounce_failed() -> list[str]:
+    """Send again each `s3.object.created` event whose automation action Prefect gave up on; returns the
+    URIs. The trigger's run-deployment action fails when the API answers it 503 (on SQLite, when another
+    write holds the lock), and Prefect never retries an action: without this, that upload gets no run.
+    Each failure is handled once (a Variable beside the dedupe records, dropped with them); the copy's id
+    comes from the failure's, so a crash between sending and recording sends the same event, which the
+    server drops. A copy whose action fails too is a new failure, handled in turn."""
+    from prefect.client.orchestration import get_client
+    from prefect.variables import Variable
+
+    since = (datetime.now(timezone.utc) - RETRY_WINDOW).isoformat()
+    sent = []
+    with get_client(sync_client=True) as client:
+        for failure in _events(client, {"event": {"name": [ACTION_FAILED]}, "occurred": {"since": since}}):
+            marker = f"s3-reannounced-{failure['id']}"
+            if failure["payload"].get("action_type") != "run-deployment" or \
+                    Variable.get(marker, default=None) is not None:
+                continue
+            triggering = [r["prefect.resource.id"].removeprefix("prefect.event.") for r in failure["related"]
+                          if r.get("prefect.resource.role") == "triggering-event"]
+            originals = _events(client, {"id": {"id": triggering}, "occurred": {"since": "2000-01-01T00:00:00Z"}}) \
+                if triggering else []
+            for original in (e for e in originals if e["event"] == EVENT_NAME):
+                copy = {k: v for k, v in original.items() if k != "received"} | {
+                    "id": str(uuid.uuid5(uuid.UUID(failure["id"]), original["id"])), "follows": None,
+                    "occurred": datetime.now(timezone.utc).isoformat()}
+                client.request("POST", "/events", json=[copy]).raise_for_status()
+                sent.append(original["resource"]["prefect.resource.id"])
+            Variable.set(marker, {"failure": failure["id"], "reannounced_at": _now()}, overwrite=True,
+                         tags=[SEEN_TAG])
+    return sent
+
+
+def _events(client, event_filter: dict) -> list[dict]:
+    answer = client.request("POST", "/events/filter", json={"filter": event_filter, "limit": 50})
+    answer.raise_for_status()
+    return answer.json()["events"]
 
 
 def _now() -> str:

@@ -207,8 +207,8 @@ def load_figures(runs, uploads, api: Api, overlap: int, duplicates: int, elapsed
 
 
 def failed_actions(api: Api) -> int:
-    """`prefect.automation.action.failed` events: an action that failed (say, creating a run got a 503 from a
-    locked SQLite) is not retried by Prefect, so each one is an upload without its run."""
+    """`prefect.automation.action.failed` events: an action that failed (creating a run got a 503 from a locked
+    SQLite) is not retried by Prefect; the bridge announces its upload again (tasks/s3_announce.py)."""
     answer = api.client.request("POST", "/events/filter", json={"filter": {
         "event": {"name": ["prefect.automation.action.failed"]}, "occurred": {"since": "2000-01-01T00:00:00Z"}},
         "limit": 50})

@@ -2,6 +2,7 @@
 temporary Prefect server and moto's S3 server."""
 import time
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 
@@ -42,6 +43,39 @@ def test_an_object_is_announced_once_per_etag():
     assert sorted(e["payload"]["etag"] for e in events) == ["etag-1", "etag-2"]
     first = next(e for e in events if e["payload"]["etag"] == "etag-1")
     assert first["id"] == str(obj.event_id) and first["payload"]["bucket"] == "bucket-a" and first["payload"]["key"] == key
+
+
+def test_an_upload_whose_trigger_action_failed_is_announced_again_once():
+    """Prefect reports an action it gave up on as `prefect.automation.action.failed` (seen under load: the
+    run-deployment action got a 503 from a locked SQLite); the failure is posted here as the server words it."""
+    from prefect.client.orchestration import get_client
+
+    from tasks.s3_announce import ACTION_FAILED, announce, reannounce_failed
+    from tasks.s3_events import S3Object
+
+    obj = S3Object("bucket-r", f"datasets/{uuid.uuid4().hex}.jsonl", "etag-1", 10)
+    assert announce(obj)
+    failure = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), "event": ACTION_FAILED,
+               "resource": {"prefect.resource.id": f"prefect.automation.{uuid.uuid4()}"},
+               "related": [{"prefect.resource.id": f"prefect.deployment.{uuid.uuid4()}", "prefect.resource.role": "target"},
+                           {"prefect.resource.id": f"prefect.event.{obj.event_id}",
+                            "prefect.resource.role": "triggering-event"}],
+               "payload": {"action_index": 0, "action_type": "run-deployment", "status_code": 503,
+                           "reason": "Unexpected status from 'run-deployment' action: 503"}}
+    with get_client(sync_client=True) as client:
+        client.request("POST", "/events", json=[failure]).raise_for_status()
+    created_events(obj.uri, wait_s=30)  # the original, persisted (with the failure: same batch or earlier)
+    deadline = time.monotonic() + 30
+    while not (sent := reannounce_failed()) and time.monotonic() < deadline:
+        time.sleep(1)  # until the failure is persisted
+    assert sent == [obj.uri]
+    assert reannounce_failed() == []  # handled once
+    events = created_events(obj.uri, wait_s=30, expect=2)
+    time.sleep(6)  # a third copy would be persisted by now
+    events = created_events(obj.uri)
+    assert len(events) == 2 and {e["id"] for e in events} == {
+        str(obj.event_id), str(uuid.uuid5(uuid.UUID(failure["id"]), str(obj.event_id)))}
+    assert events[0]["payload"] == events[1]["payload"] and events[0]["resource"] == events[1]["resource"]
 
 
 def test_old_announcement_records_are_dropped_and_nothing_else(monkeypatch):
