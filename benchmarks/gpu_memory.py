@@ -1,4 +1,4 @@
-"""How far the memory estimate (tasks/memory.py) is from the peak of this project's trainer on a GPU.
+"""How far the memory estimate (tasks/planning/memory.py) is from the peak of this project's trainer on a GPU.
 
     python benchmarks/gpu_memory.py measure --out results.jsonl   # on a CUDA machine
     python benchmarks/gpu_memory.py table results.jsonl           # anywhere: estimate vs measured
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.memory import GIB, ModelShape, estimate_memory  # noqa: E402
+from tasks.planning.memory import GIB, ModelShape, estimate_memory  # noqa: E402
 
 SHAPES = {  # public configs' shapes; random weights
     "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -98,10 +98,10 @@ def measure_point(shape: str, path: Path, method: str, checkpointing: bool, rows
     import torch
 
     from tasks.config import LoraSettings, TrainingSettings
-    from tasks.kernels import fused_kernels_available
-    from tasks.modeling import load_for_training
-    from tasks.tokenization import Example
-    from tasks.trainer import train
+    from tasks.data.tokenization import Example
+    from tasks.engine.kernels import fused_kernels_available
+    from tasks.engine.modeling import load_for_training
+    from tasks.engine.train_loop import train
 
     torch.cuda.empty_cache()
     model = load_for_training(str(path), method, "cuda", LoraSettings(**LORA), checkpointing)
@@ -127,7 +127,7 @@ def measure_point(shape: str, path: Path, method: str, checkpointing: bool, rows
 def measure(args) -> None:
     import torch
 
-    from tasks.modeling import use_expandable_segments
+    from tasks.engine.modeling import use_expandable_segments
 
     use_expandable_segments("cuda")
     environment = {"gpu": torch.cuda.get_device_name(), "gpu_bytes": torch.cuda.mem_get_info()[1],

@@ -64,7 +64,7 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
 
 def validate(path: Path) -> dict:
     from tasks.config import DataSettings
-    from tasks.dataset import scan_dataset
+    from tasks.data.dataset import scan_dataset
 
     start = time.perf_counter()
     scan = scan_dataset(str(path), checks=DataSettings(on_invalid="quarantine"), collect=False)
@@ -79,8 +79,8 @@ def validate(path: Path) -> dict:
 
 def tokenize(path: Path, rows: int, cache_dir: Path) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # the fast tokenizer's batch uses every core
-    from tasks.schemas import conversation_problem
-    from tasks.tokenization import encode, encode_all, encode_all_cached, load_tokenizer
+    from tasks.data.schemas import conversation_problem
+    from tasks.data.tokenization import encode, encode_all, encode_all_cached, load_tokenizer
 
     conversations = []
     with open(path, encoding="utf-8") as handle:
@@ -95,7 +95,7 @@ def tokenize(path: Path, rows: int, cache_dir: Path) -> dict:
     examples = encode_all(tokenizer, conversations, 2048)
     seconds = time.perf_counter() - start
     tokens = sum(len(e.input_ids) + e.tokens_lost for e in examples)  # every token encoded, cut or not
-    from tasks.tokenization import TemplateLayout
+    from tasks.data.tokenization import TemplateLayout
 
     layout = TemplateLayout.learn(tokenizer)
     texts = [layout.render(c)[0] for c in conversations]

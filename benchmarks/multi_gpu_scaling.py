@@ -1,8 +1,8 @@
 """Scaling from 1 to 2 GPUs: useful tokens/s, scaling efficiency and peak memory per GPU.
 
 The same global batch (rows per optimizer step) on 1 and on 2 GPUs, each run started by torchrun as
-the train task starts it (tasks/launch.py) and trained by this project's trainer with its
-`Parallel` (tasks/distributed.py): llama-8b LoRA (DDP) and llama-1b full fine-tuning (FSDP2), random
+the train task starts it (tasks/engine/launch.py) and trained by this project's trainer with its
+`Parallel` (tasks/engine/distributed.py): llama-8b LoRA (DDP) and llama-1b full fine-tuning (FSDP2), random
 weights from the config written once to disk and loaded as the train task loads a model
 (benchmarks/gpu_memory.py), chat-length rows from benchmarks/training_speed.py.
 Scaling efficiency = 2-GPU tokens/s / (2 x 1-GPU tokens/s). Run on a machine with 2 GPUs:
@@ -41,10 +41,10 @@ def one_case(args) -> None:
     from training_speed import random_examples
 
     from tasks.config import LoraSettings, TrainingSettings
-    from tasks.distributed import join_process_group, leave_process_group
-    from tasks.trainer import train
+    from tasks.engine.distributed import join_process_group, leave_process_group
+    from tasks.engine.train_loop import train
 
-    from tasks.modeling import load_for_training, use_expandable_segments
+    from tasks.engine.modeling import load_for_training, use_expandable_segments
 
     use_expandable_segments("cuda")  # as the train task's model loading does; before any CUDA allocation
     parallel = join_process_group("cuda")

@@ -4,7 +4,7 @@ publish of the same run sends again (goal: zero).
     .venv/bin/python benchmarks/publish_s3_throughput.py [--size-mb 1024] [--shards 2] [--part-mb 64] [--concurrency 8]
 
 Builds a model-shaped folder (safetensors-sized random shards plus the small json files) in a
-temporary directory, publishes it with the same code the flow uses (tasks/s3_transfer.py: SHA-256
+temporary directory, publishes it with the same code the flow uses (tasks/store/transfer.py: SHA-256
 checksums, multipart, read-back verification), publishes it again, and prints the figures.
 moto keeps objects in this process, so the figure is a lower bound on what the client side can do
 on this machine (both ends share the CPU), not an S3 figure.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.manifest import file_entries  # noqa: E402
-from tasks.s3_transfer import upload_run_folder  # noqa: E402
+from tasks.store.manifest import file_entries  # noqa: E402
+from tasks.store.transfer import upload_run_folder  # noqa: E402
 
 MB = 2**20
 

@@ -52,21 +52,21 @@ def run_seed(shape: str, method: str, rows: int, checkpointing: bool, data: str)
 
 def random_model(shape: str, method: str, checkpointing: bool):
     """A random-init Llama of `shape` on the current CUDA device, prepared for `method` as the train
-    task prepares a loaded one (tasks/modeling.py). Also used by benchmarks/multi_gpu_scaling.py."""
+    task prepares a loaded one (tasks/engine/modeling.py). Also used by benchmarks/multi_gpu_scaling.py."""
     import torch
     from gpu_memory import checkpoint_for
     from seed_recipe import SHAPES
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.config import LoraSettings
-    from tasks.modeling import _load_4bit, prepare_for_training
+    from tasks.engine.modeling import _load_4bit, prepare_for_training
 
     torch.cuda.empty_cache()
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
     config._attn_implementation = "sdpa"
     if method == "qlora":
         model = _load_4bit(str(checkpoint_for(shape, Path(tempfile.gettempdir()))), "cuda")
-    else:  # full fine-tuning keeps fp32 master weights; LoRA freezes a bf16 base (tasks/modeling.py)
+    else:  # full fine-tuning keeps fp32 master weights; LoRA freezes a bf16 base (tasks/engine/modeling.py)
         torch.set_default_dtype(torch.float32 if method == "full" else torch.bfloat16)
         with torch.device("cuda"):
             model = LlamaForCausalLM(config)
@@ -79,7 +79,7 @@ def random_examples(count: int, vocab_size: int, data: str) -> list:
     """`count` random token rows, every token a target: full-length ("fixed") or chat-length ("chat")."""
     from seed_recipe import Rand
 
-    from tasks.tokenization import Example
+    from tasks.data.tokenization import Example
 
     dataset = Rand(count, SEQ, vocab_size, data)
     return [Example(input_ids=r["input_ids"].tolist(), labels=r["input_ids"].tolist(), truncated=False)
@@ -90,7 +90,7 @@ def run_ours(shape: str, method: str, rows: int, checkpointing: bool, data: str,
     import logging
 
     from tasks.config import TrainingSettings
-    from tasks.trainer import train
+    from tasks.engine.train_loop import train
 
     model = random_model(shape, method, checkpointing)
     steps = WARM_STEPS + TIMED_STEPS

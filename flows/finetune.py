@@ -5,11 +5,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from tasks.config import FinetuneConfig
+from tasks.config import FinetuneConfig, Method
 from tasks.credentials import use_s3_credentials
 from tasks.evaluate import evaluate, evaluate_published
-from tasks.freshness import require_data_version
-from tasks.ingest import ingest
+from tasks.ingest import ingest, require_data_version
 from tasks.plan import plan_training
 from tasks.publish import decide_promotion, package_run, promote_run, upload_run, write_report
 from tasks.runs import start_run
@@ -19,7 +18,7 @@ from tasks.train import train_model
 class FinetuneResult(BaseModel):
     run_id: str
     output_uri: str
-    method: str
+    method: Method
     metric: str
     base_score: float
     tuned_score: float

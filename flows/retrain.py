@@ -7,7 +7,7 @@ from prefect.states import Completed
 from flows.finetune import FinetuneResult, finetune
 from tasks.config import FinetuneConfig
 from tasks.credentials import use_s3_credentials
-from tasks.freshness import data_unchanged_reason
+from tasks.ingest import data_unchanged_reason
 
 
 @flow(name="retrain", log_prints=True)

@@ -7,8 +7,8 @@ from prefect.deployments import run_deployment
 
 from tasks.config import FinetuneConfig
 from tasks.credentials import use_s3_credentials
-from tasks.routing import choose_work_pool, deployment_for
-from tasks.selector import WorkPoolSpec
+from tasks.planning.routing import choose_work_pool, deployment_for
+from tasks.planning.selector import WorkPoolSpec
 
 DEFAULT_POOLS = [WorkPoolSpec(name="gpu-24gb", gpu_gib=24), WorkPoolSpec(name="gpu-80gb", gpu_gib=80)]
 

@@ -2,7 +2,7 @@
 
     python -m flows.s3_bridge --queue-url https://sqs.../datasets --prefix datasets/q7/ --debounce 30
 
-Each pass long-polls SQS, parses the notifications (tasks.s3_events), holds new objects for the
+Each pass long-polls SQS, parses the notifications (tasks.data.s3_events), holds new objects for the
 debounce window, then for every object not seen before emits one event and records it as seen.
 Exactly once, layer by layer:
 - an SQS message is deleted only after the event for every object it announced was accepted by the
@@ -22,8 +22,8 @@ import logging
 import signal
 import time
 
+from tasks.data.s3_events import DATA_SUFFIXES, EVENT_NAME, Debouncer, NotificationError, parse_message, skip_reason
 from tasks.s3_announce import KEEP_SEEN_DAYS, SeenObjects, announce, forget_expired, reannounce_failed
-from tasks.s3_events import DATA_SUFFIXES, EVENT_NAME, Debouncer, NotificationError, parse_message, skip_reason
 
 log = logging.getLogger("prefect_finetune.s3_bridge")
 PRUNE_EVERY_S = 3600

@@ -12,15 +12,15 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.variables import Variable
 
-from tasks.freshness import retry_if_transient
+from tasks.data.s3_events import DATA_SUFFIXES, S3Object, new_since, skip_reason
 from tasks.s3_announce import KEEP_SEEN_DAYS, announce, forget_expired, reannounce_failed
-from tasks.s3_events import DATA_SUFFIXES, S3Object, new_since, skip_reason
+from tasks.store.objects import retry_if_transient
 
 
 @task(name="list-prefix", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
 def list_prefix(bucket: str, prefix: str) -> list[dict]:
-    from tasks.storage import s3_client
+    from tasks.store.objects import s3_client
 
     listing = []
     for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

@@ -21,11 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tasks.config import LoraSettings, TrainingSettings
-from tasks.manifest import sha256_file, verify_files
-from tasks.memory import UnsupportedModelError
-from tasks.registry import fetch_run, read_latest
-from tasks.storage import MANIFEST_NAME, StorageNotFoundError
+from tasks.config import LoraSettings, MethodChoice, TrainingSettings
+from tasks.planning.memory import UnsupportedModelError
+from tasks.store.manifest import sha256_file, verify_files
+from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError
+from tasks.store.registry import fetch_run, read_latest
 
 
 class CheckFailed(Exception):
@@ -66,32 +66,13 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def load_and_run(folder: Path, base_path: str) -> str:
-    """Load the published model as a user would (plain transformers) and check one forward pass.
+    """Load the published model as a user would (plain transformers) and check one forward pass."""
+    from tasks.engine.export import forward_published
 
-    A downloaded folder is untrusted: no code from it runs and no pickle is opened (weight_safety).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tasks.weight_safety import pretrained_kwargs, require_safe_weights, tokenizer_kwargs
-
-    if (folder / "merged").is_dir():
-        model_dir = folder / "merged"
-        require_safe_weights(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **pretrained_kwargs())
-    else:  # adapter-only publish: the consumer brings the base (transformers applies it through peft)
-        model_dir = folder / "adapter"
-        require_safe_weights(base_path)
-        require_safe_weights(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **pretrained_kwargs())
-        model.load_adapter(str(model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, **tokenizer_kwargs())
-    inputs = tokenizer(["Hello"], return_tensors="pt")
-    with torch.no_grad():
-        logits = model.eval()(**inputs).logits
-    if not torch.isfinite(logits).all():
+    model_dir, parameters, finite = forward_published(folder, base_path)
+    if not finite:
         raise CheckFailed(f"{model_dir}: the model loads but its logits are not finite")
-    return f"loaded {model_dir} with transformers: {model.num_parameters():,} parameters, forward pass finite"
+    return f"loaded {model_dir} with transformers: {parameters:,} parameters, forward pass finite"
 
 
 def _add_download(subparsers) -> None:
@@ -122,7 +103,7 @@ def _add_plan(subparsers) -> None:
                         help="GPUs per machine: full fine-tuning is sharded across them (FSDP2), adapters use DDP")
     parser.add_argument("--data", help="training data (path or s3://); without it every row is max-seq-len long")
     parser.add_argument("--data-format", default="auto")
-    parser.add_argument("--method", default="auto", choices=["auto", "full", "lora", "qlora"])
+    parser.add_argument("--method", default="auto", choices=[m.value for m in MethodChoice])
     parser.add_argument("--max-seq-len", type=int, default=TrainingSettings().max_seq_len)
     parser.add_argument("--batch-size", type=int, default=TrainingSettings().batch_size, help="rows per step")
     parser.add_argument("--micro-batch-size", type=int, default=TrainingSettings().micro_batch_size,
@@ -138,8 +119,8 @@ def _add_plan(subparsers) -> None:
 def _plan(args: argparse.Namespace) -> None:
     import json
 
-    from tasks.memory import GIB, ModelShape
-    from tasks.selector import PlanError, WorkPoolSpec, select_work_pool
+    from tasks.planning.memory import GIB, ModelShape
+    from tasks.planning.selector import PlanError, WorkPoolSpec, select_work_pool
 
     with tempfile.TemporaryDirectory(prefix="prefect-finetune-") as scratch:
         model_dir = _model_files(args.model, Path(scratch))
@@ -166,7 +147,7 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _model_files(model: str, scratch: Path) -> Path:
     """A local folder with the model's config.json (and its tokenizer when there is one)."""
-    from tasks.storage import is_s3_uri, join_uri, read_bytes
+    from tasks.store.objects import is_s3_uri, join_uri, read_bytes
 
     if is_s3_uri(model):
         (scratch / "config.json").write_bytes(read_bytes(join_uri(model, "config.json")))
@@ -189,8 +170,8 @@ def _token_lengths(args: argparse.Namespace, model_dir: Path) -> tuple[int, int,
     if not args.data:
         return (args.max_seq_len, args.batch_size * args.max_seq_len,
                 f"no --data: every row taken as {args.max_seq_len} tokens")
-    from tasks.dataset import read_dataset
-    from tasks.tokenization import encode_all, load_tokenizer
+    from tasks.data.dataset import read_dataset
+    from tasks.data.tokenization import encode_all, load_tokenizer
 
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise CheckFailed(f"{args.model}: no tokenizer files next to config.json, so --data cannot be measured "

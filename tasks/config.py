@@ -7,15 +7,51 @@ Pure: no Prefect, no torch.
 """
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.metrics import MetricName, ScoreName, module_of
-from tasks.storage import is_s3_uri, split_s3_uri
+from tasks.scoring.metrics import MetricName, ScoreName, module_of
+from tasks.store.objects import is_s3_uri, split_s3_uri
 
-Method = Literal["auto", "full", "lora", "qlora"]
+
+
+class Method(str, Enum):
+    """How a run trains, listed by quality: every weight (full), low-rank adapters on the frozen base
+    (lora), or those adapters on a 4-bit quantized base (qlora)."""
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+    def __str__(self) -> str:  # f-strings, logs and tables show "lora", not "Method.LORA"
+        return self.value
+
+    @property
+    def trains_adapter(self) -> bool:
+        return self is not Method.FULL
+
+    @property
+    def quantized(self) -> bool:
+        return self is Method.QLORA
+
+
+class MethodChoice(str, Enum):
+    """What the config asks for: a method, or "auto" to let the planner pick the best that fits."""
+    AUTO = "auto"
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def fixed(self) -> Method | None:
+        """The method forced by the config, or None for auto."""
+        return None if self is MethodChoice.AUTO else Method(self.value)
+
+
 DataFormat = Literal["auto", "instruction", "prompt_completion", "chat", "text"]
 PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
@@ -193,8 +229,8 @@ class FinetuneConfig(_Settings):
         "auto", description="Row format; 'auto' detects it from the columns."
     )
     eval_fraction: float = Field(0.1, gt=0, le=0.5, description="Share of `data` held out when no eval_data.")
-    method: Method = Field(
-        "auto", description="'auto' picks the best method that fits memory: full > lora > qlora."
+    method: MethodChoice = Field(
+        MethodChoice.AUTO, description="'auto' picks the best method that fits memory: full > lora > qlora."
     )
     memory_budget_gib: float | None = Field(
         None, gt=0, description="Memory to plan within; default: free GPU memory, or available RAM on CPU."

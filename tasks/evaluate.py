@@ -6,28 +6,11 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from tasks.config import FinetuneConfig
-from tasks.ingest import IngestResult, encoded_split
-from tasks.plan import PlanResult
-from tasks.runs import RunInfo
-from tasks.tokenization import load_tokenizer
-from tasks.train import TrainResult
-from tasks.weight_safety import SAFE
-
-
-class EvalResult(BaseModel):
-    label: str  # base, tuned or published
-    loss: float
-    perplexity: float
-    metric: str  # the headline score's name (evaluation.metric)
-    score: float  # scores[metric]
-    scores: dict[str, float]  # every score of the chosen metric modules
-    eval_rows: int
-    generated_rows: int
-    answers: list[dict]
-    run_id: str | None = None  # for the published model: which run it is
+from tasks.data.tokenization import encoded_split, load_tokenizer
+from tasks.results import EvalResult, IngestResult, PlanResult, RunInfo, TrainResult
+from tasks.store.weight_safety import SAFE
 
 
 # log_prints off: dill (under evaluate/datasets) captures `dis` output by swapping sys.stdout, and
@@ -35,14 +18,14 @@ class EvalResult(BaseModel):
 @task(name="evaluate", task_run_name="evaluate-{label}", cache_policy=NO_CACHE, log_prints=False)
 def evaluate(config: FinetuneConfig, data: IngestResult, planned: PlanResult, label: str,
              trained: TrainResult | None = None) -> EvalResult:
-    from tasks.modeling import load_for_inference
+    from tasks.engine.modeling import load_for_inference
 
     # Evaluate in the precision the run trained in: a QLoRA plan means a bf16 base may not fit.
-    quantized = (trained.method if trained else planned.plan.method) == "qlora"  # after any memory step-down
+    quantized = (trained.method if trained else planned.plan.method).quantized  # after any memory step-down
     device = planned.plan.device
     if trained is None:
         model = load_for_inference(config.model, device, quantized=quantized, loading=config.model_loading)
-    elif trained.is_adapter:
+    elif trained.method.trains_adapter:
         model = load_for_inference(config.model, device, adapter=trained.checkpoint_dir, quantized=quantized,
                                    loading=config.model_loading)
     else:
@@ -55,7 +38,7 @@ def evaluate_published(config: FinetuneConfig, data: IngestResult, planned: Plan
                        run: RunInfo) -> EvalResult | None:
     """The model `<output>/latest.json` points at, on the same rows; None when the gate does not
     compare against it (`publish.max_regression` empty) or nothing is published yet."""
-    from tasks.registry import fetch_run, read_latest
+    from tasks.store.registry import fetch_run, read_latest
 
     logger = get_run_logger()
     if config.publish.max_regression is None:
@@ -73,7 +56,7 @@ def evaluate_published(config: FinetuneConfig, data: IngestResult, planned: Plan
 
 def _load_published(folder: Path, manifest: dict, device: str, loading=None):
     """The merged model when it was published, else its adapter on the base it was trained from."""
-    from tasks.modeling import load_for_inference
+    from tasks.engine.modeling import load_for_inference
 
     if (folder / "merged").is_dir():
         return load_for_inference(str(folder / "merged"), device, loading=loading or SAFE)
@@ -82,7 +65,7 @@ def _load_published(folder: Path, manifest: dict, device: str, loading=None):
 
 
 def _score(config: FinetuneConfig, data: IngestResult, device: str, label: str, model) -> EvalResult:
-    from tasks.evaluation import evaluate_model
+    from tasks.engine.eval_loop import evaluate_model
 
     tokenizer = load_tokenizer(config.model, config.model_loading)
     conversations, examples = encoded_split(config, data.eval_path, tokenizer=tokenizer)

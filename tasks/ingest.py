@@ -19,38 +19,17 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.config import DataSettings, FinetuneConfig
-from tasks.dataset import (Dataset, content_sha256, describe, load_kept, quarantine_records, raise_too_many_rows,
-                           read_conversations, scan_dataset, split_dataset, to_conversation, write_conversations,
-                           write_quarantine)
-from tasks.runs import RunInfo
-from tasks.schemas import SCHEMA_VERSION, DatasetError
-from tasks.sources import list_source_files
-from tasks.storage import is_s3_uri
+from tasks.data.dataset import (Dataset, content_sha256, describe, load_kept, quarantine_records, raise_too_many_rows,
+                                scan_dataset, split_dataset, to_conversation, write_conversations,
+                                write_quarantine)
+from tasks.data.freshness import DataChangedError, etag_mismatch, unchanged_since_published
+from tasks.data.schemas import SCHEMA_VERSION, DatasetError
+from tasks.data.sources import list_source_files
+from tasks.data.tokenization import encoded_split
+from tasks.results import DataSource, IngestResult, RunInfo
+from tasks.store.objects import is_s3_uri, retry_if_transient
 
 VERDICT_SETTINGS = ("max_row_bytes", "duplicates", "leakage")  # the settings that change which rows are bad
-
-
-class DataSource(BaseModel):
-    uri: str
-    sha256: str
-    rows: int  # rows kept
-    data_format: str
-    format_evidence: str
-    read: int = 0
-    quarantined: int = 0
-    problems: dict[str, int] = {}  # rule -> rows that broke it
-    validation: str = "ran"  # or "cached"
-
-
-class IngestResult(BaseModel):
-    train_path: str
-    eval_path: str
-    train_rows: int
-    eval_rows: int
-    sources: list[DataSource]
-    eval_origin: str  # "held-out file" or how the split was made
-    quarantine_paths: list[str] = []  # one JSONL per source with bad rows: row, reasons, data
-    token_lengths: dict[str, dict] = {}  # split -> histogram, share truncated, tokens lost (tasks.tokenization)
 
 
 class Verdict(BaseModel):
@@ -72,7 +51,28 @@ class Verdict(BaseModel):
         return len(self.quarantine)
 
 
-def fingerprint(uri: str, max_file_bytes: int | None = None) -> str:
+@task(name="check-data-version", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def require_data_version(config: FinetuneConfig) -> None:
+    """Fail before any work when the run's object is no longer the version its event announced."""
+    reason = etag_mismatch(config)
+    if reason:
+        raise DataChangedError(reason)
+    if config.data_etag:
+        get_run_logger().info("%s still has ETag %s, the version this run was started for", config.data,
+                              config.data_etag)
+
+
+@task(name="check-data-changed", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def data_unchanged_reason(config: FinetuneConfig) -> str | None:
+    """None when the data differs from what the newest published run trained on (or nothing is published)."""
+    reason = unchanged_since_published(config)
+    get_run_logger().info(reason or f"{config.data}: new data since the last published run (or none published): training")
+    return reason
+
+
+def content_identity(uri: str, max_file_bytes: int | None = None) -> str:
     """The content's identity without trusting names or dates: S3 ETags, else sha256 of the bytes.
     Files over `max_file_bytes` are refused here, before their bytes are hashed."""
     files = list_source_files(uri, max_file_bytes)
@@ -93,7 +93,7 @@ def _verdict_key(context, parameters: dict) -> str:
 @task(name="validate", cache_key_fn=_verdict_key, persist_result=True, cache_expiration=timedelta(days=30))
 def validate_data(uri: str, content: str, data_format: str, checks: DataSettings,
                   reference: bytes | None = None) -> Verdict:
-    """Every check on every row of `uri`; `content` (its fingerprint) is what the cache keys on."""
+    """Every check on every row of `uri`; `content` (its content_identity) is what the cache keys on."""
     # collect=False: only hashes are kept in memory; materialise() fills in the data of duplicate rows.
     scan = scan_dataset(uri, data_format, checks, np.frombuffer(reference, dtype=np.uint64) if reference else None,
                         collect=False)
@@ -188,30 +188,15 @@ def _keep_and_quarantine(verdicts: list[Verdict], run_dir: Path) -> tuple[list[D
 
 
 def _validate(uri: str, data_format: str, checks: DataSettings, reference: bytes | None) -> tuple[Verdict, str]:
-    state = validate_data(uri, fingerprint(uri, checks.max_file_bytes), data_format, checks, reference,
+    state = validate_data(uri, content_identity(uri, checks.max_file_bytes), data_format, checks, reference,
                           return_state=True)
     return state.result(), "cached" if state.name == "Cached" else "ran"
-
-
-def encoded_split(config: FinetuneConfig, split_file: Path | str, conversations: list | None = None,
-                  tokenizer=None) -> tuple[list, list]:
-    """A split's conversations and their token ids and answer masks, encoded once: cached on disk by
-    content + tokenizer + template + max_seq_len, so ingest, plan, train and evaluate share the work."""
-    from tasks.manifest import sha256_file
-    from tasks.tokenization import encode_all_cached, load_tokenizer
-
-    if conversations is None:
-        conversations = read_conversations(str(split_file))[1]
-    examples = encode_all_cached(tokenizer or load_tokenizer(config.model, config.model_loading), conversations,
-                                 config.training.max_seq_len, Path(config.work_dir) / "cache" / "encoded",
-                                 sha256_file(Path(split_file)))
-    return conversations, examples
 
 
 def _token_lengths(config: FinetuneConfig, split_file: Path, conversations: list) -> dict:
     """Token lengths with the model's tokenizer and template (no weights are loaded); fails on heavy
     truncation."""
-    from tasks.tokenization import length_report
+    from tasks.data.tokenization import length_report
 
     max_seq_len = config.training.max_seq_len
     _, examples = encoded_split(config, split_file, conversations)

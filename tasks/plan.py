@@ -8,25 +8,17 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from tasks.config import FinetuneConfig
-from tasks.dataset import read_conversations
-from tasks.ingest import IngestResult, encoded_split
-from tasks.memory import GIB, ModelShape
-from tasks.schemas import DatasetError
-from tasks.selector import GPU_SAFETY, TrainingPlan, select_plan
-from tasks.tokenization import length_stats, load_tokenizer
-from tasks.weight_safety import require_safe_weights
+from tasks.data.dataset import read_conversations
+from tasks.data.schemas import DatasetError
+from tasks.data.tokenization import encoded_split, length_stats, load_tokenizer
+from tasks.planning.memory import GIB, ModelShape
+from tasks.planning.selector import GPU_SAFETY, select_plan
+from tasks.results import IngestResult, PlanResult
+from tasks.store.weight_safety import require_safe_weights
 
 RAM_SAFETY = 0.8  # share of available RAM we plan to use on CPU
-
-
-class PlanResult(BaseModel):
-    plan: TrainingPlan
-    token_stats: dict
-    model_parameters: int
-    model_type: str
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -39,8 +31,8 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     settings = config.training
     stats = _check_lengths(config, tokenizer, data.train_path, config.data, logger)
     _check_lengths(config, tokenizer, data.eval_path, config.eval_data or config.data, logger)
-    from tasks.kernels import fused_kernels_available  # torch loads here, not when the flow is imported
-    from tasks.modeling import pick_device
+    from tasks.engine.hardware import pick_device
+    from tasks.engine.kernels import fused_kernels_available  # torch loads here, not when the flow is imported
 
     device = pick_device()
     gpus = _gpus(config, device)
@@ -93,9 +85,9 @@ def _gpus(config: FinetuneConfig, device: str) -> int:
     if config.training.num_gpus:
         return config.training.num_gpus
     if device == "cuda":
-        import torch
+        from tasks.engine.hardware import gpu_count
 
-        return torch.cuda.device_count()
+        return gpu_count()
     return 1
 
 
@@ -103,10 +95,10 @@ def _memory_budget(config: FinetuneConfig, device: str) -> tuple[int, str]:
     if config.memory_budget_gib:
         return int(config.memory_budget_gib * GIB), "memory_budget_gib"
     if device == "cuda":
-        import torch
+        from tasks.engine.hardware import free_gpu_memory
 
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * GPU_SAFETY), f"{GPU_SAFETY:.0%} of free memory on {torch.cuda.get_device_name()}"
+        free, name = free_gpu_memory()
+        return int(free * GPU_SAFETY), f"{GPU_SAFETY:.0%} of free memory on {name}"
     return int(_available_ram() * RAM_SAFETY), f"{RAM_SAFETY:.0%} of available RAM"
 
 

@@ -3,7 +3,7 @@
 The run folder is assembled locally first (`adapter/`, `merged/` with its model card,
 `manifest.json`), then published to `<output>/runs/<run-id>/` so no reader ever sees half a model:
 a local rename, or S3 uploads with the manifest last. Only then, and only if the promotion gate
-says so, does `<output>/latest.json` move to the run (tasks/registry.py).
+says so, does `<output>/latest.json` move to the run (tasks/store/registry.py).
 """
 from __future__ import annotations
 
@@ -16,20 +16,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import FinetuneConfig
-from tasks.dataset import read_conversations
-from tasks.evaluate import EvalResult
-from tasks.ingest import IngestResult
-from tasks.manifest import build_manifest, file_entries, sha256_file
-from tasks.loss_curve import LOSS_CURVE_NAME, plot_loss_curve
-from tasks.model_card import model_card
-from tasks.plan import PlanResult
-from tasks.promotion import GateDecision, ModelScores, promotion_gate
-from tasks.registry import promote
-from tasks.report import headline, metrics_table_rows, summary_markdown
-from tasks.runs import RunInfo
-from tasks.storage import MANIFEST_NAME, is_s3_uri, publish_folder, retry_if_transient, split_s3_uri
-from tasks.train import TrainResult
-from tasks.weight_safety import recorded
+from tasks.data.dataset import read_conversations
+from tasks.reports.loss_curve import LOSS_CURVE_NAME, plot_loss_curve
+from tasks.reports.model_card import model_card
+from tasks.reports.summary import headline, metrics_table_rows, summary_markdown
+from tasks.results import EvalResult, IngestResult, PlanResult, RunInfo, TrainResult
+from tasks.scoring.promotion import GateDecision, ModelScores, promotion_gate
+from tasks.store.manifest import build_manifest, file_entries, sha256_file
+from tasks.store.objects import MANIFEST_NAME, is_s3_uri, publish_folder, retry_if_transient, split_s3_uri
+from tasks.store.registry import promote
+from tasks.store.weight_safety import recorded
 
 PROBE_ROWS = 4  # eval rows whose logits must survive merging and saving
 FP32_EXPORT_HEADROOM = 1.5  # an fp32 copy of the model plus probe logits and allocator slack
@@ -38,7 +34,7 @@ FP32_EXPORT_HEADROOM = 1.5  # an fp32 copy of the model plus probe logits and al
 @task(name="gate", cache_policy=NO_CACHE)
 def decide_promotion(config: FinetuneConfig, base: EvalResult, tuned: EvalResult,
                      published: EvalResult | None = None) -> GateDecision:
-    """The promotion gate's decision (tasks/promotion.py), thresholds from `config.publish`."""
+    """The promotion gate's decision (tasks/scoring/promotion.py), thresholds from `config.publish`."""
     settings = config.publish
     decision = promotion_gate(
         base.metric, ModelScores(score=base.score, loss=base.loss), ModelScores(score=tuned.score, loss=tuned.loss),
@@ -56,8 +52,8 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     staging = Path(run.run_dir) / "publish"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    adapter_only = trained.is_adapter and config.publish.adapter_only
-    if trained.is_adapter:
+    adapter_only = trained.method.trains_adapter and config.publish.adapter_only
+    if trained.method.trains_adapter:
         shutil.copytree(trained.checkpoint_dir, staging / "adapter")
     for path in map(Path, data.quarantine_paths):  # rows set aside by ingest travel with the model
         (staging / "quarantine").mkdir(exist_ok=True)
@@ -103,13 +99,13 @@ def _describe_data(data: IngestResult, planned: PlanResult) -> dict:
 
 def _merge_and_verify(config: FinetuneConfig, data: IngestResult, planned: PlanResult, trained: TrainResult,
                       out_dir: Path) -> dict:
-    from tasks.export import export_model, publish_dtype
-    from tasks.tokenization import load_tokenizer, render
+    from tasks.data.tokenization import load_tokenizer, render
+    from tasks.engine.export import export_model, publish_dtype
 
     tokenizer = load_tokenizer(trained.checkpoint_dir, config.model_loading)
     _, conversations = read_conversations(data.eval_path)
     probe = [render(tokenizer, c) for c in conversations[:PROBE_ROWS]]
-    return export_model(config.model, trained.checkpoint_dir, trained.is_adapter, out_dir,
+    return export_model(config.model, trained.checkpoint_dir, trained.method.trains_adapter, out_dir,
                         publish_dtype(config.model, config.publish.dtype), tokenizer, probe,
                         _export_device(planned), max_shard_size=f"{config.publish.max_shard_size_mb}MB",
                         loading=config.model_loading)
@@ -125,7 +121,7 @@ def _s3_etag(uri: str) -> str | None:
     """The dataset object's ETag, so a consumer can tell whether the data changed since training."""
     if not is_s3_uri(uri):
         return None
-    from tasks.storage import s3_client
+    from tasks.store.objects import s3_client
 
     from botocore.exceptions import ClientError
 
@@ -137,13 +133,9 @@ def _s3_etag(uri: str) -> str | None:
 
 
 def _hardware(planned: PlanResult) -> dict:
-    import platform
+    from tasks.engine.hardware import describe
 
-    import torch
-
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return {"device": planned.plan.device, "gpus": gpus, "cuda": torch.version.cuda if gpus else None,
-            "cpu": platform.processor() or platform.machine()}
+    return describe(planned.plan.device)
 
 
 def _export_device(planned: PlanResult) -> str:
@@ -158,7 +150,7 @@ def upload_run(config: FinetuneConfig, run: RunInfo) -> str:
     """Publish the staged folder to `<output>/runs/<run-id>/`; a retry sends only what is missing."""
     staging = Path(run.run_dir) / "publish"
     if is_s3_uri(run.output_uri):
-        from tasks.s3_transfer import upload_run_folder
+        from tasks.store.transfer import upload_run_folder
 
         stats = upload_run_folder(staging, run.output_uri, config.publish.multipart_chunk_mb * 2**20,
                                   config.publish.max_concurrency)

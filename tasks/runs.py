@@ -5,18 +5,9 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from tasks.config import FinetuneConfig
-from tasks.registry import run_uri
-
-
-class RunInfo(BaseModel):
-    run_id: str
-    flow_run_id: str | None
-    run_dir: str  # local scratch: data splits, checkpoints, the staged run folder
-    output_uri: str  # where the finished run folder is published: <output>/runs/<run-id>
-    started_at: str
+from tasks.results import RunInfo
+from tasks.store.registry import run_uri
 
 
 def start_run(config: FinetuneConfig) -> RunInfo:

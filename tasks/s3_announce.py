@@ -1,14 +1,14 @@
 """Announce a new S3 object to Prefect: one `s3.object.created` event per (bucket, key, etag).
 
 The Prefect side of the S3 bridge (flows/s3_bridge.py) and sensor (flows/s3_sensor.py); the
-parsing, filtering and debouncing they share is pure, in tasks/s3_events.py.
+parsing, filtering and debouncing they share is pure, in tasks/data/s3_events.py.
 """
 from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from tasks.s3_events import EVENT_NAME, S3Object
+from tasks.data.s3_events import EVENT_NAME, S3Object
 
 
 SEEN_TAG = "s3-seen"

@@ -1,7 +1,7 @@
 """Stage 3, train: full, LoRA or QLoRA as planned; keeps the best model by eval loss, checkpoints to
 the output as it goes, and continues from a checkpoint after a retry or with `resume: true`. With more
 than one GPU (or `training.num_gpus` > 1), training runs in one process per GPU, started with torchrun
-(tasks/launch.py): DDP for adapters, FSDP2 for full fine-tuning (tasks/distributed.py)."""
+(tasks/engine/launch.py): DDP for adapters, FSDP2 for full fine-tuning (tasks/engine/distributed.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,56 +9,27 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
-from tasks.checkpoint_store import candidate_checkpoints, fetch_checkpoint, fingerprint, upload_checkpoint
 from tasks.config import FinetuneConfig
-from tasks.ingest import IngestResult, encoded_split
-from tasks.launch import Nodes
-from tasks.memory import GIB
-from tasks.plan import PlanResult
-from tasks.runs import RunInfo
-from tasks.selector import Attempt
-from tasks.tokenization import load_tokenizer
+from tasks.data.tokenization import encoded_split
+from tasks.data.tokenization import load_tokenizer
+from tasks.engine.launch import Nodes
+from tasks.planning.memory import GIB
+from tasks.planning.selector import Attempt
+from tasks.results import IngestResult, PlanResult, RunInfo, TrainResult
+from tasks.store.checkpoint_uploads import (candidate_checkpoints, fetch_checkpoint, training_fingerprint,
+                                           upload_checkpoint)
 
 KEEP_IN_OUTPUT = 2  # newest checkpoints kept in the output per run
-
-
-class TrainResult(BaseModel):
-    """What the train task hands on: the engine's TrainOutcome (tasks/trainer.py, which imports
-    torch and so cannot be imported here) plus where the checkpoint is and what it holds."""
-    method: str
-    checkpoint_dir: str  # the best checkpoint: a peft adapter, or a whole model for full fine-tuning
-    is_adapter: bool
-    steps: int
-    best_step: int
-    best_eval_loss: float
-    stopped_early: bool
-    seconds: float
-    trained_tokens: int
-    processed_tokens: int
-    resumed_from_step: int
-    resumed_from: str | None
-    trainable_parameters: int
-    total_parameters: int
-    peak_memory_bytes: int  # the largest of the processes' peaks when several trained
-    peak_memory_kind: str
-    peak_allocated_bytes: int
-    history: list[dict]
-    tokens_per_micro_batch: int  # as trained: the plan's, unless an out-of-memory error lowered it
-    gradient_checkpointing: bool
-    memory_step_downs: list[dict]  # each out-of-memory error and what was tried next
-    world_size: int = 1  # training processes (GPUs) across every machine
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult) -> TrainResult:
     # torch, transformers and peft load here, not at import: the flow module stays light for workers
     # and deployment tooling.
-    import torch
-
-    from tasks.modeling import load_for_training, parameter_counts
-    from tasks.trainer import train, train_within_memory
+    from tasks.engine.hardware import seed
+    from tasks.engine.modeling import load_for_training, parameter_counts
+    from tasks.engine.train_loop import train, train_within_memory
 
     logger = get_run_logger()
     plan, settings = planned.plan, config.training
@@ -80,7 +51,7 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
         world_size, sizes = 1, {}
 
         def load(attempt: Attempt):
-            torch.manual_seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
+            seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
             model = load_for_training(config.model, attempt.method, plan.device, config.lora,
                                       attempt.gradient_checkpointing, loading=config.model_loading)
             sizes["trainable"], sizes["total"] = parameter_counts(model)
@@ -98,13 +69,13 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
 
         outcome, attempt, step_downs = train_within_memory(
             load, run, attempt, planned_tokens=plan.tokens_per_micro_batch, longest_row=plan.longest_row,
-            method_fixed=config.method != "auto", log=logger)
+            method_fixed=config.method.fixed() is not None, log=logger)
         trainable, total = sizes["trainable"], sizes["total"]
     tokenizer.save_pretrained(best)
     logger.info("trained %d steps in %.1f s; best eval loss %.4f at step %d; peak memory %.2f GiB (%s), "
                 "estimated %.2f GiB", outcome.steps, outcome.seconds, outcome.best_eval_loss, outcome.best_step,
                 outcome.peak_memory_bytes / GIB, outcome.peak_memory_kind, plan.estimate.gib)
-    return TrainResult(method=attempt.method, checkpoint_dir=str(best), is_adapter=attempt.method != "full",
+    return TrainResult(method=attempt.method, checkpoint_dir=str(best),
                        trainable_parameters=trainable, total_parameters=total, resumed_from=resumed_from,
                        tokens_per_micro_batch=attempt.tokens_per_micro_batch,
                        gradient_checkpointing=attempt.gradient_checkpointing, memory_step_downs=step_downs,
@@ -117,9 +88,9 @@ def processes_per_node(config: FinetuneConfig, plan) -> int:
     wanted = config.training.num_gpus or plan.num_gpus
     if plan.device != "cuda":
         return wanted
-    import torch
+    from tasks.engine.hardware import gpu_count
 
-    visible = torch.cuda.device_count()
+    visible = gpu_count()
     if wanted > visible:
         raise ValueError(f"training wants {wanted} GPUs but {visible} are visible on this machine; lower "
                          "training.num_gpus or run on a work pool with more GPUs per machine")
@@ -130,12 +101,9 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
                         eval_examples, capacity: int, checkpoints, best: Path, logger):
     """Train in `processes` torchrun processes (per machine); only rank 0 writes the best model,
     checkpoints (and copies them to the output) and the result read back here."""
-    import gc
-
-    import torch
-
-    from tasks.launch import TrainingJob, run_training_processes, write_examples
-    from tasks.trainer import TrainOutcome
+    from tasks.engine.hardware import release_cached_memory
+    from tasks.engine.launch import TrainingJob, run_training_processes, write_examples
+    from tasks.engine.train_loop import TrainOutcome
 
     folder = nodes.job_dir(Path(run.run_dir))
     if nodes.count > 1 and not Path(run.run_dir).resolve().is_relative_to(Path(nodes.shared_dir).resolve()):
@@ -153,13 +121,11 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
                      "resume_from": str(checkpoints.resume_from) if checkpoints.resume_from else None},
         upload={"output": config.output, "run_key": run.flow_run_id or run.run_id, "keep": KEEP_IN_OUTPUT},
     )
-    gc.collect()  # the base model evaluate loaded in this process: its cached GPU memory would sit on GPU 0
-    if torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    release_cached_memory()  # the base model evaluate loaded in this process would sit on GPU 0
     result = run_training_processes(job, folder / "job.json", processes, logger, nodes)
     logger.info("trained %s on %d processes (%s): %s of %s parameters trainable; micro-batches of up to %d packed "
                 "tokens per process; attention %s", plan.method, result["world_size"],
-                "FSDP2" if plan.method == "full" else "DDP", f"{result['trainable_parameters']:,}",
+                "DDP" if plan.method.trains_adapter else "FSDP2", f"{result['trainable_parameters']:,}",
                 f"{result['total_parameters']:,}", capacity, result["attention"])
     fields = {f.name for f in dataclasses.fields(TrainOutcome)}
     outcome = TrainOutcome(**{k: v for k, v in result.items() if k in fields})
@@ -169,20 +135,21 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
 def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult, logger):
     """Where checkpoints go, and which one to continue from: this flow run's own (a retry), or with
     `resume`, the newest one in the output that trained the same model, data and settings."""
-    from tasks.checkpointing import read_manifest
-    from tasks.trainer import Checkpoints
+    from tasks.engine.checkpoints import read_checkpoint_manifest
+    from tasks.engine.train_loop import Checkpoints
 
     run_key = run.flow_run_id or run.run_id
     # num_gpus is left out: adapters resume on any number of processes, FSDP shards on any number above one
     settings = config.training.model_dump(exclude={"max_steps", "eval_every", "checkpoint_every", "num_gpus",
                                                    "early_stopping_patience", "early_stopping_min_delta"})
-    identity = fingerprint(model=config.model, data=[s.sha256 for s in data.sources], method=planned.plan.method,
-                         lora=config.lora.model_dump(), training=settings, eval_origin=data.eval_origin)
+    identity = training_fingerprint(model=config.model, data=[s.sha256 for s in data.sources],
+                                    method=planned.plan.method, lora=config.lora.model_dump(), training=settings,
+                                    eval_origin=data.eval_origin)
     local = Path(run.run_dir) / "checkpoints"
     resume_from = found = None
     for uri in candidate_checkpoints(config.output, run_key, identity if config.resume else None):
         fetched = fetch_checkpoint(uri, Path(run.run_dir) / "resume-from")
-        if read_manifest(fetched) is not None:
+        if read_checkpoint_manifest(fetched) is not None:
             resume_from, found = fetched, uri
             logger.info("continuing from checkpoint %s", uri)
             break

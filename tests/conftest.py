@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
-    from tasks.tokenization import load_tokenizer
+    from tasks.data.tokenization import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from resume_worker import run  # noqa: E402
-from tasks.checkpointing import CheckpointWriteError, read_manifest  # noqa: E402
+from tasks.engine.checkpoints import CheckpointWriteError, read_checkpoint_manifest  # noqa: E402
 
 
 def main(model_dir: str, work: Path, report: Path, copies: Path) -> None:
@@ -24,7 +24,7 @@ def main(model_dir: str, work: Path, report: Path, copies: Path) -> None:
         outcome["error"] = str(error)
     outcome["work"] = sorted(p.name for p in work.iterdir())  # hidden .partial folders included
     outcome["checkpoints"] = sorted(p.name for p in checkpoints.iterdir())
-    outcome["complete"] = {p.name: read_manifest(p)["step"] for p in checkpoints.iterdir() if read_manifest(p)}
+    outcome["complete"] = {p.name: read_checkpoint_manifest(p)["step"] for p in checkpoints.iterdir() if read_checkpoint_manifest(p)}
     if outcome["complete"]:
         shutil.copytree(checkpoints / max(outcome["complete"]), copies / "checkpoint")
     if (work / "best").is_dir():

@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import tasks.trainer as trainer  # noqa: E402
+import tasks.engine.train_loop as trainer  # noqa: E402
 from tasks.config import LoraSettings, TrainingSettings  # noqa: E402
-from tasks.dataset import read_dataset  # noqa: E402
-from tasks.modeling import load_for_training  # noqa: E402
-from tasks.tokenization import encode_all, load_tokenizer  # noqa: E402
+from tasks.data.dataset import read_dataset  # noqa: E402
+from tasks.data.tokenization import encode_all, load_tokenizer  # noqa: E402
+from tasks.engine.modeling import load_for_training  # noqa: E402
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo" / "data"
 SETTINGS = TrainingSettings(learning_rate=1e-2, lr_schedule="cosine", warmup_steps=2, max_steps=8, batch_size=6,

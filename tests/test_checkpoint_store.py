@@ -5,8 +5,8 @@ import json
 import boto3
 import pytest
 
-from tasks.checkpoint_store import candidate_checkpoints, fetch_checkpoint, upload_checkpoint
-from tasks.storage import join_uri
+from tasks.store.checkpoint_uploads import candidate_checkpoints, fetch_checkpoint, upload_checkpoint
+from tasks.store.objects import join_uri
 
 
 def checkpoint(tmp_path, name: str, fingerprint: str, saved_at: str):

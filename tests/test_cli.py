@@ -6,9 +6,9 @@ import shutil
 import pytest
 
 from tasks.cli import main
-from tasks.manifest import file_entries
-from tasks.registry import promote, run_uri
-from tasks.storage import publish_folder
+from tasks.store.manifest import file_entries
+from tasks.store.objects import publish_folder
+from tasks.store.registry import promote, run_uri
 
 
 def stage(tmp_path, tiny_model, run_id, adapter_only=False):
@@ -33,7 +33,7 @@ def stage(tmp_path, tiny_model, run_id, adapter_only=False):
 
 def publish(output, staged):
     if output.startswith("s3://"):
-        from tasks.s3_transfer import upload_run_folder
+        from tasks.store.transfer import upload_run_folder
 
         upload_run_folder(staged, run_uri(output, staged.name))
     else:
@@ -125,7 +125,7 @@ def test_plan_says_what_nothing_fits_needs(tmp_path, capsys):
 
 
 def test_plan_reads_the_config_from_s3(empty_bucket, tmp_path, capsys):
-    from tasks.storage import s3_client
+    from tasks.store.objects import s3_client
 
     s3_client().put_object(Bucket=empty_bucket, Key="models/llama-8b/config.json", Body=json.dumps(LLAMA_8B_CONFIG))
     assert main(["plan", "--model", f"s3://{empty_bucket}/models/llama-8b", "--gpu-gib", "80", "--method", "qlora"]) == 0

@@ -40,7 +40,9 @@ def test_flow_parameters_render_as_a_typed_form():
     assert schema["required"] == ["config"]
     definitions = schema["definitions"]
     config = definitions["FinetuneConfig"]["properties"]
-    assert config["method"]["enum"] == ["auto", "full", "lora", "qlora"]
+    method = definitions[config["method"]["$ref"].rsplit("/", 1)[-1]]  # an enum, rendered as a dropdown
+    assert method["enum"] == ["auto", "full", "lora", "qlora"]
+    assert "fits memory" in config["method"]["description"]
     assert "description" in config["data"]
     assert set(definitions) >= {"LoraSettings", "TrainingSettings", "EvaluationSettings"}
 

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import DEMO_DATA
 from tasks.config import FinetuneConfig
-from tasks.data_change import etag_mismatch, newest_published_manifest, unchanged_since_published
-from tasks.manifest import sha256_file
+from tasks.data.freshness import etag_mismatch, newest_published_manifest, unchanged_since_published
+from tasks.store.manifest import sha256_file
 
 
 def publish_fake_run(output, run_id: str, sources: dict[str, str], manifest: bool = True) -> None:

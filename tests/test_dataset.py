@@ -3,9 +3,9 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.dataset import read_dataset, split_dataset
-from tasks.schemas import DatasetError
-from tasks.storage import StorageNotFoundError
+from tasks.data.dataset import read_dataset, split_dataset
+from tasks.data.schemas import DatasetError
+from tasks.store.objects import StorageNotFoundError
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello"}]

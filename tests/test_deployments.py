@@ -45,8 +45,8 @@ def test_every_fine_tuning_deployment_runs_one_at_a_time_on_a_gpu_pool():
 
 
 def test_router_pools_each_have_a_deployment():
-    from tasks.routing import deployment_for
-    from tasks.selector import WorkPoolSpec
+    from tasks.planning.routing import deployment_for
+    from tasks.planning.selector import WorkPoolSpec
 
     for pool in DEPLOYMENTS["auto"]["parameters"]["pools"]:
         name = deployment_for(WorkPoolSpec(**pool))

@@ -7,13 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DEMO_DATA
-from tasks.checkpointing import read_manifest
 from tasks.config import LoraSettings, TrainingSettings
-from tasks.dataset import read_dataset
-from tasks.launch import TrainingJob, TrainingProcessFailed, run_training_processes, write_examples
-from tasks.modeling import load_for_training
-from tasks.tokenization import encode_all, load_tokenizer
-from tasks.trainer import Checkpoints, train
+from tasks.data.dataset import read_dataset
+from tasks.data.tokenization import encode_all, load_tokenizer
+from tasks.engine.checkpoints import read_checkpoint_manifest
+from tasks.engine.launch import TrainingJob, TrainingProcessFailed, run_training_processes, write_examples
+from tasks.engine.modeling import load_for_training
+from tasks.engine.train_loop import Checkpoints, train
 
 LOG = logging.getLogger("test")
 SEQ = 96
@@ -102,7 +102,7 @@ def test_fsdp2_full_fine_tuning_on_two_processes_matches_one_process(tiny_model,
     # every process wrote its shard of the model and AdamW state; the manifest hashes them all
     checkpoint = tmp_path / "two" / "checkpoints" / "step-0000002"
     assert {p.name for p in (checkpoint / "sharded").iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
-    assert {"sharded/.metadata", "sharded/__1_0.distcp"} <= {f["path"] for f in read_manifest(checkpoint)["files"]}
+    assert {"sharded/.metadata", "sharded/__1_0.distcp"} <= {f["path"] for f in read_checkpoint_manifest(checkpoint)["files"]}
     assert not (checkpoint / "trainable.safetensors").exists()
     # and a new pair of processes continues from the shards to the same model
     resumed = two_processes(tiny_model, "full", tmp_path / "resumed", 2 * SEQ, learning_rate=1e-3,

@@ -22,11 +22,11 @@ def test_demo_learns_publishes_and_reloads(smollm2, bucket, tmp_path):
 
     from demo.run import demo_config
     from flows.finetune import finetune
-    from tasks.dataset import read_dataset
-    from tasks.evaluation import generate_answers
-    from tasks.manifest import verify_files
-    from tasks.storage import download_folder
-    from tasks.tokenization import load_tokenizer
+    from tasks.data.dataset import read_dataset
+    from tasks.data.tokenization import load_tokenizer
+    from tasks.engine.eval_loop import generate_answers
+    from tasks.store.manifest import verify_files
+    from tasks.store.objects import download_folder
 
     config = demo_config(str(smollm2), f"s3://{bucket}/models/q7", "lora").model_copy(
         update={"work_dir": str(tmp_path / "work")})
@@ -48,7 +48,7 @@ def test_demo_learns_publishes_and_reloads(smollm2, bucket, tmp_path):
     assert answers_merged == answers_adapted
 
     # The gate on this run's real scores, with thresholds either side of the measured gain.
-    from tasks.promotion import ModelScores, promotion_gate
+    from tasks.scoring.promotion import ModelScores, promotion_gate
 
     base = ModelScores(score=result.base_score, loss=result.base_eval_loss)
     tuned = ModelScores(score=result.tuned_score, loss=result.tuned_eval_loss)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import demo_texts
-from tasks.export import ExportError, export_model
+from tasks.engine.export import ExportError, export_model
 
 
 def adapter(tiny_model, dest, broken=False):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import DEMO_DATA, tiny_config
 from flows.finetune import finetune
-from tasks.manifest import sha256_file
+from tasks.store.manifest import sha256_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_api")]
 

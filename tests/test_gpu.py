@@ -20,10 +20,10 @@ def test_varlen_packing_matches_padded_batches_on_gpu(tiny_model, tiny_tokenizer
 
     from conftest import DEMO_DATA
     from tasks.config import LoraSettings
-    from tasks.dataset import read_dataset
-    from tasks.modeling import load_for_training
-    from tasks.tokenization import encode_all
-    from tasks.trainer import accumulate_gradients, mean_loss
+    from tasks.data.dataset import read_dataset
+    from tasks.data.tokenization import encode_all
+    from tasks.engine.modeling import load_for_training
+    from tasks.engine.train_loop import accumulate_gradients, mean_loss
     from test_packing import padded_loss
 
     rows = encode_all(tiny_tokenizer, read_dataset(str(DEMO_DATA / "train.jsonl")).conversations[:12], 128)

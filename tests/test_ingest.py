@@ -5,9 +5,9 @@ import pytest
 from prefect import flow
 
 from conftest import tiny_config
+from tasks.data.schemas import DatasetError
 from tasks.ingest import ingest
-from tasks.runs import RunInfo
-from tasks.schemas import DatasetError
+from tasks.results import RunInfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_api")]
 

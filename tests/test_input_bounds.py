@@ -5,9 +5,9 @@ import json
 import pytest
 
 from tasks.config import DataSettings
-from tasks.dataset import scan_dataset
-from tasks.schemas import DatasetError
-from tasks.sources import list_source_files
+from tasks.data.dataset import scan_dataset
+from tasks.data.schemas import DatasetError
+from tasks.data.sources import list_source_files
 
 
 def write_rows(path, count):

@@ -2,8 +2,8 @@
 import torch
 
 from tasks.config import LoraSettings
-from tasks.lora_dropout import DropoutLinear, _DropoutLinear, _mask
-from tasks.modeling import load_for_training
+from tasks.engine.lora_dropout import DropoutLinear, _DropoutLinear, _mask
+from tasks.engine.modeling import load_for_training
 
 
 def test_backward_matches_the_numerical_gradient():

@@ -3,8 +3,8 @@ import struct
 
 import pytest
 
-from tasks.loss_curve import plot_loss_curve
-from tasks.overfitting import overfitting_warning
+from tasks.reports.loss_curve import plot_loss_curve
+from tasks.scoring.overfitting import overfitting_warning
 
 
 def history(train: list[float], evals: dict[int, float]) -> list[dict]:

@@ -1,6 +1,6 @@
 import json
 
-from tasks.manifest import file_entries, verify_files
+from tasks.store.manifest import file_entries, verify_files
 
 
 def test_verify_files_catches_tampering(tmp_path):
@@ -13,7 +13,7 @@ def test_verify_files_catches_tampering(tmp_path):
 
 
 def test_memory_estimate_is_recorded_next_to_the_measured_peak():
-    from tasks.manifest import memory_comparison
+    from tasks.store.manifest import memory_comparison
 
     recorded = memory_comparison({"estimate": {"total": 200}}, {"peak_memory_bytes": 150, "peak_memory_kind": "cuda"})
     assert recorded == {"estimated_bytes": 200, "measured_bytes": 150, "measured_kind": "cuda",

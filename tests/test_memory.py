@@ -1,7 +1,7 @@
 import pytest
 
-from tasks.memory import GIB, ModelShape, UnsupportedModelError, estimate_memory
-from tasks.selector import Attempt, PlanError, select_plan, step_down, token_capacities
+from tasks.planning.memory import GIB, ModelShape, UnsupportedModelError, estimate_memory
+from tasks.planning.selector import Attempt, PlanError, select_plan, step_down, token_capacities
 
 SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
@@ -159,7 +159,7 @@ def test_out_of_memory_steps_down_in_order():
 
 
 def test_smallest_work_pool_that_fits():
-    from tasks.selector import WorkPoolSpec, select_work_pool
+    from tasks.planning.selector import WorkPoolSpec, select_work_pool
 
     pools = [WorkPoolSpec(name="h200", gpu_gib=141), WorkPoolSpec(name="l4", gpu_gib=24),
              WorkPoolSpec(name="a100", gpu_gib=80)]
@@ -185,11 +185,11 @@ def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tasks.config import LoraSettings
-    from tasks.memory import _layer_activation_bytes, _loss_bytes, saved_by_forward
-    from tasks.modeling import _load_4bit, prepare_for_training
-    from tasks.packing import pack
-    from tasks.tokenization import Example
-    from tasks.trainer import summed_loss
+    from tasks.data.tokenization import Example
+    from tasks.engine.modeling import _load_4bit, prepare_for_training
+    from tasks.engine.packing import pack
+    from tasks.engine.train_loop import summed_loss
+    from tasks.planning.memory import _layer_activation_bytes, _loss_bytes, saved_by_forward
 
     config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
               "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 600, "tie_word_embeddings": True}

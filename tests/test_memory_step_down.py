@@ -7,22 +7,22 @@ import torch
 
 from conftest import DEMO_DATA
 from tasks.config import LoraSettings, TrainingSettings
-from tasks.selector import Attempt
+from tasks.planning.selector import Attempt
 
 SETTINGS = TrainingSettings(max_steps=2, batch_size=8, max_seq_len=128, eval_every=2, learning_rate=1e-3)
 
 
 def _examples(tokenizer):
-    from tasks.dataset import read_dataset
-    from tasks.tokenization import encode_all
+    from tasks.data.dataset import read_dataset
+    from tasks.data.tokenization import encode_all
 
     return encode_all(tokenizer, read_dataset(str(DEMO_DATA / "train.jsonl")).conversations, 128)
 
 
 def _parts(model_dir, tokenizer, device, tmp_path):
     """(load, run, longest row): what the train task hands to train_within_memory."""
-    from tasks.modeling import load_for_training
-    from tasks.trainer import train
+    from tasks.engine.modeling import load_for_training
+    from tasks.engine.train_loop import train
 
     examples = _examples(tokenizer)
 
@@ -38,7 +38,7 @@ def _parts(model_dir, tokenizer, device, tmp_path):
 
 
 def _within_memory(load, run, longest):
-    from tasks.trainer import train_within_memory
+    from tasks.engine.train_loop import train_within_memory
 
     first = Attempt(method="full", tokens_per_micro_batch=4 * longest, gradient_checkpointing=False)
     return train_within_memory(load, run, first, planned_tokens=4 * longest, longest_row=longest,

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tasks.metrics import SCORES, compute_metrics, module_of
+from tasks.scoring.metrics import SCORES, compute_metrics, module_of
 
 
 @pytest.fixture(autouse=True)

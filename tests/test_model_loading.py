@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tasks.config import FinetuneConfig, ModelLoadingSettings
-from tasks.weight_safety import UnsafeModelFolder, pretrained_kwargs, require_safe_weights
+from tasks.store.weight_safety import UnsafeModelFolder, pretrained_kwargs, require_safe_weights
 
 PICKLE_ALLOWED = ModelLoadingSettings(allow_pickle_weights=True)
 
@@ -44,7 +44,7 @@ def test_a_folder_with_safetensors_passes(tiny_model):
 
 
 def test_loading_a_pickle_only_model_fails_by_default_and_works_when_allowed(pickle_only_model, tiny_model):
-    from tasks.modeling import load_for_inference
+    from tasks.engine.modeling import load_for_inference
 
     with pytest.raises(UnsafeModelFolder, match="allow_pickle_weights"):
         load_for_inference(str(pickle_only_model), "cpu", dtype=torch.float32)
@@ -63,7 +63,7 @@ def test_transformers_itself_refuses_pickle_with_our_arguments(pickle_only_model
 
 
 def test_a_pickle_adapter_is_refused_too(tiny_model, tmp_path):
-    from tasks.modeling import load_for_inference
+    from tasks.engine.modeling import load_for_inference
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

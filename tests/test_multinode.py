@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from tasks.launch import Nodes, torchrun_command
+from tasks.engine.launch import Nodes, torchrun_command
 
 RECIPE = ROOT / "infra" / "multinode"
 TEMPLATE = json.loads((RECIPE / "kubernetes-multinode-job-template.json").read_text())
@@ -90,14 +90,14 @@ def test_pod_0_runs_the_flow_and_the_others_join_its_torchrun(monkeypatch):
         monkeypatch.setenv(name, value)
     flow_pod = torchrun_command(Nodes.from_environment().job_dir(ROOT) / "job.json", 4, Nodes.from_environment())
     env, command = pod_environment(rendered, 2, "finetune-multinode-x7k2p")
-    assert command == "python -m tasks.launch join"
+    assert command == "python -m tasks.engine.launch join"
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     nodes = Nodes.from_environment()
     joiner = torchrun_command(nodes.job_dir(ROOT) / "job.json", int(env["FINETUNE_PROCESSES_PER_NODE"]), nodes)
 
     def options(command):  # torchrun's own options: between torch.distributed.run and the worker module
-        own = command[command.index("torch.distributed.run") + 1:command.index("tasks.train_worker") - 1]
+        own = command[command.index("torch.distributed.run") + 1:command.index("tasks.engine.worker") - 1]
         return dict(zip(own[::2], own[1::2]))
     assert options(flow_pod)["--node-rank"] == "0" and options(joiner)["--node-rank"] == "2"
     for command in (flow_pod, joiner):  # same rendezvous, same job file (on the shared volume)
@@ -127,7 +127,7 @@ def test_two_nodes_train_one_run_together(tiny_model, tmp_path):
            "FINETUNE_RDZV_ENDPOINT": nodes.rdzv_endpoint, "FINETUNE_SHARED_DIR": nodes.shared_dir,
            "FINETUNE_RDZV_JOIN_TIMEOUT": "120", "PREFECT__FLOW_RUN_ID": "flow-run-2"}
     # node 1 starts first and waits at the rendezvous, as pods 1..N-1 do while pod 0 runs the flow
-    joiner = subprocess.Popen([sys.executable, "-m", "tasks.launch", "join"], env=env, cwd=ROOT,
+    joiner = subprocess.Popen([sys.executable, "-m", "tasks.engine.launch", "join"], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         train_rows, eval_rows = examples(tiny_model)

@@ -3,15 +3,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tasks.loss
+import tasks.engine.loss
 from conftest import DEMO_DATA
 from tasks.config import LoraSettings
-from tasks.dataset import read_dataset
-from tasks.loss import linear_cross_entropy_sum
-from tasks.modeling import load_for_training
-from tasks.packing import micro_batches, pack
-from tasks.tokenization import IGNORE_INDEX, encode_all
-from tasks.trainer import accumulate_gradients, mean_loss
+from tasks.data.dataset import read_dataset
+from tasks.data.tokenization import IGNORE_INDEX, encode_all
+from tasks.engine.loss import linear_cross_entropy_sum
+from tasks.engine.modeling import load_for_training
+from tasks.engine.packing import micro_batches, pack
+from tasks.engine.train_loop import accumulate_gradients, mean_loss
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_micro_batches_keep_every_row_within_capacity(rows):
 
 @pytest.mark.parametrize("head_trains", [False, True])
 def test_chunked_cross_entropy_equals_the_plain_one(monkeypatch, head_trains):
-    monkeypatch.setattr(tasks.loss, "CHUNK_BYTES", 4 * 50 * 7)  # 7 rows per chunk: several chunks
+    monkeypatch.setattr(tasks.engine.loss, "CHUNK_BYTES", 4 * 50 * 7)  # 7 rows per chunk: several chunks
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=head_trains)

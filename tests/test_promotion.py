@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.config import EvaluationSettings, PublishSettings
-from tasks.promotion import ModelScores, promotion_gate
+from tasks.scoring.promotion import ModelScores, promotion_gate
 
 BASE, TUNED = ModelScores(score=0.25, loss=2.0), ModelScores(score=0.75, loss=0.5)
 

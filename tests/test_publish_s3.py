@@ -6,10 +6,10 @@ import os
 import boto3
 import pytest
 
-from tasks.manifest import MANIFEST_SCHEMA, file_entries, verify_files
-from tasks.registry import fetch_run, read_latest, promote, run_uri
-from tasks.s3_transfer import local_checksums, upload_run_folder
-from tasks.storage import is_transient
+from tasks.store.manifest import MANIFEST_SCHEMA, file_entries, verify_files
+from tasks.store.objects import is_transient
+from tasks.store.registry import fetch_run, read_latest, promote, run_uri
+from tasks.store.transfer import local_checksums, upload_run_folder
 
 pytestmark = pytest.mark.integration
 PART = 5 * 2**20  # S3's smallest multipart part

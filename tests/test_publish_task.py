@@ -5,10 +5,10 @@ import pytest
 from prefect import flow
 
 from tasks.config import FinetuneConfig
-from tasks.promotion import score_gate
 from tasks.publish import promote_run, upload_run
-from tasks.registry import history, read_latest, run_uri
-from tasks.runs import RunInfo
+from tasks.results import RunInfo
+from tasks.scoring.promotion import score_gate
+from tasks.store.registry import history, read_latest, run_uri
 from test_publish_s3 import BIG, keys, stage_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_api")]

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from tasks.config import DataSettings
-from tasks.dataset import enforce_policy, quarantine_records, read_dataset, scan_dataset, write_quarantine
-from tasks.schemas import DatasetError
+from tasks.data.dataset import enforce_policy, quarantine_records, read_dataset, scan_dataset, write_quarantine
+from tasks.data.schemas import DatasetError
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
@@ -131,9 +131,9 @@ def test_forced_format_that_does_not_match_the_columns(tmp_path):
 
 
 def test_large_file_is_read_in_several_chunks_with_exact_line_numbers(tmp_path, monkeypatch):
-    import tasks.reading
+    import tasks.data.reading
 
-    monkeypatch.setattr(tasks.reading, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(tasks.data.reading, "CHUNK_BYTES", 256)
     rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(100)]
     lines = [json.dumps(r) for r in rows]
     lines[57] = json.dumps({"prompt": "question 57", "completion": ""})

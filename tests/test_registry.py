@@ -5,10 +5,10 @@ import threading
 
 import pytest
 
-from tasks.manifest import file_entries
-from tasks.promotion import score_gate
-from tasks.registry import LATEST, PromotionError, history, promote, read_latest, run_uri
-from tasks.storage import StorageNotFoundError, join_uri, publish_folder
+from tasks.scoring.promotion import score_gate
+from tasks.store.manifest import file_entries
+from tasks.store.objects import StorageNotFoundError, join_uri, publish_folder
+from tasks.store.registry import LATEST, PromotionError, history, promote, read_latest, run_uri
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
@@ -24,7 +24,7 @@ def publish_run(output, tmp_path, run_id, manifest=True):
     (staged / "merged" / "model.safetensors").write_bytes(run_id.encode() * 100)
     (staged / "manifest.json").write_text(json.dumps({"run": {"run_id": run_id}, "files": file_entries(staged)}))
     if is_s3(output):
-        from tasks.s3_transfer import upload_run_folder
+        from tasks.store.transfer import upload_run_folder
 
         upload_run_folder(staged, run_uri(output, run_id))
     else:
@@ -41,7 +41,7 @@ def delete(uri):
     if is_s3(uri):
         import boto3
 
-        from tasks.storage import split_s3_uri
+        from tasks.store.objects import split_s3_uri
 
         bucket, key = split_s3_uri(uri)
         boto3.client("s3").delete_object(Bucket=bucket, Key=key)
@@ -113,7 +113,7 @@ def test_concurrent_promotions_serialise_without_losing_the_previous_pointer(tmp
 
 
 def test_a_stale_pointer_write_is_refused(output, tmp_path):
-    from tasks.registry import _read, _write_if_unchanged
+    from tasks.store.registry import _read, _write_if_unchanged
 
     publish_run(output, tmp_path, "run-a")
     promote(output, "run-a", GO)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from resume_worker import run
-from tasks.checkpointing import read_manifest
+from tasks.engine.checkpoints import read_checkpoint_manifest
 
 
 def trainable(model) -> dict:
@@ -40,7 +40,7 @@ def test_a_killed_run_resumes_to_the_same_result(tiny_model, tmp_path):
 def test_a_damaged_checkpoint_is_refused(tiny_model, tmp_path):
     run(str(tiny_model), tmp_path)
     checkpoint = tmp_path / "checkpoints" / "step-0000008"
-    assert read_manifest(checkpoint)["step"] == 8
+    assert read_checkpoint_manifest(checkpoint)["step"] == 8
     damaged = tmp_path / "damaged"
     shutil.copytree(checkpoint, damaged)
     with open(damaged / "optimizer.pt", "r+b") as handle:  # flip a byte, as a bad disk or partial copy would
@@ -48,6 +48,6 @@ def test_a_damaged_checkpoint_is_refused(tiny_model, tmp_path):
         byte = handle.read(1)
         handle.seek(100)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    assert read_manifest(damaged) is None
+    assert read_checkpoint_manifest(damaged) is None
     with pytest.raises(ValueError, match="not a complete training checkpoint"):
         run(str(tiny_model), tmp_path / "again", resume_from=damaged)

@@ -3,8 +3,8 @@ nightly retraining flow trains only on changed data. Against a real temporary Pr
 import pytest
 
 from conftest import tiny_config
-from tasks.routing import choose_work_pool, deployment_for
-from tasks.selector import PlanError, WorkPoolSpec
+from tasks.planning.routing import choose_work_pool, deployment_for
+from tasks.planning.selector import PlanError, WorkPoolSpec
 
 SMALL, BIG = WorkPoolSpec(name="gpu-small", gpu_gib=0.5), WorkPoolSpec(name="gpu-big", gpu_gib=4)
 
@@ -26,8 +26,8 @@ def test_smallest_pool_whose_gpu_fits(tiny_model, tmp_path):
 def test_router_starts_the_run_on_the_chosen_pools_deployment(tiny_model, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.route import route_finetune
     from flows.finetune import finetune
+    from flows.route import route_finetune
 
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow(finetune)

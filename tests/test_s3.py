@@ -6,8 +6,8 @@ import pytest
 
 from conftest import DEMO_DATA, tiny_config
 from flows.finetune import finetune
-from tasks.manifest import verify_files
-from tasks.storage import download_folder
+from tasks.store.manifest import verify_files
+from tasks.store.objects import download_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_api")]
 

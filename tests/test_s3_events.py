@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tasks.s3_events import Debouncer, NotificationError, S3Object, new_since, parse_message, skip_reason
+from tasks.data.s3_events import Debouncer, NotificationError, S3Object, new_since, parse_message, skip_reason
 
 
 def record(key: str, etag: str = "abc", name: str = "ObjectCreated:Put", bucket: str = "b", size: int = 10,

@@ -29,8 +29,8 @@ def created_events(uri: str, wait_s: float = 0.0, expect: int = 1) -> list[dict]
 
 
 def test_an_object_is_announced_once_per_etag():
+    from tasks.data.s3_events import S3Object
     from tasks.s3_announce import announce
-    from tasks.s3_events import S3Object
 
     key = f"datasets/{uuid.uuid4().hex}.jsonl"
     obj = S3Object("bucket-a", key, "etag-1", 123)
@@ -50,8 +50,8 @@ def test_an_upload_whose_trigger_action_failed_is_announced_again_once():
     run-deployment action got a 503 from a locked SQLite); the failure is posted here as the server words it."""
     from prefect.client.orchestration import get_client
 
+    from tasks.data.s3_events import S3Object
     from tasks.s3_announce import ACTION_FAILED, announce, reannounce_failed
-    from tasks.s3_events import S3Object
 
     obj = S3Object("bucket-r", f"datasets/{uuid.uuid4().hex}.jsonl", "etag-1", 10)
     assert announce(obj)
@@ -83,8 +83,8 @@ def test_old_announcement_records_are_dropped_and_nothing_else(monkeypatch):
 
     from prefect.variables import Variable
 
+    from tasks.data.s3_events import S3Object
     from tasks.s3_announce import SeenObjects
-    from tasks.s3_events import S3Object
 
     seen = SeenObjects()
     seen.forget_before(datetime.now(timezone.utc) + timedelta(seconds=1))  # earlier tests' records

@@ -4,7 +4,7 @@ import pytest
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from tasks.storage import download_folder, is_transient, publish_folder
+from tasks.store.objects import download_folder, is_transient, publish_folder
 
 
 def staged(tmp_path, name="stage", manifest=None):

@@ -1,7 +1,7 @@
 import pytest
 
-from tasks.dataset import to_conversation
-from tasks.tokenization import IGNORE_INDEX, encode, generation_task, length_stats, render
+from tasks.data.dataset import to_conversation
+from tasks.data.tokenization import IGNORE_INDEX, encode, generation_task, length_stats, render
 
 
 def trained_text(tokenizer, example) -> str:
@@ -37,7 +37,7 @@ def test_truncation_is_counted(tiny_tokenizer):
 
 
 def test_tokenizer_without_chat_template_gets_a_plain_one(tiny_model):
-    from tasks.tokenization import load_tokenizer
+    from tasks.data.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     tokenizer.chat_template = None
@@ -76,7 +76,7 @@ def test_mask_marks_exactly_the_answer_tokens(tiny_tokenizer):
 
 def test_batched_encoding_equals_the_one_row_encoder(tiny_tokenizer):
     from conftest import DEMO_DATA
-    from tasks.tokenization import TemplateLayout, _encode_batch, encode_all
+    from tasks.data.tokenization import TemplateLayout, _encode_batch, encode_all
 
     _, conversations = read_conversations_demo(DEMO_DATA)
     conversations += [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -98,7 +98,7 @@ def read_conversations_demo(folder):
 
 
 def test_encodings_are_cached_by_content_tokenizer_and_length(tiny_tokenizer, tmp_path):
-    from tasks.tokenization import encode_all, encode_all_cached, length_report
+    from tasks.data.tokenization import encode_all, encode_all_cached, length_report
 
     conversations = [[{"role": "user", "content": "word " * n}, {"role": "assistant", "content": "done"}]
                      for n in (1, 5, 40)]
@@ -117,7 +117,7 @@ def test_encodings_are_cached_by_content_tokenizer_and_length(tiny_tokenizer, tm
 
 
 def test_a_template_that_refuses_plain_text_rows_still_batches_chat(tiny_model):
-    from tasks.tokenization import TemplateLayout, encode_all, load_tokenizer
+    from tasks.data.tokenization import TemplateLayout, encode_all, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     tokenizer.chat_template = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('user first') }}"

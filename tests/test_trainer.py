@@ -6,10 +6,10 @@ import torch
 
 from conftest import DEMO_DATA
 from tasks.config import LoraSettings, TrainingSettings
-from tasks.dataset import read_dataset
-from tasks.modeling import load_for_training
-from tasks.tokenization import encode_all
-from tasks.trainer import accumulate_gradients, mean_loss, train
+from tasks.data.dataset import read_dataset
+from tasks.data.tokenization import encode_all
+from tasks.engine.modeling import load_for_training
+from tasks.engine.train_loop import accumulate_gradients, mean_loss, train
 
 LOG = logging.getLogger("test")
 
@@ -95,7 +95,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_model, tiny_tokenizer, ex
 
 
 def test_early_stopping_on_a_crafted_curve():
-    from tasks.trainer import EarlyStopping
+    from tasks.engine.train_loop import EarlyStopping
 
     stopping = EarlyStopping(patience=2, min_delta=0.01)
     decisions = [(stopping.improved(step, loss), stopping.should_stop)
@@ -107,7 +107,7 @@ def test_early_stopping_on_a_crafted_curve():
 
 
 def test_overfitting_is_warned_once_when_eval_loss_climbs_as_train_loss_falls(caplog):
-    from tasks.trainer import _warn_if_overfitting
+    from tasks.engine.train_loop import _warn_if_overfitting
 
     train_losses = [3.0, 2.5, 2.0, 1.6, 1.2, 0.9, 0.6, 0.4]
     evals = {2: 2.4, 4: 2.0, 6: 2.3, 8: 2.6}  # best at step 4, then +15%, +30%

@@ -5,11 +5,11 @@ import subprocess
 
 import pytest
 
-from tasks.manifest import verify_files
-from tasks.registry import fetch_run, run_uri
-from tasks.s3_events import skip_reason
-from tasks.s3_transfer import download_run_folder
-from tasks.storage import UnsafeKeyError, download_folder, key_problem, safe_local_path
+from tasks.data.s3_events import skip_reason
+from tasks.store.manifest import verify_files
+from tasks.store.objects import UnsafeKeyError, download_folder, key_problem, safe_local_path
+from tasks.store.registry import fetch_run, run_uri
+from tasks.store.transfer import download_run_folder
 
 EVIL_KEYS = {  # the part after the downloaded prefix -> a word the refusal must contain
     "../../evil": "'..'",

@@ -28,7 +28,7 @@ def _hold_in_step(trainer, step: int, release: Path, holding: Path | None) -> No
     accumulate, calls = trainer.accumulate_gradients, [0]
 
     def accumulate_or_wait(*args, **kwargs):
-        calls[0] += 1  # one call per optimizer step (tasks/trainer.py)
+        calls[0] += 1  # one call per optimizer step (tasks/engine/train_loop.py)
         deadline = time.monotonic() + HOLD_LIMIT_S
         if holding and calls[0] == step and not release.exists():
             holding.write_text(str(os.getpid()))
@@ -40,10 +40,10 @@ def _hold_in_step(trainer, step: int, release: Path, holding: Path | None) -> No
 
 
 class _PatchTrainerOnImport(importlib.abc.MetaPathFinder):
-    """tasks.trainer imports torch: patch it when the flow run imports it, not in every process."""
+    """tasks.engine.train_loop imports torch: patch it when the flow run imports it, not in every process."""
 
     def find_spec(self, name, path, target=None):
-        if name != "tasks.trainer":
+        if name != "tasks.engine.train_loop":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         exec_module = spec.loader.exec_module

@@ -1,0 +1,86 @@
+"""Has the data changed? For scheduled retraining and for event-triggered runs. Pure.
+
+- `unchanged_since_published`: the newest published run under `output` (its manifest records the
+  sha256 of every data source) trained on exactly the data `config` names now -> a reason to skip.
+  The newest published run, promoted or not: a run the gate blocked already tried this data.
+- `etag_mismatch`: an event-triggered run names the object's ETag at upload time; when the object
+  was overwritten since, the newer upload has its own event and run, and this one must not train
+  on bytes it was not started for.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks.config import FinetuneConfig
+from tasks.data.dataset import content_sha256
+from tasks.data.sources import list_source_files
+from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError, is_s3_uri, join_uri, s3_client, split_s3_uri
+from tasks.store.registry import RUNS
+
+
+class DataChangedError(RuntimeError):
+    """The data object is not the version the run was started for."""
+
+
+def unchanged_since_published(config: FinetuneConfig) -> str | None:
+    """Why retraining is pointless (the newest published run used this very data), or None to train."""
+    newest = newest_published_manifest(config.output)
+    if newest is None:
+        return None
+    run_id, manifest = newest
+    recorded = {s["uri"]: s.get("sha256") for s in manifest.get("data", {}).get("sources", [])}
+    for uri in filter(None, (config.data, config.eval_data)):
+        if uri not in recorded:
+            return None
+        if content_sha256(list_source_files(uri)) != recorded[uri]:
+            return None
+    return (f"data unchanged since run {run_id} (published {manifest.get('created_at', '?')}): "
+            f"{', '.join(filter(None, (config.data, config.eval_data)))} have the sha256 its manifest records; "
+            "not retraining. Upload new data, or start finetune/gpu to train anyway")
+
+
+def newest_published_manifest(output: str) -> tuple[str, dict] | None:
+    """(run id, manifest) of the newest run under <output>/runs/ that finished publishing (has a manifest).
+    Run ids start with their UTC start time, so the newest sorts last."""
+    for run_id in sorted(_run_ids(output), reverse=True):
+        uri = join_uri(output, RUNS, run_id, MANIFEST_NAME)
+        try:
+            if is_s3_uri(uri):
+                bucket, key = split_s3_uri(uri)
+                body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            else:
+                body = Path(uri).read_bytes()
+        except (FileNotFoundError, StorageNotFoundError):
+            continue
+        except Exception as error:  # S3 NoSuchKey: a run whose publish did not finish
+            if "NoSuchKey" in str(error) or "404" in str(error):
+                continue
+            raise
+        return run_id, json.loads(body)
+    return None
+
+
+def _run_ids(output: str) -> list[str]:
+    if not is_s3_uri(output):
+        runs = Path(output) / RUNS
+        return [p.name for p in runs.iterdir() if p.is_dir()] if runs.is_dir() else []
+    bucket, prefix = split_s3_uri(join_uri(output, RUNS))
+    prefix = prefix.rstrip("/") + "/"
+    ids = []
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        ids += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    return ids
+
+
+def etag_mismatch(config: FinetuneConfig) -> str | None:
+    """Why the run must not train (its object changed since the event), or None."""
+    if not config.data_etag:
+        return None
+    files = list_source_files(config.data)
+    now = {f.etag for f in files}
+    if now == {config.data_etag.strip('"')}:
+        return None
+    return (f"{config.data} has ETag {', '.join(sorted(filter(None, now))) or 'none'} but this run was started for "
+            f"ETag {config.data_etag}: the object was overwritten after the event; the newer upload starts its "
+            "own run. Clear data_etag to train on whatever is there now")

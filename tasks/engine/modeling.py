@@ -1,0 +1,128 @@
+"""Loading models for training and inference: full, LoRA, or QLoRA (= LoRA on a 4-bit base).
+
+On CUDA the frozen base runs in bf16; on CPU everything is fp32 (bf16 matmuls are slow on most
+CPUs). tasks/planning/memory.py models exactly these choices: change them together.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tasks.config import LoraSettings, Method, ModelLoadingSettings
+from tasks.engine.attention import use_packed_attention
+from tasks.engine.kernels import use_fused_kernels
+from tasks.engine.lora_dropout import fuse_lora_dropout
+from tasks.store.weight_safety import SAFE, pretrained_kwargs, require_safe_weights
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def load_for_training(path: str, method: Method | str, device: str, lora: LoraSettings, gradient_checkpointing: bool,
+                      loading: ModelLoadingSettings = SAFE):
+    method = Method(method)
+    use_expandable_segments(device)
+    require_safe_weights(path, loading)
+    if method.quantized:
+        model = _load_4bit(path, device, loading)
+    else:
+        # Full fine-tuning keeps fp32 master weights (bf16 autocast on CUDA); LoRA freezes a
+        # compute-dtype base.
+        dtype = compute_dtype(device) if method.trains_adapter else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device},
+                                                     **pretrained_kwargs(loading))
+    model = prepare_for_training(model, method, device, lora, gradient_checkpointing)
+    if device == "cuda":  # give back what loading cached (whole bf16 shards, for 4-bit): training starts lean
+        torch.cuda.empty_cache()
+    return model
+
+
+def use_expandable_segments(device: str) -> None:
+    """Let the CUDA allocator grow segments in place instead of caching fixed blocks.
+
+    Packed micro-batches change shape every step; with fixed blocks the cache fragments and the
+    process holds far more than it uses (tasks/planning/memory.py plans for what it holds). Left alone when
+    the user configured the allocator (PYTORCH_ALLOC_CONF, or its older name PYTORCH_CUDA_ALLOC_CONF).
+    """
+    if device == "cuda" and not {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+
+def prepare_for_training(model, method: Method | str, device: str, lora: LoraSettings, gradient_checkpointing: bool):
+    """Checkpointing, packed attention and adapters on a loaded model (4-bit already for QLoRA).
+
+    Not peft's prepare_model_for_kbit_training for QLoRA: it upcasts the embeddings, norms and
+    output head to fp32, which costs memory and makes the vocabulary projection several times slower.
+    """
+    method = Method(method)
+    model.config.use_cache = False  # the KV cache is for generation; it only costs memory here
+    if method.trains_adapter:
+        model.requires_grad_(False)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no enable_input_require_grads() on a frozen base.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    use_packed_attention(model, device)
+    use_fused_kernels(model, device)
+    if not method.trains_adapter:
+        return model
+    return attach_lora(model, lora)
+
+
+def _load_4bit(path: str, device: str, loading: ModelLoadingSettings = SAFE):
+    from transformers import BitsAndBytesConfig  # bitsandbytes itself is imported by transformers here
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(device),
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization, dtype=compute_dtype(device), device_map={"": device},
+        **pretrained_kwargs(loading),
+    )
+
+
+def attach_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_list(), task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    fuse_lora_dropout(model)
+    return model
+
+
+def load_for_inference(path: str, device: str, adapter: str | None = None, dtype: torch.dtype | None = None,
+                       quantized: bool = False, loading: ModelLoadingSettings = SAFE):
+    """The base (4-bit when `quantized`, as QLoRA trained it), with the adapter on top if given."""
+    require_safe_weights(path, loading)
+    if adapter:  # checked before the base loads: refusing late wastes the load
+        require_safe_weights(adapter, loading)
+    if quantized:
+        model = _load_4bit(path, device, loading)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or compute_dtype(device),
+                                                     device_map={"": device}, **pretrained_kwargs(loading))
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their logical size."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = parameter.numel()
+        if parameter.__class__.__name__ == "Params4bit":
+            count = count * 2  # two 4-bit values per stored byte
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    return trainable, total

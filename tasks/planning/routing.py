@@ -1,0 +1,38 @@
+"""Which GPU work pool a run goes to: the smallest whose GPU fits the plan. Pure.
+
+Decided from the model's config.json and the configured max_seq_len (no weights, no data read), so a
+light CPU worker can route; the plan stage on the GPU worker re-plans with the data's real lengths.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks.config import FinetuneConfig
+from tasks.planning.memory import ModelShape
+from tasks.planning.selector import PlanError, TrainingPlan, WorkPoolSpec, select_work_pool
+
+FINETUNE_FLOW = "finetune"
+
+
+def read_model_shape(model: str) -> ModelShape:
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        raise PlanError(f"{path}: not found; `model` must be a local folder holding a Hugging Face model "
+                        "(on the routing worker too: mount the same model store there)")
+    return ModelShape.from_config(json.loads(path.read_text()), source=str(path))
+
+
+def choose_work_pool(config: FinetuneConfig, pools: list[WorkPoolSpec]) -> tuple[WorkPoolSpec, TrainingPlan]:
+    t = config.training
+    # Without reading the data, every row is taken as max_seq_len tokens long: the worst case.
+    return select_work_pool(
+        read_model_shape(config.model), pools, method=config.method, longest_row=t.max_seq_len,
+        largest_step=t.batch_size * t.max_seq_len, max_rows_per_micro_batch=t.micro_batch_size,
+        gradient_checkpointing=t.gradient_checkpointing, lora_r=config.lora.r, lora_targets=config.lora.target_list(),
+    )
+
+
+def deployment_for(pool: WorkPoolSpec) -> str:
+    """The fine-tuning deployment that runs on `pool` (deployments/prefect.yaml names them after the pool)."""
+    return f"{FINETUNE_FLOW}/{pool.name}"

@@ -1,0 +1,207 @@
+"""Choose method, micro-batch size and gradient checkpointing from the memory estimate.
+
+The trainer packs a step's rows into micro-batches of at most a token capacity (tasks/engine/packing.py),
+so the plan sizes micro-batches in tokens: from the largest step the data can make (its
+`batch_size` longest rows, in one pass) down by halves to the longest row (a row is never split).
+Quality first (full > lora > qlora), then speed: for a method, the largest micro-batch without
+checkpointing beats checkpointing (which recomputes the forward pass), and checkpointing beats a
+lower-quality method. A forced method that cannot fit fails here, before any weights are loaded.
+Pure: no torch, no Prefect.
+"""
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel
+
+from tasks.config import Method, MethodChoice
+from tasks.planning.memory import GIB, MemoryEstimate, ModelShape, estimate_memory
+
+METHODS_BY_QUALITY = tuple(Method)  # full, lora, qlora: the enum lists them best first
+GPU_SAFETY = 0.9  # share of a GPU's memory a plan may use
+GPU_SIZES_GIB = (16, 24, 32, 40, 48, 80, 94, 141, 180, 192)  # memory of GPUs sold today, as named
+
+
+class PlanError(ValueError):
+    """No configuration fits the memory budget."""
+
+
+class Candidate(BaseModel):
+    estimate: MemoryEstimate
+    fits: bool
+
+
+class TrainingPlan(BaseModel):
+    method: Method
+    device: str
+    tokens_per_micro_batch: int  # packed tokens per forward pass (the trainer's token capacity)
+    longest_row: int  # tokens: no micro-batch can be smaller
+    micro_batches_per_step: int  # per GPU, in the largest step; typical steps need fewer
+    num_gpus: int = 1  # training processes, one per GPU: FSDP2 shards full fine-tuning, DDP for adapters
+    gradient_checkpointing: bool
+    budget_bytes: int
+    budget_source: str
+    estimate: MemoryEstimate
+    candidates: list[Candidate]  # the best configuration tried for each method
+    reason: str
+
+    def table(self) -> list[dict]:
+        return [
+            {
+                "method": c.estimate.method,
+                "tokens_per_micro_batch": c.estimate.tokens,
+                "grad_checkpointing": c.estimate.gradient_checkpointing,
+                "estimated_gib": round(c.estimate.gib, 2),
+                "budget_gib": round(self.budget_bytes / GIB, 2),
+                "fits": c.fits,
+                "chosen": c.estimate.method == self.method,
+            }
+            for c in self.candidates
+        ]
+
+
+def select_plan(
+    shape: ModelShape,
+    *,
+    budget_bytes: int,
+    budget_source: str,
+    device: str,
+    method: MethodChoice | str,
+    longest_row: int,
+    largest_step: int,
+    max_rows_per_micro_batch: int | None = None,
+    gradient_checkpointing: str = "auto",
+    lora_r: int = 16,
+    lora_targets: list[str] | str = "all-linear",
+    fused_kernels: bool | None = None,
+    num_gpus: int = 1,
+) -> TrainingPlan:
+    """`longest_row`: tokens of the longest (truncated) row; `largest_step`: tokens of the largest
+    optimizer step (the `batch_size` longest rows); `max_rows_per_micro_batch` caps a micro-batch
+    at that many longest rows; `num_gpus`: GPUs the run gets (each its own process: a step's rows
+    are split across them, and full fine-tuning is sharded, so it may fit on several but not one);
+    `budget_bytes` is per GPU."""
+    forced = MethodChoice(method).fixed()
+    checkpointing = {"auto": (False, True), "off": (False,), "on": (True,)}[gradient_checkpointing]
+    per_gpu_step = -(-largest_step // num_gpus)
+    capacities = token_capacities(longest_row, per_gpu_step, max_rows_per_micro_batch)
+
+    def best_for(m: Method) -> Candidate:
+        tried = None
+        for ckpt in checkpointing:
+            for tokens in capacities:
+                tried = estimate_memory(shape, m, device, tokens, ckpt, lora_r, lora_targets, fused_kernels, num_gpus)
+                if tried.total <= budget_bytes:
+                    return Candidate(estimate=tried, fits=True)
+        return Candidate(estimate=tried, fits=False)  # the smallest configuration: what it needs at least
+
+    # Every method is estimated, so the plan's table shows what else would (not) have fitted.
+    candidates = [best_for(m) for m in METHODS_BY_QUALITY]
+    allowed = [c for c in candidates if forced in (None, c.estimate.method)]
+    chosen = next((c for c in allowed if c.fits), None)
+    budget = f"{budget_bytes / GIB:.2f} GiB ({budget_source})" + (f" on each of {num_gpus} GPUs" if num_gpus > 1 else "")
+    if chosen is None:
+        if forced:
+            needed = allowed[0].estimate
+            fitting = [f"{c.estimate.method} ({c.estimate.gib:.2f} GiB)" for c in candidates if c.fits]
+            hint = f"use {' or '.join(fitting)}" if fitting else f"use {smallest_gpu(needed.total)}"
+            raise PlanError(
+                f"method '{forced}' needs at least {needed.gib:.2f} GiB (micro-batches of {longest_row} tokens, "
+                f"gradient checkpointing {'on' if needed.gradient_checkpointing else 'off'}) but the budget is "
+                f"{budget}; {hint}, lower max_seq_len, or set method to 'auto'"
+            )
+        smallest = min(candidates, key=lambda c: c.estimate.total)
+        raise PlanError(
+            f"no method fits: the smallest, {smallest.estimate.method}, needs {smallest.estimate.gib:.2f} GiB "
+            f"with micro-batches of {longest_row} tokens (the longest row), but the budget is {budget}; "
+            f"use {smallest_gpu(smallest.estimate.total)} or lower max_seq_len"
+        )
+    est = chosen.estimate
+    reason = (
+        f"{est.method}: the {'requested' if forced else 'highest-quality'} method that fits "
+        f"{budget}; estimated peak {est.gib:.2f} GiB with micro-batches of up to {est.tokens} packed tokens, "
+        f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}"
+        + (f"; {num_gpus} GPUs ({'DDP' if est.method.trains_adapter else 'FSDP2, sharded'})" if num_gpus > 1 else "")
+    )
+    return TrainingPlan(
+        method=est.method, device=device, tokens_per_micro_batch=est.tokens, longest_row=longest_row,
+        micro_batches_per_step=math.ceil(per_gpu_step / est.tokens), num_gpus=num_gpus,
+        gradient_checkpointing=est.gradient_checkpointing, budget_bytes=budget_bytes,
+        budget_source=budget_source, estimate=est, candidates=candidates, reason=reason,
+    )
+
+
+def smallest_gpu(needed_bytes: int) -> str:
+    """'a GPU of at least N GiB (...)': the smallest common size whose planned share holds `needed_bytes`."""
+    fitting = [g for g in GPU_SIZES_GIB if g * GPU_SAFETY * GIB >= needed_bytes]
+    at_least = needed_bytes / GIB / GPU_SAFETY
+    if not fitting:
+        return f"more than one GPU: it needs {at_least:.0f} GiB, more than any single GPU has"
+    return f"a GPU of at least {at_least:.0f} GiB (the smallest common size that fits: {fitting[0]} GiB)"
+
+
+class Attempt(BaseModel):
+    """One way of running the training: what an out-of-memory error makes the train task change."""
+    method: Method
+    tokens_per_micro_batch: int
+    gradient_checkpointing: bool
+
+
+def step_down(attempt: Attempt, *, planned_tokens: int, longest_row: int, method_fixed: bool) -> Attempt | None:
+    """The next, leaner way to train after `attempt` ran out of memory, or None when none is left.
+
+    In order: halve the micro-batch (more of them per step: the same update), down to the longest
+    row; then gradient checkpointing, from the planned micro-batch again; then LoRA, then QLoRA
+    (unless the config forces its method), each again from the planned micro-batch.
+    """
+    if attempt.tokens_per_micro_batch // 2 >= longest_row:
+        return attempt.model_copy(update={"tokens_per_micro_batch": attempt.tokens_per_micro_batch // 2})
+    if not attempt.gradient_checkpointing:
+        return attempt.model_copy(update={"tokens_per_micro_batch": planned_tokens, "gradient_checkpointing": True})
+    leaner = METHODS_BY_QUALITY.index(attempt.method) + 1
+    if method_fixed or leaner == len(METHODS_BY_QUALITY):
+        return None
+    return Attempt(method=METHODS_BY_QUALITY[leaner], tokens_per_micro_batch=planned_tokens,
+                   gradient_checkpointing=True)
+
+
+def token_capacities(longest_row: int, largest_step: int, max_rows: int | None = None) -> list[int]:
+    """Micro-batch sizes to try, in tokens, largest first: the whole step, then halves, down to the
+    longest row (packing never splits a row, so no micro-batch can be smaller)."""
+    top = max(longest_row, largest_step if max_rows is None else min(largest_step, max_rows * longest_row))
+    sizes = [top]
+    while sizes[-1] // 2 > longest_row:
+        sizes.append(sizes[-1] // 2)
+    if sizes[-1] != longest_row:
+        sizes.append(longest_row)
+    return sizes
+
+
+class WorkPoolSpec(BaseModel):
+    """A Prefect work pool whose workers have GPUs of one size."""
+
+    name: str
+    gpu_gib: float  # memory of one GPU, as sold (e.g. 24, 80, 141)
+    gpus: int = 1  # GPUs per machine (a run uses one machine's)
+
+
+def select_work_pool(shape: ModelShape, pools: list[WorkPoolSpec], *, safety: float = GPU_SAFETY,
+                     **plan_kwargs) -> tuple[WorkPoolSpec, TrainingPlan]:
+    """The smallest pool whose GPU fits a plan, and that plan (`plan_kwargs` as for select_plan).
+
+    Pools are tried from the least memory per machine up, each with `safety` of its GPUs' memory as
+    the budget, so a job that fits a 24 GiB card does not hold an 80 GiB one. Raises PlanError naming what each pool lacks.
+    """
+    if not pools:
+        raise PlanError("no work pools given: list at least one pool with its GPU memory (name, gpu_gib)")
+    failures = []
+    for pool in sorted(pools, key=lambda p: (p.gpu_gib * p.gpus, p.gpu_gib)):
+        try:
+            plan = select_plan(shape, budget_bytes=int(pool.gpu_gib * safety * GIB),
+                               budget_source=f"{safety:.0%} of a {pool.gpu_gib:g} GiB GPU in work pool {pool.name!r}",
+                               device="cuda", num_gpus=pool.gpus, **plan_kwargs)
+        except PlanError as error:
+            failures.append(f"{pool.name} ({pool.gpu_gib:g} GiB): {error}")
+            continue
+        return pool, plan
+    raise PlanError("no work pool's GPU fits this run:\n  " + "\n  ".join(failures))
