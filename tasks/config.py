@@ -7,54 +7,26 @@ Pure: no Prefect, no torch.
 """
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.scoring.metrics import MetricName, ScoreName, module_of
+from tasks.data.settings import DataFormat, DataSettings
+from tasks.data.sources import DATA_SUFFIXES
+from tasks.planning.methods import Method, MethodChoice
+from tasks.planning.settings import LoraSettings, TrainingSettings
+from tasks.scoring.settings import EvaluationSettings
 from tasks.store.objects import is_s3_uri, split_s3_uri
+from tasks.store.weight_safety import ModelLoadingSettings
+
+# The settings of each part live with the part that uses them; imported here, they make up the run's config
+# (and `from tasks.config import TrainingSettings` keeps working).
+__all__ = ["DataFormat", "DataSettings", "EvaluationSettings", "FinetuneConfig", "LoraSettings", "Method",
+           "MethodChoice", "ModelLoadingSettings", "PublishSettings", "TrainingSettings"]
 
 
-
-class Method(str, Enum):
-    """How a run trains, listed by quality: every weight (full), low-rank adapters on the frozen base
-    (lora), or those adapters on a 4-bit quantized base (qlora)."""
-    FULL = "full"
-    LORA = "lora"
-    QLORA = "qlora"
-
-    def __str__(self) -> str:  # f-strings, logs and tables show "lora", not "Method.LORA"
-        return self.value
-
-    @property
-    def trains_adapter(self) -> bool:
-        return self is not Method.FULL
-
-    @property
-    def quantized(self) -> bool:
-        return self is Method.QLORA
-
-
-class MethodChoice(str, Enum):
-    """What the config asks for: a method, or "auto" to let the planner pick the best that fits."""
-    AUTO = "auto"
-    FULL = "full"
-    LORA = "lora"
-    QLORA = "qlora"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def fixed(self) -> Method | None:
-        """The method forced by the config, or None for auto."""
-        return None if self is MethodChoice.AUTO else Method(self.value)
-
-
-DataFormat = Literal["auto", "instruction", "prompt_completion", "chat", "text"]
 PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 
 
 def _is_folder(uri: str) -> bool:
@@ -65,80 +37,6 @@ def _is_folder(uri: str) -> bool:
 class _Settings(BaseModel):
     # Unknown keys are typos (e.g. `learning_rte`): reject them instead of silently ignoring.
     model_config = ConfigDict(extra="forbid")
-
-
-class LoraSettings(_Settings):
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: str = Field(
-        "all-linear",
-        description="'all-linear', or a comma-separated list of module names, e.g. 'q_proj,v_proj'.",
-    )
-
-    def target_list(self) -> list[str] | str:
-        if self.target_modules.strip() == "all-linear":
-            return "all-linear"
-        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
-
-
-class TrainingSettings(_Settings):
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
-    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="After warm-up.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
-    max_steps: int = Field(100, ge=1, description="Optimizer steps (at most; early stopping may end sooner).")
-    batch_size: int = Field(8, ge=1, description="Rows per optimizer step (micro-batch x accumulation).")
-    micro_batch_size: int = Field(
-        8, ge=1, description="Largest rows per forward pass; the planner lowers it when memory is short."
-    )
-    max_seq_len: int = Field(1024, ge=16, le=131072, description="Tokens per row; longer rows are truncated.")
-    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
-        "auto", description="'auto' turns it on only when the plan needs it to fit."
-    )
-    eval_every: int = Field(10, ge=1, description="Evaluate eval loss every N optimizer steps.")
-    early_stopping_patience: int = Field(
-        3, ge=0, description="Stop after this many evaluations without improvement (0: never stop early)."
-    )
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts.")
-    seed: int = Field(0, description="Seed for data order, split and initialisation.")
-    checkpoint_every: int = Field(
-        50, ge=0, description="Save a resumable checkpoint (to the output's checkpoints/ folder) every N steps "
-        "and at the end; 0: only at the end."
-    )
-    num_gpus: int | None = Field(
-        None, ge=1, le=1024, description="Training processes on this machine, one per GPU: DDP for LoRA and QLoRA, "
-        "FSDP2 (sharded weights, gradients, optimizer) for full fine-tuning; the batch is split across them. "
-        "Empty: what the plan asks for, else every visible GPU. On a CPU, more than 1 runs gloo processes.",
-    )
-
-
-class EvaluationSettings(_Settings):
-    metric: ScoreName = Field(
-        "exact_match", description="Headline score, and the one the promotion gate compares: exact_match (case, "
-        "punctuation and spaces normalised), rouge1/rouge2/rougeL, chrf, bleu, json_valid or json_match. "
-        "Every score is in [0, 1], higher is better.",
-    )
-    metrics: list[MetricName] = Field(
-        default_factory=lambda: ["exact_match"],
-        description="Metric modules computed on generated answers (shipped locally, work offline): exact_match, "
-        "rouge, chrf, bleu, json_valid. The module of `metric` is always added.",
-    )
-    max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length for the task metrics.")
-    max_generation_rows: int = Field(64, ge=1, description="Eval rows used for generation (loss uses all).")
-    max_eval_rows: int | None = Field(
-        None, ge=1, description="Cap on the eval rows used for eval loss (the first N); empty: all of them."
-    )
-    batch_size: int = Field(16, ge=1, description="Rows per batch for eval loss and generation.")
-    examples_in_report: int = Field(4, ge=0, le=50, description="Base-vs-tuned answers shown in the report.")
-
-    @model_validator(mode="after")
-    def _include_the_headline_module(self) -> EvaluationSettings:
-        # The headline score must be computed; adding its module beats failing a run over it.
-        if module_of(self.metric) not in self.metrics:
-            self.metrics = [*self.metrics, module_of(self.metric)]
-        return self
 
 
 class PublishSettings(_Settings):
@@ -170,50 +68,6 @@ class PublishSettings(_Settings):
         64, ge=5, le=5120, description="S3 multipart part size (MB); files larger than one part go multipart."
     )
     max_concurrency: int = Field(8, ge=1, le=64, description="Parallel S3 requests while uploading or downloading.")
-
-
-class DataSettings(_Settings):
-    """What ingest does with rows that break a rule, and the thresholds of its checks."""
-
-    on_invalid: Literal["fail", "quarantine"] = Field(
-        "fail", description="'fail' stops the run on any bad row; 'quarantine' sets bad rows aside, with the "
-        "reason for each, in the run's quarantine files, and trains on the rest.",
-    )
-    max_quarantined_fraction: float = Field(
-        0.05, ge=0, le=1, description="With 'quarantine', fail anyway when more than this share of rows is bad.",
-    )
-    min_rows: int = Field(1, ge=1, description="Fewest usable rows a dataset (each split) must keep.")
-    max_row_bytes: int = Field(1_000_000, ge=1, description="Rows larger than this (bytes of text) are rejected.")
-    max_file_bytes: int = Field(
-        20 * 2**30, ge=1, description="Largest data file accepted (bytes, from its size on disk or in S3, checked "
-        "before anything is read): a bound on what an upload can make a run read. Default 20 GiB.",
-    )
-    max_rows: int = Field(
-        50_000_000, ge=1, description="Most rows a dataset (data or eval_data, all its files together) may have; "
-        "reading stops, and the run fails, at the block of rows that passes it.",
-    )
-    duplicates: Literal["reject", "allow"] = Field(
-        "reject", description="Exact and normalised (case, whitespace) copies of an earlier row.",
-    )
-    leakage: Literal["reject", "allow"] = Field(
-        "reject", description="Eval rows that also appear (normalised) in the training data.",
-    )
-    max_truncated_fraction: float = Field(
-        1.0, ge=0, le=1, description="Fail when more than this share of rows is longer than max_seq_len tokens.",
-    )
-
-
-class ModelLoadingSettings(_Settings):
-    """What a model folder may make this process do while it loads. Both are off: a model is data."""
-
-    trust_remote_code: bool = Field(
-        False, description="Run Python code shipped inside the model folder (auto_map in config.json). That code "
-        "runs with the worker's permissions and credentials: turn on only for a folder you have read and trust.",
-    )
-    allow_pickle_weights: bool = Field(
-        False, description="Accept pickle weight files (pytorch_model.bin, adapter_model.bin, .pt) when the folder "
-        "has no safetensors. Unpickling can run arbitrary code: prefer converting the folder to safetensors.",
-    )
 
 
 class FinetuneConfig(_Settings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from tasks.config import Method
+from tasks.planning.methods import Method
 from tasks.planning.selector import TrainingPlan
 
 

@@ -2,8 +2,10 @@
 
 - Only the top level of tasks/ (the stages, config, CLI, result types) and flows/ import Prefect.
 - Only tasks/engine/ imports torch and the libraries built on it.
-- The plain packages (data, planning, store, scoring, reports) never import the engine or a stage;
-  the engine never imports a stage; a stage never imports another stage (they share tasks/results.py).
+- Dependencies point down: flows -> stages (with config and results beside them) -> engine -> plain
+  packages (data, planning, store, scoring, reports). Nothing in a package imports the top of tasks/;
+  a plain package never imports the engine; a stage never imports another stage (they share
+  tasks/results.py).
 - Every module outside the engine imports without Prefect (packages), torch or transformers.
 """
 import ast
@@ -75,8 +77,10 @@ def test_each_layer_imports_only_what_it_may():
             target = layer(name)
             if own in ("plain", "shared") and target == "engine":
                 problems.append(f"{module} imports {name}: a plain package never imports the engine")
-            if own in ("plain", "shared", "engine") and target == "stage":
-                problems.append(f"{module} imports {name}: the layers below never import a stage")
+            if own in ("plain", "engine") and target in ("stage", "shared"):
+                problems.append(f"{module} imports {name}: nothing in a package imports the top of tasks/")
+            if own == "shared" and target == "stage":
+                problems.append(f"{module} imports {name}: config and results never import a stage")
             if own == "stage" and target == "stage" and name != module:
                 problems.append(f"{module} imports {name}: stages share tasks/results.py, not each other")
     assert not problems, "\n".join(problems)

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tasks.config import DataSettings
 from tasks.data.quality import check_chunk, first_copies
 from tasks.data.reading import Problem, detect_format, read_chunks, row_word
 from tasks.data.schemas import RULES, DatasetError
+from tasks.data.settings import DataSettings
 from tasks.data.sources import SourceFile, list_source_files, open_stream
 
 Conversation = list[dict]

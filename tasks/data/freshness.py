@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
-from tasks.config import FinetuneConfig
 from tasks.data.dataset import content_sha256
 from tasks.data.sources import list_source_files
 from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError, is_s3_uri, join_uri, s3_client, split_s3_uri
 from tasks.store.registry import RUNS
 
 
+class DataVersion(Protocol):
+    """What these checks read of a run's config (tasks.config.FinetuneConfig has it)."""
+    data: str
+    eval_data: str | None
+    data_etag: str | None
+    output: str
+
+
 class DataChangedError(RuntimeError):
     """The data object is not the version the run was started for."""
 
 
-def unchanged_since_published(config: FinetuneConfig) -> str | None:
+def unchanged_since_published(config: DataVersion) -> str | None:
     """Why retraining is pointless (the newest published run used this very data), or None to train."""
     newest = newest_published_manifest(config.output)
     if newest is None:
@@ -73,7 +81,7 @@ def _run_ids(output: str) -> list[str]:
     return ids
 
 
-def etag_mismatch(config: FinetuneConfig) -> str | None:
+def etag_mismatch(config: DataVersion) -> str | None:
     """Why the run must not train (its object changed since the event), or None."""
     if not config.data_etag:
         return None

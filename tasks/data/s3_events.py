@@ -20,10 +20,11 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
+from tasks.data.sources import DATA_SUFFIXES
 from tasks.store.objects import key_problem
 
 EVENT_NAME = "s3.object.created"
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+
 # A fixed namespace, so the same (bucket, key, etag) always maps to the same Prefect event id and
 # the Prefect server's own "seen this event" check drops a re-emitted copy too.
 EVENT_NAMESPACE = uuid.UUID("6f1f6c1e-2b1c-4c55-9a47-5a3f3c9d1e01")

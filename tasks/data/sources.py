@@ -16,7 +16,8 @@ from typing import BinaryIO
 from tasks.data.schemas import DatasetError
 from tasks.store.objects import StorageNotFoundError, is_s3_uri, s3_client, safe_local_path, split_s3_uri
 
-SUFFIXES = ("jsonl", "json", "csv", "parquet", "arrow")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+SUFFIXES = tuple(s.lstrip(".") for s in DATA_SUFFIXES)
 READ_BLOCK = 8 * 2**20
 
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tasks.config import FinetuneConfig
+from typing import Protocol
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
 FALLBACK_TEMPLATE_ROLE = "### {role}:\n"  # for tokenizers without a chat template (base models)
@@ -323,7 +320,19 @@ def length_report(examples: list[Example], max_seq_len: int) -> dict:
     }
 
 
-def encoded_split(config: FinetuneConfig, split_file: Path | str, conversations: list | None = None,
+class EncodingSettings(Protocol):
+    """What encoding reads of a run's config (tasks.config.FinetuneConfig has it)."""
+    model: str
+    work_dir: str
+
+    @property
+    def model_loading(self): ...
+
+    @property
+    def training(self): ...
+
+
+def encoded_split(config: EncodingSettings, split_file: Path | str, conversations: list | None = None,
                   tokenizer=None) -> tuple[list, list]:
     """A split's conversations and their token ids and answer masks, encoded once: cached on disk by
     content + tokenizer + template + max_seq_len, so ingest, plan, train and evaluate share the work."""

@@ -5,10 +5,10 @@ import math
 
 import torch
 
-from tasks.config import EvaluationSettings
 from tasks.data.tokenization import Example, generation_task
 from tasks.engine.train_loop import mean_loss
 from tasks.scoring.metrics import compute_metrics
+from tasks.scoring.settings import EvaluationSettings
 
 
 @torch.no_grad()

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from tasks.config import ModelLoadingSettings
 from tasks.engine.modeling import load_for_inference
+from tasks.store.weight_safety import ModelLoadingSettings
 from tasks.store.weight_safety import SAFE, pretrained_kwargs
 
 MERGE_TOLERANCE = 1e-3  # max |logit difference| between merged and unmerged fp32 models

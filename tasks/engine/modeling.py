@@ -10,10 +10,14 @@ import os
 import torch
 from transformers import AutoModelForCausalLM
 
-from tasks.config import LoraSettings, Method, ModelLoadingSettings
+from tasks.planning.methods import Method
+
+from tasks.planning.settings import LoraSettings
+
 from tasks.engine.attention import use_packed_attention
 from tasks.engine.kernels import use_fused_kernels
 from tasks.engine.lora_dropout import fuse_lora_dropout
+from tasks.store.weight_safety import ModelLoadingSettings
 from tasks.store.weight_safety import SAFE, pretrained_kwargs, require_safe_weights
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tasks.config import TrainingSettings
 from tasks.data.tokenization import IGNORE_INDEX, Example
 from tasks.engine.attention import cu_seq_lens
 from tasks.engine.checkpoints import load_checkpoint, save_best, save_checkpoint, step_name
@@ -38,6 +37,7 @@ from tasks.engine.distributed import ONE_PROCESS, Parallel
 from tasks.engine.loss import linear_cross_entropy_sum
 from tasks.engine.packing import PackedRows, micro_batches, pack
 from tasks.planning.selector import Attempt, step_down
+from tasks.planning.settings import TrainingSettings
 from tasks.scoring.overfitting import overfitting_warning
 
 

@@ -1,3 +1,4 @@
-"""Planning: how a run will fit on its hardware. The memory estimator (from the model's config, no
-weights), the method and micro-batch selector, and work-pool routing. Pure: imports nothing heavier
-than pydantic; never Prefect, torch or transformers."""
+"""Planning: how a run will train and fit its hardware. The Method enum, the LoRA and training
+settings, the memory estimator (from the model's config, no weights), the method and micro-batch
+selector, and work-pool routing. Imports nothing heavier than pydantic, and nothing from the top of
+tasks/, the engine, Prefect or torch."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, computed_field
 
-from tasks.config import Method
+from tasks.planning.methods import Method
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax

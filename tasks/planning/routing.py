@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
-from tasks.config import FinetuneConfig
 from tasks.planning.memory import ModelShape
+from tasks.planning.methods import MethodChoice
 from tasks.planning.selector import PlanError, TrainingPlan, WorkPoolSpec, select_work_pool
+from tasks.planning.settings import LoraSettings, TrainingSettings
 
 FINETUNE_FLOW = "finetune"
+
+
+class RoutedRun(Protocol):
+    """What routing reads of a run's config (tasks.config.FinetuneConfig has it)."""
+    model: str
+    method: MethodChoice
+    training: TrainingSettings
+    lora: LoraSettings
 
 
 def read_model_shape(model: str) -> ModelShape:
@@ -23,7 +33,7 @@ def read_model_shape(model: str) -> ModelShape:
     return ModelShape.from_config(json.loads(path.read_text()), source=str(path))
 
 
-def choose_work_pool(config: FinetuneConfig, pools: list[WorkPoolSpec]) -> tuple[WorkPoolSpec, TrainingPlan]:
+def choose_work_pool(config: RoutedRun, pools: list[WorkPoolSpec]) -> tuple[WorkPoolSpec, TrainingPlan]:
     t = config.training
     # Without reading the data, every row is taken as max_seq_len tokens long: the worst case.
     return select_work_pool(

@@ -14,8 +14,8 @@ import math
 
 from pydantic import BaseModel
 
-from tasks.config import Method, MethodChoice
 from tasks.planning.memory import GIB, MemoryEstimate, ModelShape, estimate_memory
+from tasks.planning.methods import Method, MethodChoice
 
 METHODS_BY_QUALITY = tuple(Method)  # full, lora, qlora: the enum lists them best first
 GPU_SAFETY = 0.9  # share of a GPU's memory a plan may use

@@ -1,2 +1,2 @@
-"""Scoring: metrics (the local evaluate modules in metric_modules/), the promotion gate and the
-overfitting check. Pure: never Prefect or torch."""
+"""Scoring: metrics (the local evaluate modules in metric_modules/), the evaluation settings, the
+promotion gate and the overfitting check. Never the top of tasks/, the engine, Prefect or torch."""

@@ -9,7 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.config import ModelLoadingSettings
+from pydantic import BaseModel, ConfigDict, Field
+
+class ModelLoadingSettings(BaseModel):
+    """What a model folder may make this process do while it loads. Both are off: a model is data."""
+
+    model_config = ConfigDict(extra="forbid")  # unknown keys are typos (`learning_rte`): rejected
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped inside the model folder (auto_map in config.json). That code "
+        "runs with the worker's permissions and credentials: turn on only for a folder you have read and trust.",
+    )
+    allow_pickle_weights: bool = Field(
+        False, description="Accept pickle weight files (pytorch_model.bin, adapter_model.bin, .pt) when the folder "
+        "has no safetensors. Unpickling can run arbitrary code: prefer converting the folder to safetensors.",
+    )
+
 
 SAFE = ModelLoadingSettings()  # the default every loader uses when its caller passes nothing
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
