@@ -3,13 +3,16 @@
     prefect-finetune download OUTPUT [--run RUN_ID|latest] [--to DIR]
     prefect-finetune verify   OUTPUT [--run RUN_ID|latest] [--to DIR] [--base PATH] [--no-load]
     prefect-finetune plan     --model PATH --gpu-gib N [N ...] [--gpus N] [--data PATH] [--method auto] ...
+    prefect-finetune validate DATA [--eval-data PATH] [--format F] [--model PATH] [--json] [--on-invalid ...]
 
 OUTPUT is what the flow published to (a local folder or s3://bucket/prefix). `download` fetches a
 run and checks every file against the sha256 in its manifest; `verify` does the same, then loads
 the model with plain transformers and runs one forward pass. `plan` prints what the memory planner
 would choose on GPUs of the given sizes (the smallest that fits, given several), from the model's
-config.json and the data's token lengths, without Prefect, a GPU or the weights. Exit status: 0
-good, 1 a check failed or nothing fits, 2 the run, pointer, model or data does not exist.
+config.json and the data's token lengths, without Prefect, a GPU or the weights. `validate` runs the
+ingest task's checks on a dataset (and, with --model, its token lengths) without a run, for a data
+team's own CI: every bad row is named by file, row and field. Exit status: 0 good (data usable), 1
+a check failed, nothing fits or the data is not usable, 2 the run, pointer, model or data does not exist.
 
 Subcommands register themselves in `SUBCOMMANDS` (a function that adds its parser and sets
 `handler`), so another one (e.g. `plan`) is one more function in that list.
@@ -20,8 +23,9 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import get_args
 
-from tasks.config import LoraSettings, MethodChoice, TrainingSettings
+from tasks.config import DataFormat, DataSettings, LoraSettings, MethodChoice, TrainingSettings
 from tasks.planning.memory import UnsupportedModelError
 from tasks.store.manifest import sha256_file, verify_files
 from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError
@@ -170,8 +174,8 @@ def _token_lengths(args: argparse.Namespace, model_dir: Path) -> tuple[int, int,
     if not args.data:
         return (args.max_seq_len, args.batch_size * args.max_seq_len,
                 f"no --data: every row taken as {args.max_seq_len} tokens")
-    from tasks.data.dataset import read_dataset
     from tasks.data.tokenization import encode_all, load_tokenizer
+    from tasks.data.validation import read_dataset
 
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise CheckFailed(f"{args.model}: no tokenizer files next to config.json, so --data cannot be measured "
@@ -184,7 +188,74 @@ def _token_lengths(args: argparse.Namespace, model_dir: Path) -> tuple[int, int,
             f"longest {lengths[-1]} (max-seq-len {args.max_seq_len})")
 
 
-SUBCOMMANDS = [_add_download, _add_verify, _add_plan]
+def _add_validate(subparsers) -> None:
+    parser = subparsers.add_parser("validate", help="check a dataset as the ingest task does, without a run or a model")
+    parser.add_argument("data", help="the training data: a file, a folder or s3://")
+    parser.add_argument("--eval-data", help="held-out data; also checked for rows leaked from the training data")
+    parser.add_argument("--format", default="auto", choices=get_args(DataFormat), help="row format (default: detect)")
+    parser.add_argument("--model", help="a model folder: also report token lengths with its tokenizer and template")
+    parser.add_argument("--max-seq-len", type=int, default=TrainingSettings().max_seq_len)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    for name, field in DataSettings.model_fields.items():  # every data_checks setting, as the flow has it
+        choices = get_args(field.annotation) or None
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=field.default, choices=choices,
+                            type=None if choices else type(field.default), help=field.description)
+    parser.set_defaults(handler=_validate)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    import json
+
+    from tasks.data.schemas import DatasetError
+    from tasks.data.validation import check_source, enforce, materialise
+
+    checks = DataSettings(**{name: getattr(args, name) for name in DataSettings.model_fields})
+    verdicts, problems, tokens = [], [], {}
+    for uri in filter(None, (args.data, args.eval_data)):
+        try:
+            verdicts.append(check_source(uri, args.format, checks, verdicts[0].kept_hashes if verdicts else None))
+            enforce(verdicts[-1], checks)
+        except DatasetError as error:
+            problems.append(str(error))
+    if args.model and not problems:
+        from tasks.data.tokenization import encode_all, length_report, load_tokenizer, require_few_truncated
+
+        tokenizer = load_tokenizer(args.model)
+        for split, verdict in zip(("train", "eval"), verdicts):
+            tokens[split] = length_report(encode_all(tokenizer, materialise(verdict)[0].conversations,
+                                                     args.max_seq_len), args.max_seq_len)
+            try:
+                require_few_truncated(tokens[split], checks.max_truncated_fraction, verdict.source)
+            except DatasetError as error:
+                problems.append(str(error))
+    report = {"usable": not problems, "problems": problems, "tokens": tokens,
+              "sources": [{"uri": v.source, "format": v.data_format, "format_evidence": v.format_evidence,
+                           "read": v.read, "kept": v.kept, "quarantined": v.quarantined, "rules": v.rule_counts,
+                           "sha256": v.sha256, "report": v.report} for v in verdicts]}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_validation(report)
+    if problems:
+        raise CheckFailed(f"{args.data}: not usable ({len(problems)} problem(s) above)")
+
+
+def _print_validation(report: dict) -> None:
+    for source in report["sources"]:
+        print(f"{source['uri']}: {source['format']} rows ({source['format_evidence']}); {source['read']} read = "
+              f"{source['kept']} kept + {source['quarantined']} bad")
+        if source["report"]:
+            print(source["report"])
+    for split, lengths in report["tokens"].items():
+        print(f"{split} tokens per row {lengths['histogram']}; {lengths['share_truncated']:.1%} longer than "
+              f"max_seq_len={lengths['max_seq_len']}")
+    reports = [s["report"] for s in report["sources"] if s["report"]]
+    for problem in report["problems"]:  # a policy's verdict follows the report printed above: not twice
+        print(next((problem.removeprefix(r).strip() for r in reports if problem.startswith(r)), problem))
+    print("usable: yes" if report["usable"] else "usable: no")
+
+
+SUBCOMMANDS = [_add_download, _add_verify, _add_plan, _add_validate]
 
 
 def build_parser() -> argparse.ArgumentParser:

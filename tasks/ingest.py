@@ -12,43 +12,21 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from tasks.config import DataSettings, FinetuneConfig
-from tasks.data.dataset import (Dataset, content_sha256, describe, load_kept, quarantine_records, raise_too_many_rows,
-                                scan_dataset, split_dataset, to_conversation, write_conversations,
-                                write_quarantine)
+from tasks.data.dataset import Dataset, content_sha256, split_dataset, write_conversations, write_quarantine
 from tasks.data.freshness import DataChangedError, etag_mismatch, unchanged_since_published
-from tasks.data.schemas import SCHEMA_VERSION, DatasetError
+from tasks.data.schemas import SCHEMA_VERSION
 from tasks.data.sources import list_source_files
-from tasks.data.tokenization import encoded_split
+from tasks.data.tokenization import encoded_split, length_report, require_few_truncated
+from tasks.data.validation import Verdict, check_source, enforce, materialise
 from tasks.results import DataSource, IngestResult, RunInfo
 from tasks.store.objects import is_s3_uri, retry_if_transient
 
 VERDICT_SETTINGS = ("max_row_bytes", "duplicates", "leakage")  # the settings that change which rows are bad
-
-
-class Verdict(BaseModel):
-    """Which rows of a source are bad and why; what the validation cache stores."""
-    source: str
-    sha256: str
-    data_format: str
-    format_evidence: str
-    row_word: str
-    read: int
-    kept: int
-    rule_counts: dict[str, int]
-    report: str  # every broken rule with examples; empty when all rows are good
-    quarantine: list[dict]  # one record per bad row: file, row, reasons, data
-    kept_hashes: bytes  # normalised hashes of the kept rows: the reference for the leakage check
-
-    @property
-    def quarantined(self) -> int:
-        return len(self.quarantine)
 
 
 @task(name="check-data-version", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_if_transient,
@@ -94,53 +72,7 @@ def _verdict_key(context, parameters: dict) -> str:
 def validate_data(uri: str, content: str, data_format: str, checks: DataSettings,
                   reference: bytes | None = None) -> Verdict:
     """Every check on every row of `uri`; `content` (its content_identity) is what the cache keys on."""
-    # collect=False: only hashes are kept in memory; materialise() fills in the data of duplicate rows.
-    scan = scan_dataset(uri, data_format, checks, np.frombuffer(reference, dtype=np.uint64) if reference else None,
-                        collect=False)
-    counts = scan.accounting()
-    sha256 = content.removeprefix("sha256:") if content.startswith("sha256:") else content_sha256(scan.files)
-    return Verdict(source=uri, sha256=sha256, data_format=scan.data_format,
-                   format_evidence=scan.format_evidence, row_word=scan.word, read=counts["read"],
-                   kept=counts["kept"], rule_counts=scan.rule_counts(),
-                   report=describe(scan) if scan.problems else "", quarantine=quarantine_records(scan),
-                   kept_hashes=scan.kept_normalised.tobytes())
-
-
-def enforce(verdict: Verdict, checks: DataSettings) -> None:
-    """Raise DatasetError when the verdict's bad rows cannot be used under the policy."""
-    if verdict.read == 0:
-        raise DatasetError(f"{verdict.source}: the dataset has no rows (an empty file, or a header without "
-                           "rows); add at least one example")
-    if verdict.read > checks.max_rows:  # a verdict cached under a larger limit
-        raise_too_many_rows(verdict.source, checks.max_rows)
-    if verdict.quarantine:
-        if checks.on_invalid == "fail":
-            raise DatasetError(verdict.report + "\ndata_checks.on_invalid is 'fail'; fix the rows, or set it to "
-                               "'quarantine' to train on the rest")
-        if verdict.quarantined > checks.max_quarantined_fraction * verdict.read:
-            raise DatasetError(verdict.report + f"\n{verdict.quarantined} of {verdict.read} rows are bad, more "
-                               f"than data_checks.max_quarantined_fraction={checks.max_quarantined_fraction}; "
-                               "fix the data")
-    if verdict.kept < checks.min_rows:
-        raise DatasetError(f"{verdict.source}: {verdict.kept} usable row(s) of {verdict.read} read, fewer than "
-                           f"data_checks.min_rows={checks.min_rows}; add rows or lower the minimum")
-
-
-def materialise(verdict: Verdict) -> tuple[Dataset, list[dict]]:
-    """The kept rows as conversations, and the quarantine records with every row's data filled in."""
-    bad = {(record["file"], record[verdict.row_word]) for record in verdict.quarantine}
-    table, rows, values = load_kept(verdict.source, verdict.data_format, bad)
-    if len(rows) != verdict.kept or len(rows) + len(bad) != verdict.read:
-        raise DatasetError(f"{verdict.source}: {len(rows)} rows kept and {len(bad)} quarantined, but "
-                           f"{verdict.read} were read ({verdict.kept} expected kept); the data changed during "
-                           "the run, start it again")
-    records = [{**r, "data": r["data"] if r["data"] is not None else values.get((r["file"], r[verdict.row_word]))}
-               for r in verdict.quarantine]
-    dataset = Dataset(source=verdict.source, sha256=verdict.sha256, data_format=verdict.data_format,
-                      format_evidence=verdict.format_evidence,
-                      conversations=[to_conversation(row, verdict.data_format) for row in table.to_pylist()],
-                      rows=rows)
-    return dataset, records
+    return check_source(uri, data_format, checks, reference, content)
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
@@ -196,18 +128,9 @@ def _validate(uri: str, data_format: str, checks: DataSettings, reference: bytes
 def _token_lengths(config: FinetuneConfig, split_file: Path, conversations: list) -> dict:
     """Token lengths with the model's tokenizer and template (no weights are loaded); fails on heavy
     truncation."""
-    from tasks.data.tokenization import length_report
-
-    max_seq_len = config.training.max_seq_len
     _, examples = encoded_split(config, split_file, conversations)
-    report = length_report(examples, max_seq_len)
-    limit = config.data_checks.max_truncated_fraction
-    if report["share_truncated"] > limit:
-        raise DatasetError(
-            f"{split_file.name}: {report['share_truncated']:.1%} of rows are longer than training.max_seq_len="
-            f"{max_seq_len} tokens (limit data_checks.max_truncated_fraction={limit}); {report['tokens_lost']:,} of "
-            f"{report['tokens_total']:,} tokens would be cut (lengths: {report['histogram']}). Raise max_seq_len "
-            "or shorten the rows")
+    report = length_report(examples, config.training.max_seq_len)
+    require_few_truncated(report, config.data_checks.max_truncated_fraction, split_file.name)
     return report
 
 

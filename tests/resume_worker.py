@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 import tasks.engine.train_loop as trainer  # noqa: E402
 from tasks.config import LoraSettings, TrainingSettings  # noqa: E402
-from tasks.data.dataset import read_dataset  # noqa: E402
 from tasks.data.tokenization import encode_all, load_tokenizer  # noqa: E402
+from tasks.data.validation import read_dataset  # noqa: E402
 from tasks.engine.modeling import load_for_training  # noqa: E402
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo" / "data"

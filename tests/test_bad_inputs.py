@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.config import DataSettings
-from tasks.data.dataset import read_dataset
 from tasks.data.schemas import DatasetError
+from tasks.data.validation import read_dataset
 
 PAIR = {"prompt": "What is 2+2?", "completion": "4"}
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]

@@ -3,8 +3,9 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.data.dataset import read_dataset, split_dataset
+from tasks.data.dataset import split_dataset
 from tasks.data.schemas import DatasetError
+from tasks.data.validation import read_dataset
 from tasks.store.objects import StorageNotFoundError
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from conftest import DEMO_DATA
 from tasks.config import LoraSettings, TrainingSettings
-from tasks.data.dataset import read_dataset
 from tasks.data.tokenization import encode_all, load_tokenizer
+from tasks.data.validation import read_dataset
 from tasks.engine.checkpoints import read_checkpoint_manifest
 from tasks.engine.launch import TrainingJob, TrainingProcessFailed, run_training_processes, write_examples
 from tasks.engine.modeling import load_for_training

@@ -22,8 +22,8 @@ def test_demo_learns_publishes_and_reloads(smollm2, bucket, tmp_path):
 
     from demo.run import demo_config
     from flows.finetune import finetune
-    from tasks.data.dataset import read_dataset
     from tasks.data.tokenization import load_tokenizer
+    from tasks.data.validation import read_dataset
     from tasks.engine.eval_loop import generate_answers
     from tasks.store.manifest import verify_files
     from tasks.store.objects import download_folder

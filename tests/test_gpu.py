@@ -20,8 +20,8 @@ def test_varlen_packing_matches_padded_batches_on_gpu(tiny_model, tiny_tokenizer
 
     from conftest import DEMO_DATA
     from tasks.config import LoraSettings
-    from tasks.data.dataset import read_dataset
     from tasks.data.tokenization import encode_all
+    from tasks.data.validation import read_dataset
     from tasks.engine.modeling import load_for_training
     from tasks.engine.train_loop import accumulate_gradients, mean_loss
     from test_packing import padded_loss

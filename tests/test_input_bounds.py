@@ -61,7 +61,7 @@ def test_max_rows_counts_every_file_of_a_folder(tmp_path):
 
 
 def test_a_cached_verdict_over_max_rows_is_refused_too():
-    from tasks.ingest import Verdict, enforce
+    from tasks.data.validation import Verdict, enforce
 
     verdict = Verdict(source="s3://b/data.jsonl", sha256="0" * 64, data_format="chat", format_evidence="messages",
                       row_word="line", read=20, kept=20, rule_counts={}, report="", quarantine=[], kept_hashes=b"")

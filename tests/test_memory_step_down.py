@@ -13,8 +13,8 @@ SETTINGS = TrainingSettings(max_steps=2, batch_size=8, max_seq_len=128, eval_eve
 
 
 def _examples(tokenizer):
-    from tasks.data.dataset import read_dataset
     from tasks.data.tokenization import encode_all
+    from tasks.data.validation import read_dataset
 
     return encode_all(tokenizer, read_dataset(str(DEMO_DATA / "train.jsonl")).conversations, 128)
 

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 import tasks.engine.loss
 from conftest import DEMO_DATA
 from tasks.config import LoraSettings
-from tasks.data.dataset import read_dataset
 from tasks.data.tokenization import IGNORE_INDEX, encode_all
+from tasks.data.validation import read_dataset
 from tasks.engine.loss import linear_cross_entropy_sum
 from tasks.engine.modeling import load_for_training
 from tasks.engine.packing import micro_batches, pack

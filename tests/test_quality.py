@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from tasks.config import DataSettings
-from tasks.data.dataset import enforce_policy, quarantine_records, read_dataset, scan_dataset, write_quarantine
+from tasks.data.dataset import quarantine_records, scan_dataset, write_quarantine
 from tasks.data.schemas import DatasetError
+from tasks.data.validation import enforce, read_dataset, verdict_of
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
@@ -67,7 +68,8 @@ def test_quarantine_file_has_every_bad_row_with_reasons_and_data(tmp_path):
                      b'{"prompt": "d", "completion": "e"}\n')
     checks = DataSettings(on_invalid="quarantine", max_quarantined_fraction=0.5)
     scan = scan_dataset(str(path), checks=checks)
-    assert enforce_policy(scan, checks) == {"read": 4, "kept": 2, "quarantined": 2}
+    enforce(verdict_of(scan), checks)  # half the rows bad is within max_quarantined_fraction=0.5
+    assert scan.accounting() == {"read": 4, "kept": 2, "quarantined": 2}
     assert write_quarantine(quarantine_records(scan), tmp_path / "q.jsonl") == 2
     records = [json.loads(line) for line in open(tmp_path / "q.jsonl")]
     assert records == [

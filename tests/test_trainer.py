@@ -6,8 +6,8 @@ import torch
 
 from conftest import DEMO_DATA
 from tasks.config import LoraSettings, TrainingSettings
-from tasks.data.dataset import read_dataset
 from tasks.data.tokenization import encode_all
+from tasks.data.validation import read_dataset
 from tasks.engine.modeling import load_for_training
 from tasks.engine.train_loop import accumulate_gradients, mean_loss, train
 

@@ -151,27 +151,7 @@ def _copies(checks: DataSettings, files, word, rows, file_ids, exact, normalised
     return rejected
 
 
-# ---- policy and report ------------------------------------------------------------------------
-
-def enforce_policy(scan: Scan, checks: DataSettings) -> dict:
-    """Raise DatasetError when the data cannot be used under the policy; return the accounting."""
-    counts = scan.accounting()
-    if counts["read"] == 0:
-        raise DatasetError(f"{scan.source}: the dataset has no rows (an empty file, or a header without rows); "
-                           "add at least one example")
-    if scan.problems:
-        too_many = counts["quarantined"] > checks.max_quarantined_fraction * counts["read"]
-        if checks.on_invalid == "fail" or too_many:
-            why = ("data_checks.on_invalid is 'fail'; fix the rows, or set it to 'quarantine' to train "
-                   "on the rest") if checks.on_invalid == "fail" else (
-                f"{counts['quarantined']} of {counts['read']} rows are bad, more than "
-                f"data_checks.max_quarantined_fraction={checks.max_quarantined_fraction}; fix the data")
-            raise DatasetError(describe(scan) + f"\n{why}")
-    if counts["kept"] < checks.min_rows:
-        raise DatasetError(f"{scan.source}: {counts['kept']} usable row(s) of {counts['read']} read, fewer than "
-                           f"data_checks.min_rows={checks.min_rows}; add rows or lower the minimum")
-    return counts
-
+# ---- the report ----------------------------------------------------------------------------------
 
 def describe(scan: Scan) -> str:
     """Every broken rule with its count, fix and first rows; one message, never first-error-only."""
@@ -225,20 +205,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.conversations)
-
-
-def read_dataset(uri: str, data_format: str = "auto", checks: DataSettings | None = None,
-                 reference: np.ndarray | None = None) -> Dataset:
-    """Load, check and normalise a dataset; raise DatasetError naming file, row and column."""
-    checks = checks or DataSettings()
-    scan = scan_dataset(uri, data_format, checks, reference)
-    enforce_policy(scan, checks)
-    return Dataset(
-        source=uri, sha256=content_sha256(scan.files), data_format=scan.data_format,
-        format_evidence=scan.format_evidence,
-        conversations=[to_conversation(row, scan.data_format) for row in scan.kept.to_pylist()],
-        rows=scan.kept_rows.tolist(), scan=scan,
-    )
 
 
 def load_kept(uri: str, data_format: str, quarantined: set[tuple[str, int]]) -> tuple[pa.Table, list[int], dict]:

@@ -320,6 +320,18 @@ def length_report(examples: list[Example], max_seq_len: int) -> dict:
     }
 
 
+def require_few_truncated(report: dict, limit: float, source: str) -> None:
+    """Raise DatasetError when more than `limit` of the rows are longer than max_seq_len."""
+    from tasks.data.schemas import DatasetError
+
+    if report["share_truncated"] > limit:
+        raise DatasetError(
+            f"{source}: {report['share_truncated']:.1%} of rows are longer than training.max_seq_len="
+            f"{report['max_seq_len']} tokens (limit data_checks.max_truncated_fraction={limit}); "
+            f"{report['tokens_lost']:,} of {report['tokens_total']:,} tokens would be cut (lengths: "
+            f"{report['histogram']}). Raise max_seq_len or shorten the rows")
+
+
 class EncodingSettings(Protocol):
     """What encoding reads of a run's config (tasks.config.FinetuneConfig has it)."""
     model: str
