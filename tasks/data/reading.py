@@ -14,6 +14,7 @@ import csv
 import io
 import json
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -73,11 +74,44 @@ def row_word(source: SourceFile) -> str:
 
 # ---- format detection -------------------------------------------------------------------------
 
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+              b"PK\x03\x04": "zip"}  # magic bytes at the start of a compressed file
+# Errors of the transport, not of the bytes: S3 and network failures stay what they are (retried as such).
+TRANSPORT_MODULES = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+@contextmanager
+def reading(source: SourceFile):
+    """Whatever a parser raises on bad bytes (Arrow, json, csv, a decoder, a deep nesting's RecursionError)
+    becomes a DatasetError naming the file: no reader lets a raw exception out (tests/fuzz_readers.py)."""
+    try:
+        yield
+    except (DatasetError, MemoryError):
+        raise
+    except Exception as error:
+        if type(error).__module__.split(".")[0] in TRANSPORT_MODULES:
+            raise
+        raise DatasetError(
+            f"{source.uri}: cannot be read as a .{source.suffix} file ({type(error).__name__}: "
+            f"{_excerpt(str(error), 120)}); check that the file is complete, uncompressed (decompress a .gz "
+            f"first) and really {source.suffix.upper()}") from error
+
+
 def detect_format(source: SourceFile, given: str) -> tuple[str, str]:
     """(format, evidence). Evidence says what was seen, so a wrong guess is easy to spot."""
+    with reading(source):
+        return _detect_format(source, given)
+
+
+def _detect_format(source: SourceFile, given: str) -> tuple[str, str]:
     if source.size == 0:
         raise DatasetError(f"{source.uri}: the dataset has no rows (the file is empty, 0 bytes); "
                            "add at least one example")
+    with open_stream(source) as stream:
+        compression = next((name for magic, name in COMPRESSED.items() if stream.read(6).startswith(magic)), None)
+    if compression:
+        raise DatasetError(f"{source.uri}: the file is {compression}-compressed but named .{source.suffix}; "
+                           f"decompress it first (the readers take uncompressed .jsonl, .json, .csv, .parquet, .arrow)")
     columns, sample = _sample_columns(source)
     if not sample:
         given = _unreadable_start(source, given)
@@ -156,8 +190,8 @@ def _sample_records(source: SourceFile):
             break
         try:
             out.append((number, json.loads(line.decode("utf-8-sig", errors="replace"))))
-        except ValueError:
-            continue  # blank, cut off or broken: the full read reports it
+        except (ValueError, RecursionError):
+            continue  # blank, cut off, broken or nested too deep: the full read reports it
     return out
 
 
@@ -169,7 +203,8 @@ def read_chunks(source: SourceFile, data_format: str) -> Iterator[Chunk]:
         raise DatasetError(f"unknown data_format {data_format!r}; use one of {', '.join(FORMATS)}")
     reader = {"jsonl": _jsonl_chunks, "json": _json_chunks, "csv": _csv_chunks,
               "parquet": _columnar_chunks, "arrow": _columnar_chunks}[source.suffix]
-    yield from reader(source, data_format)
+    with reading(source):
+        yield from reader(source, data_format)
 
 
 def _jsonl_chunks(source: SourceFile, data_format: str) -> Iterator[Chunk]:
@@ -271,10 +306,12 @@ def _decoded_lines(lines) -> Iterator[tuple[int, object, int, str | None]]:
                 len(raw), raw.decode("utf-8", errors="backslashreplace")
             continue
         try:
-            yield number, json.loads(text), len(raw), text
+            value = json.loads(text)
         except json.JSONDecodeError as error:
-            yield number, ("(row)", "unreadable", f"invalid JSON ({error.msg} at column {error.colno})"), \
-                len(raw), text
+            value = ("(row)", "unreadable", f"invalid JSON ({error.msg} at column {error.colno})")
+        except (ValueError, RecursionError) as error:  # a 5,000-digit number, nesting deeper than Python's stack
+            value = ("(row)", "unreadable", f"cannot be parsed ({type(error).__name__}: {str(error)[:80]})")
+        yield number, value, len(raw), text
 
 
 def _records_chunk(source: SourceFile, items, data_format: str) -> Chunk:
@@ -348,6 +385,9 @@ def _load_json_array(source: SourceFile) -> list:
     except json.JSONDecodeError as error:
         raise DatasetError(f"{source.uri} line {error.lineno}: invalid JSON ({error.msg} at column "
                            f"{error.colno}); a .json dataset must be one array of objects") from None
+    except (ValueError, RecursionError) as error:
+        raise DatasetError(f"{source.uri}: cannot be parsed ({type(error).__name__}: {str(error)[:80]}); a .json "
+                           "dataset must be one array of objects") from None
     if not isinstance(records, list):
         raise DatasetError(f"{source.uri}: a .json dataset must be a list of objects; "
                            "use .jsonl for one object per line")
