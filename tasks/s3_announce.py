@@ -86,6 +86,7 @@ def emit_created(obj: S3Object) -> None:
 
 ACTION_FAILED = "prefect.automation.action.failed"
 RETRY_WINDOW = timedelta(days=1)  # how far back failed actions are looked for
+EVENTS_PAGE = 50
 
 
 def reannounce_failed() -> list[str]:
@@ -122,9 +123,16 @@ def reannounce_failed() -> list[str]:
 
 
 def _events(client, event_filter: dict) -> list[dict]:
-    answer = client.request("POST", "/events/filter", json={"filter": event_filter, "limit": 50})
-    answer.raise_for_status()
-    return answer.json()["events"]
+    """Every event the filter matches, page after page (the server answers at most EVENTS_PAGE at a time)."""
+    events = []
+    answer = client.request("POST", "/events/filter", json={"filter": event_filter, "limit": EVENTS_PAGE})
+    while True:
+        answer.raise_for_status()
+        page = answer.json()
+        events += page["events"]
+        if not page.get("next_page"):
+            return events
+        answer = client.request("GET", page["next_page"])  # an absolute URL with the server's page token
 
 
 def _now() -> str:

@@ -45,6 +45,36 @@ def test_an_object_is_announced_once_per_etag():
     assert first["id"] == str(obj.event_id) and first["payload"]["bucket"] == "bucket-a" and first["payload"]["key"] == key
 
 
+def failure_of(obj) -> dict:
+    """A `prefect.automation.action.failed` event for the run-deployment action `obj`'s event triggered."""
+    from tasks.s3_announce import ACTION_FAILED
+
+    return {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), "event": ACTION_FAILED,
+            "resource": {"prefect.resource.id": f"prefect.automation.{uuid.uuid4()}"},
+            "related": [{"prefect.resource.id": f"prefect.deployment.{uuid.uuid4()}", "prefect.resource.role": "target"},
+                        {"prefect.resource.id": f"prefect.event.{obj.event_id}",
+                         "prefect.resource.role": "triggering-event"}],
+            "payload": {"action_index": 0, "action_type": "run-deployment", "status_code": 503,
+                        "reason": "Unexpected status from 'run-deployment' action: 503"}}
+
+
+def test_more_failed_actions_than_a_page_are_all_announced_again():
+    from prefect.client.orchestration import get_client
+
+    from tasks.data.s3_events import S3Object
+    from tasks.s3_announce import EVENTS_PAGE, announce, reannounce_failed
+
+    batch = uuid.uuid4().hex
+    objects = [S3Object("bucket-p", f"datasets/{batch}/{i}.jsonl", "etag-1", 10) for i in range(EVENTS_PAGE + 10)]
+    assert all(announce(obj) for obj in objects)
+    with get_client(sync_client=True) as client:
+        client.request("POST", "/events", json=[failure_of(obj) for obj in objects]).raise_for_status()
+    sent, deadline = [], time.monotonic() + 60
+    while len(sent) < len(objects) and time.monotonic() < deadline:  # until every failure is persisted
+        sent += [uri for uri in reannounce_failed() if batch in uri]
+        time.sleep(1)
+    assert sorted(sent) == sorted(obj.uri for obj in objects)  # each once, the 51st and later too
+
 def test_an_upload_whose_trigger_action_failed_is_announced_again_once():
     """Prefect reports an action it gave up on as `prefect.automation.action.failed` (seen under load: the
     run-deployment action got a 503 from a locked SQLite); the failure is posted here as the server words it."""
