@@ -170,6 +170,7 @@ def read_object(uri: str) -> StoredObject:
 
 
 def exists(uri: str) -> bool:
+    """Whether the object or file is there (S3: a HEAD; not-found decided as in `read_object`)."""
     if not is_s3_uri(uri):
         return Path(uri).is_file()
     bucket, key = split_s3_uri(uri)

@@ -292,6 +292,7 @@ def download_folder(uri: str, local_dir: Path, concurrency: int = 8) -> dict:
             shutil.copyfile(pair[0], pair[1])
 
     local_dir.mkdir(parents=True, exist_ok=True)
+    (local_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an earlier download's: this one is not complete yet
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(fetch, pairs))
     with ThreadPoolExecutor(max_workers=min(4, concurrency)) as pool:  # hashing releases the GIL
