@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tasks.store.manifest import file_entries  # noqa: E402
-from tasks.store.transfer import upload_run_folder  # noqa: E402
+from tasks.store.transfer import upload_folder  # noqa: E402
 
 MB = 2**20
 
@@ -71,10 +71,10 @@ def main() -> None:
         total = build_folder(scratch / "run-1", args.size_mb, args.shards)
         dest = "s3://bench/models/runs/run-1"
         started = time.perf_counter()
-        first = upload_run_folder(scratch / "run-1", dest, args.part_mb * MB, args.concurrency)
+        first = upload_folder(scratch / "run-1", dest, args.part_mb * MB, args.concurrency)
         first_s = time.perf_counter() - started
         started = time.perf_counter()
-        again = upload_run_folder(scratch / "run-1", dest, args.part_mb * MB, args.concurrency)
+        again = upload_folder(scratch / "run-1", dest, args.part_mb * MB, args.concurrency)
         again_s = time.perf_counter() - started
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

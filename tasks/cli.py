@@ -27,9 +27,10 @@ from typing import get_args
 
 from tasks.config import DataFormat, DataSettings, LoraSettings, MethodChoice, TrainingSettings
 from tasks.planning.memory import UnsupportedModelError
-from tasks.store.manifest import sha256_file, verify_files
+from tasks.store.manifest import sha256_file
 from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError
 from tasks.store.registry import fetch_run, read_latest
+from tasks.store.transfer import ChecksumMismatchError
 
 
 class CheckFailed(Exception):
@@ -45,11 +46,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fetch_and_check(args: argparse.Namespace, dest: Path) -> tuple[str, dict]:
     pointer = read_latest(args.output) if args.run == "latest" else None
-    run_id, manifest = fetch_run(args.output, pointer["run_id"] if pointer else args.run, dest, args.concurrency)
+    try:  # the download checks every file against the manifest's sha256
+        run_id, manifest = fetch_run(args.output, pointer["run_id"] if pointer else args.run, dest, args.concurrency)
+    except ChecksumMismatchError as error:
+        raise CheckFailed("checksums differ from the manifest:\n  " + "\n  ".join(error.problems or [str(error)]))
     if pointer and sha256_file(dest / MANIFEST_NAME) != pointer["manifest_sha256"]:
         raise CheckFailed(f"run {run_id}: its manifest.json is not the one latest.json was promoted with")
-    if problems := verify_files(dest):
-        raise CheckFailed("checksums differ from the manifest:\n  " + "\n  ".join(problems))
     total = sum(f["bytes"] for f in manifest["files"])
     print(f"run {run_id}: {len(manifest['files'])} file(s), {total:,} bytes, every sha256 matches the manifest")
     return run_id, manifest
@@ -151,13 +153,13 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _model_files(model: str, scratch: Path) -> Path:
     """A local folder with the model's config.json (and its tokenizer when there is one)."""
-    from tasks.store.objects import is_s3_uri, join_uri, read_bytes
+    from tasks.store.objects import is_s3_uri, join_uri, read_object
 
     if is_s3_uri(model):
-        (scratch / "config.json").write_bytes(read_bytes(join_uri(model, "config.json")))
+        (scratch / "config.json").write_bytes(read_object(join_uri(model, "config.json")).data)
         for name in TOKENIZER_FILES:
             try:
-                (scratch / name).write_bytes(read_bytes(join_uri(model, name)))
+                (scratch / name).write_bytes(read_object(join_uri(model, name)).data)
             except StorageNotFoundError:
                 pass
         return scratch

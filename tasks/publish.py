@@ -23,8 +23,9 @@ from tasks.reports.summary import headline, metrics_table_rows, summary_markdown
 from tasks.results import EvalResult, IngestResult, PlanResult, RunInfo, TrainResult
 from tasks.scoring.promotion import GateDecision, ModelScores, promotion_gate
 from tasks.store.manifest import build_manifest, file_entries, sha256_file
-from tasks.store.objects import MANIFEST_NAME, is_s3_uri, publish_folder, retry_if_transient, split_s3_uri
+from tasks.store.objects import MANIFEST_NAME, is_s3_uri, retry_if_transient, split_s3_uri
 from tasks.store.registry import promote
+from tasks.store.transfer import upload_folder
 from tasks.store.weight_safety import recorded
 
 PROBE_ROWS = 4  # eval rows whose logits must survive merging and saving
@@ -149,15 +150,10 @@ def _export_device(planned: PlanResult) -> str:
 def upload_run(config: FinetuneConfig, run: RunInfo) -> str:
     """Publish the staged folder to `<output>/runs/<run-id>/`; a retry sends only what is missing."""
     staging = Path(run.run_dir) / "publish"
-    if is_s3_uri(run.output_uri):
-        from tasks.store.transfer import upload_run_folder
-
-        stats = upload_run_folder(staging, run.output_uri, config.publish.multipart_chunk_mb * 2**20,
-                                  config.publish.max_concurrency)
-        get_run_logger().info("uploaded %d file(s), %d bytes; %d file(s), %d bytes already there",
-                              stats.files_sent, stats.bytes_sent, stats.files_skipped, stats.bytes_skipped)
-    else:
-        publish_folder(staging, run.output_uri)
+    stats = upload_folder(staging, run.output_uri, config.publish.multipart_chunk_mb * 2**20,
+                          config.publish.max_concurrency)
+    get_run_logger().info("uploaded %d file(s), %d bytes; %d file(s), %d bytes already there",
+                          stats.files_sent, stats.bytes_sent, stats.files_skipped, stats.bytes_skipped)
     try:
         shutil.rmtree(staging)  # the published copy is the one to keep
     except OSError as error:  # the run is published; a leftover scratch folder is not worth failing it

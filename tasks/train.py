@@ -19,6 +19,7 @@ from tasks.planning.selector import Attempt
 from tasks.results import IngestResult, PlanResult, RunInfo, TrainResult
 from tasks.store.checkpoint_uploads import (candidate_checkpoints, fetch_checkpoint, training_fingerprint,
                                            upload_checkpoint)
+from tasks.store.transfer import ChecksumMismatchError
 
 KEEP_IN_OUTPUT = 2  # newest checkpoints kept in the output per run
 
@@ -148,7 +149,12 @@ def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, plann
     local = Path(run.run_dir) / "checkpoints"
     resume_from = found = None
     for uri in candidate_checkpoints(config.output, run_key, identity if config.resume else None):
-        fetched = fetch_checkpoint(uri, Path(run.run_dir) / "resume-from")
+        try:
+            fetched = fetch_checkpoint(uri, Path(run.run_dir) / "resume-from")
+        except ChecksumMismatchError as error:
+            logger.warning("skipping checkpoint %s: its files do not match its manifest (%s)", uri,
+                           "; ".join(error.problems[:3]) or error)
+            continue
         if read_checkpoint_manifest(fetched) is not None:
             resume_from, found = fetched, uri
             logger.info("continuing from checkpoint %s", uri)

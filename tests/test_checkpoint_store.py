@@ -1,25 +1,31 @@
 """Training checkpoints in the output, local and on S3 (moto's server): complete ones only, newest
-first, the run's own before other runs', pruned to the newest few."""
+first, the run's own before other runs', pruned to the newest few; on S3 uploaded with the same
+checksummed, verified transfer as published runs, and checked against their manifest on the way down."""
 import json
 
 import boto3
 import pytest
 
 from tasks.store.checkpoint_uploads import candidate_checkpoints, fetch_checkpoint, upload_checkpoint
+from tasks.store.manifest import file_entries, sha256_file
 from tasks.store.objects import join_uri
+from tasks.store.transfer import ChecksumMismatchError, local_checksums
 
 
-def checkpoint(tmp_path, name: str, fingerprint: str, saved_at: str):
-    folder = tmp_path / "local" / name
+def checkpoint(tmp_path, name: str, fingerprint: str, saved_at: str, where: str = "local"):
+    """A checkpoint folder as tasks/engine/checkpoints.py writes it: files, then a manifest listing them."""
+    folder = tmp_path / where / name
     folder.mkdir(parents=True)
     (folder / "trainable.safetensors").write_bytes(b"weights " + name.encode())
+    (folder / "best").mkdir()
+    (folder / "best" / "adapter_config.json").write_text('{"r": 4}')
     state = {"step": int(name.split("-")[1]), "fingerprint": fingerprint}
     (folder / "manifest.json").write_text(json.dumps({"kind": "training-checkpoint", "saved_at": saved_at,
-                                                      "state": state, "files": []}))
+                                                      "state": state, "files": file_entries(folder)}))
     return folder
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def output(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "out")
@@ -56,3 +62,36 @@ def _upload_without_manifest(tmp_path, output: str, run_key: str, step: str) -> 
         folder = tmp_path / "out" / "checkpoints" / run_key / step
         folder.mkdir(parents=True)
         (folder / "trainable.safetensors").write_bytes(b"partial")
+
+
+@pytest.mark.integration
+def test_s3_checkpoints_go_through_the_checksummed_transfer(tmp_path, empty_bucket):
+    output = f"s3://{empty_bucket}/models/support"
+    folder = checkpoint(tmp_path, "step-0000002", "same", "2026-11-29T01:00")
+    uri = upload_checkpoint(folder, output, "run-a", keep=2)
+    s3 = boto3.client("s3")
+    key = "models/support/checkpoints/run-a/step-0000002/trainable.safetensors"
+    head = s3.head_object(Bucket=empty_bucket, Key=key, ChecksumMode="ENABLED")
+    sha256_hex, s3_checksum = local_checksums(folder / "trainable.safetensors", 64 * 2**20)
+    assert head["Metadata"]["sha256"] == sha256_hex == sha256_file(folder / "trainable.safetensors")
+    assert head["ChecksumSHA256"] == s3_checksum  # computed by S3 from what it received
+
+    s3.put_object(Bucket=empty_bucket, Key=key, Body=b"weights step-000000X")  # same size, other bytes
+    with pytest.raises(ChecksumMismatchError, match="trainable.safetensors: sha256 differs"):
+        fetch_checkpoint(uri, tmp_path / "fetched")
+    assert not (tmp_path / "fetched" / "manifest.json").exists()
+
+
+def test_saving_a_step_again_replaces_it(tmp_path, output):
+    upload_checkpoint(checkpoint(tmp_path, "step-0000004", "same", "2026-11-29T01:00"), output, "run-a", keep=2)
+    # A retry that went back to an older checkpoint saves step 4 again, with another manifest.
+    again = checkpoint(tmp_path, "step-0000004", "same", "2026-11-29T05:00", where="retry")
+    (again / "trainable.safetensors").write_bytes(b"retrained")
+    (again / "manifest.json").unlink()
+    (again / "manifest.json").write_text(json.dumps({"kind": "training-checkpoint", "saved_at": "2026-11-29T05:00",
+                                                     "state": {"step": 4}, "files": file_entries(again)}))
+    uri = upload_checkpoint(again, output, "run-a", keep=2)
+    assert candidate_checkpoints(output, "run-a", None) == [uri]
+    fetched = fetch_checkpoint(uri, tmp_path / "fetched")
+    assert (fetched / "trainable.safetensors").read_bytes() == b"retrained"
+    assert json.loads((fetched / "manifest.json").read_text())["saved_at"] == "2026-11-29T05:00"

@@ -7,7 +7,7 @@ import pytest
 
 from tasks.cli import main
 from tasks.store.manifest import file_entries
-from tasks.store.objects import publish_folder
+from tasks.store.transfer import upload_folder
 from tasks.store.registry import promote, run_uri
 
 
@@ -32,12 +32,7 @@ def stage(tmp_path, tiny_model, run_id, adapter_only=False):
 
 
 def publish(output, staged):
-    if output.startswith("s3://"):
-        from tasks.store.transfer import upload_run_folder
-
-        upload_run_folder(staged, run_uri(output, staged.name))
-    else:
-        publish_folder(staged, run_uri(output, staged.name))
+    upload_folder(staged, run_uri(output, staged.name))
 
 
 def test_verify_latest_checks_checksums_and_loads_with_transformers(tiny_model, tmp_path, capsys):

@@ -66,6 +66,21 @@ def test_published_runs_are_found_in_s3(empty_bucket, tmp_path):
     assert unchanged_since_published(config) is None
 
 
+def test_an_unreadable_manifest_is_an_error_not_a_missing_run(empty_bucket, proxy):
+    """Only S3's not-found code skips a run; access denied must not make an older run look newest."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    for run_id in ("20261128-010000-aaaa", "20261128-020000-bbbb"):
+        boto3.client("s3").put_object(Bucket=empty_bucket, Key=f"models/runs/{run_id}/manifest.json",
+                                      Body=json.dumps({"run": run_id}))
+    assert newest_published_manifest(f"s3://{empty_bucket}/models")[0] == "20261128-020000-bbbb"
+    proxy.inject("GET", "20261128-020000-bbbb/manifest.json", 403)
+    with pytest.raises(ClientError) as denied:
+        newest_published_manifest(f"s3://{empty_bucket}/models")
+    assert denied.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
 def test_an_overwritten_event_object_is_refused(bucket):
     import boto3
 

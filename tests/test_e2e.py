@@ -26,7 +26,7 @@ def test_demo_learns_publishes_and_reloads(smollm2, bucket, tmp_path):
     from tasks.data.validation import read_dataset
     from tasks.engine.eval_loop import generate_answers
     from tasks.store.manifest import verify_files
-    from tasks.store.objects import download_folder
+    from tasks.store.transfer import download_folder
 
     config = demo_config(str(smollm2), f"s3://{bucket}/models/q7", "lora").model_copy(
         update={"work_dir": str(tmp_path / "work")})
@@ -35,7 +35,8 @@ def test_demo_learns_publishes_and_reloads(smollm2, bucket, tmp_path):
     assert result.base_score <= 0.125 and result.tuned_score >= 0.75
     assert result.tuned_eval_loss < result.base_eval_loss / 10
 
-    local = download_folder(result.output_uri, tmp_path / "download")
+    local = tmp_path / "download"
+    download_folder(result.output_uri, local)
     assert verify_files(local) == []
     tokenizer = load_tokenizer(str(local / "merged"))
     questions = read_dataset(str(ROOT / "demo" / "data" / "eval.jsonl")).conversations[:6]

@@ -9,7 +9,7 @@ import pytest
 from tasks.store.manifest import MANIFEST_SCHEMA, file_entries, verify_files
 from tasks.store.objects import is_transient
 from tasks.store.registry import fetch_run, read_latest, promote, run_uri
-from tasks.store.transfer import local_checksums, upload_run_folder
+from tasks.store.transfer import local_checksums, upload_folder
 
 pytestmark = pytest.mark.integration
 PART = 5 * 2**20  # S3's smallest multipart part
@@ -40,7 +40,7 @@ def keys(bucket, prefix):
 def test_upload_sends_checksums_and_content_types_then_resends_nothing(proxy, bucket, tmp_path):
     staged = stage_run(tmp_path / "run-1")
     dest = run_uri(f"s3://{bucket}/models", "run-1")
-    first = upload_run_folder(staged, dest, PART)
+    first = upload_folder(staged, dest, PART)
     assert first.files_sent == 5 and first.files_skipped == 0
 
     s3 = boto3.client("s3")
@@ -54,7 +54,7 @@ def test_upload_sends_checksums_and_content_types_then_resends_nothing(proxy, bu
     assert s3.head_object(Bucket=bucket, Key="models/runs/run-1/manifest.json")["ContentType"] == "application/json"
 
     proxy.clear()
-    again = upload_run_folder(staged, dest, PART)
+    again = upload_folder(staged, dest, PART)
     assert again.bytes_sent == 0 and again.files_skipped == 5  # 4 files and the manifest
     assert proxy.bytes_sent_to("models/runs/run-1/") == 0  # measured on the wire, not by our own counters
 
@@ -65,11 +65,11 @@ def test_upload_sends_checksums_and_content_types_then_resends_nothing(proxy, bu
 
 def test_a_different_manifest_at_the_destination_is_refused_before_any_upload(proxy, bucket, tmp_path):
     dest = run_uri(f"s3://{bucket}/models", "run-1")
-    upload_run_folder(stage_run(tmp_path / "run-1"), dest, PART)
+    upload_folder(stage_run(tmp_path / "run-1"), dest, PART)
     other = stage_run(tmp_path / "other" / "run-1")
     proxy.clear()
     with pytest.raises(FileExistsError, match="another manifest"):
-        upload_run_folder(other, dest, PART)
+        upload_folder(other, dest, PART)
     assert proxy.bytes_sent_to("models/") == 0
 
 
@@ -77,7 +77,7 @@ def test_a_different_manifest_at_the_destination_is_refused_before_any_upload(pr
 def test_transient_faults_in_the_middle_of_a_multipart_upload_are_retried(proxy, bucket, tmp_path, fault):
     staged = stage_run(tmp_path / "run-1")
     proxy.inject("PUT", "model-00001-of-00002.safetensors&partNumber=2", fault, times=2)
-    upload_run_folder(staged, run_uri(f"s3://{bucket}/models", "run-1"), PART)
+    upload_folder(staged, run_uri(f"s3://{bucket}/models", "run-1"), PART)
     assert proxy.faults[0].hits == 2  # both faults really happened, and botocore retried past them
     fetched = tmp_path / "fetched"
     fetch_run(f"s3://{bucket}/models", "run-1", fetched)
@@ -89,7 +89,7 @@ def test_a_failed_upload_leaves_no_manifest_and_a_second_attempt_resends_only_wh
     staged = stage_run(tmp_path / "run-2")
     proxy.inject("PUT", "model-00002-of-00002.safetensors&partNumber=2", 503, times=None)  # S3 stays down for it
     with pytest.raises(Exception) as failed:
-        upload_run_folder(staged, run_uri(output, "run-2"), PART)
+        upload_folder(staged, run_uri(output, "run-2"), PART)
     assert is_transient(failed.value)  # so the Prefect task retries it, and only it
     published = keys(bucket, "models/runs/run-2/")
     assert "models/runs/run-2/manifest.json" not in published
@@ -99,7 +99,7 @@ def test_a_failed_upload_leaves_no_manifest_and_a_second_attempt_resends_only_wh
     assert read_latest(output) is None
 
     proxy.clear()
-    stats = upload_run_folder(staged, run_uri(output, "run-2"), PART)
+    stats = upload_folder(staged, run_uri(output, "run-2"), PART)
     assert proxy.bytes_sent_to("model-00001-of-00002") == 0  # finished files are not sent again
     assert proxy.bytes_sent_to("model-00002-of-00002") == BIG
     assert stats.bytes_sent == BIG + (staged / "manifest.json").stat().st_size

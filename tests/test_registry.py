@@ -7,8 +7,9 @@ import pytest
 
 from tasks.scoring.promotion import score_gate
 from tasks.store.manifest import file_entries
-from tasks.store.objects import StorageNotFoundError, join_uri, publish_folder
+from tasks.store.objects import StorageNotFoundError, join_uri, read_object, write_if_unchanged
 from tasks.store.registry import LATEST, PromotionError, history, promote, read_latest, run_uri
+from tasks.store.transfer import upload_folder
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
@@ -23,12 +24,7 @@ def publish_run(output, tmp_path, run_id, manifest=True):
     (staged / "merged").mkdir(parents=True)
     (staged / "merged" / "model.safetensors").write_bytes(run_id.encode() * 100)
     (staged / "manifest.json").write_text(json.dumps({"run": {"run_id": run_id}, "files": file_entries(staged)}))
-    if is_s3(output):
-        from tasks.store.transfer import upload_run_folder
-
-        upload_run_folder(staged, run_uri(output, run_id))
-    else:
-        publish_folder(staged, run_uri(output, run_id))
+    upload_folder(staged, run_uri(output, run_id))
     if not manifest:  # as if the publish died just before writing it
         delete(join_uri(run_uri(output, run_id), "manifest.json"))
 
@@ -113,15 +109,13 @@ def test_concurrent_promotions_serialise_without_losing_the_previous_pointer(tmp
 
 
 def test_a_stale_pointer_write_is_refused(output, tmp_path):
-    from tasks.store.registry import _read, _write_if_unchanged
-
     publish_run(output, tmp_path, "run-a")
     promote(output, "run-a", GO)
     uri = join_uri(output, LATEST)
-    seen_version = _read(uri)[1]
-    assert _write_if_unchanged(uri, b'{"run_id": "x"}', seen_version)
-    assert not _write_if_unchanged(uri, b'{"run_id": "y"}', seen_version)  # someone moved it since
-    assert not _write_if_unchanged(uri, b'{"run_id": "z"}', None)  # it exists: "create" must fail
+    seen_version = read_object(uri).version
+    assert write_if_unchanged(uri, b'{"run_id": "x"}', seen_version)
+    assert not write_if_unchanged(uri, b'{"run_id": "y"}', seen_version)  # someone moved it since
+    assert not write_if_unchanged(uri, b'{"run_id": "z"}', None)  # it exists: "create" must fail
     assert read_latest(output) == {"run_id": "x"}
 
 

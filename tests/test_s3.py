@@ -7,7 +7,7 @@ import pytest
 from conftest import DEMO_DATA, tiny_config
 from flows.finetune import finetune
 from tasks.store.manifest import verify_files
-from tasks.store.objects import download_folder
+from tasks.store.transfer import download_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_api")]
 
@@ -28,7 +28,8 @@ def test_s3_in_s3_out(tiny_model, bucket, tmp_path):
     assert card["ContentType"].startswith("text/markdown")
     assert not (tmp_path / "work" / result.run_id / "publish").exists()  # staging cleaned after upload
 
-    local = download_folder(result.output_uri, tmp_path / "download")
+    local = tmp_path / "download"
+    download_folder(result.output_uri, local)  # checks every sha256 against the manifest
     assert verify_files(local) == []
     manifest = json.loads((local / "manifest.json").read_text())
     assert manifest["data"]["sources"][0]["uri"] == f"s3://{bucket}/datasets/q7/train.jsonl"

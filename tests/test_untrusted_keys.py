@@ -7,9 +7,9 @@ import pytest
 
 from tasks.data.s3_events import skip_reason
 from tasks.store.manifest import verify_files
-from tasks.store.objects import UnsafeKeyError, download_folder, key_problem, safe_local_path
+from tasks.store.objects import UnsafeKeyError, key_problem, safe_local_path
 from tasks.store.registry import fetch_run, run_uri
-from tasks.store.transfer import download_run_folder
+from tasks.store.transfer import download_folder
 
 EVIL_KEYS = {  # the part after the downloaded prefix -> a word the refusal must contain
     "../../evil": "'..'",
@@ -57,6 +57,7 @@ def test_downloading_a_prefix_with_an_unsafe_key_writes_nothing(relative, empty_
     import boto3
 
     client = boto3.client("s3")
+    client.put_object(Bucket=empty_bucket, Key="runs/x/manifest.json", Body=b'{"files": []}')
     client.put_object(Bucket=empty_bucket, Key="runs/x/good.txt", Body=b"fine")
     client.put_object(Bucket=empty_bucket, Key=f"runs/x/{relative}", Body=b"evil")
     area = tmp_path / "area"
@@ -73,7 +74,7 @@ def test_a_published_manifest_cannot_name_a_path_outside_the_download(empty_buck
     boto3.client("s3").put_object(Bucket=empty_bucket, Key="models/runs/r1/manifest.json", Body=json.dumps(manifest))
     boto3.client("s3").put_object(Bucket=empty_bucket, Key="models/runs/outside.txt", Body=b"evil")
     with pytest.raises(UnsafeKeyError, match="manifest.json"):
-        download_run_folder(f"s3://{empty_bucket}/models/runs/r1", tmp_path / "a" / "dest")
+        download_folder(f"s3://{empty_bucket}/models/runs/r1", tmp_path / "a" / "dest")
     assert files_under(tmp_path) == []
 
 

@@ -10,12 +10,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Protocol
 
 from tasks.data.dataset import content_sha256
 from tasks.data.sources import list_source_files
-from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError, is_s3_uri, join_uri, s3_client, split_s3_uri
+from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError, join_uri, list_children, read_object
 from tasks.store.registry import RUNS
 
 
@@ -51,34 +50,13 @@ def unchanged_since_published(config: DataVersion) -> str | None:
 def newest_published_manifest(output: str) -> tuple[str, dict] | None:
     """(run id, manifest) of the newest run under <output>/runs/ that finished publishing (has a manifest).
     Run ids start with their UTC start time, so the newest sorts last."""
-    for run_id in sorted(_run_ids(output), reverse=True):
-        uri = join_uri(output, RUNS, run_id, MANIFEST_NAME)
+    for run_id in sorted(list_children(join_uri(output, RUNS)), reverse=True):
         try:
-            if is_s3_uri(uri):
-                bucket, key = split_s3_uri(uri)
-                body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-            else:
-                body = Path(uri).read_bytes()
-        except (FileNotFoundError, StorageNotFoundError):
+            body = read_object(join_uri(output, RUNS, run_id, MANIFEST_NAME)).data
+        except StorageNotFoundError:  # a run whose publish did not finish
             continue
-        except Exception as error:  # S3 NoSuchKey: a run whose publish did not finish
-            if "NoSuchKey" in str(error) or "404" in str(error):
-                continue
-            raise
         return run_id, json.loads(body)
     return None
-
-
-def _run_ids(output: str) -> list[str]:
-    if not is_s3_uri(output):
-        runs = Path(output) / RUNS
-        return [p.name for p in runs.iterdir() if p.is_dir()] if runs.is_dir() else []
-    bucket, prefix = split_s3_uri(join_uri(output, RUNS))
-    prefix = prefix.rstrip("/") + "/"
-    ids = []
-    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-        ids += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-    return ids
 
 
 def etag_mismatch(config: DataVersion) -> str | None:

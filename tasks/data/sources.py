@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tasks.data.schemas import DatasetError
-from tasks.store.objects import StorageNotFoundError, is_s3_uri, s3_client, safe_local_path, split_s3_uri
+from tasks.store.objects import (StorageNotFoundError, is_not_found, is_s3_uri, s3_client, safe_local_path,
+                                 split_s3_uri)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 SUFFIXES = tuple(s.lstrip(".") for s in DATA_SUFFIXES)
@@ -73,14 +74,12 @@ def _list_local(uri: str) -> list[SourceFile]:
 def _list_s3(uri: str) -> list[SourceFile]:
     bucket, key = split_s3_uri(uri)
     if key and not key.endswith("/") and key.lower().rsplit(".", 1)[-1] in SUFFIXES:
-        from botocore.exceptions import ClientError
-
         try:
             head = s3_client().head_object(Bucket=bucket, Key=key)
-        except ClientError as error:
-            code = error.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "NoSuchBucket", "404"):
-                code = "NoSuchKey" if code == "404" else code  # HEAD answers have no error body
+        except Exception as error:
+            if is_not_found(error):
+                code = error.response.get("Error", {}).get("Code", "")
+                code = "NoSuchKey" if code in ("404", "NotFound") else code  # HEAD answers have no error body
                 raise StorageNotFoundError(f"{uri}: {code} (check the bucket and key)") from error
             raise
         return [SourceFile(uri, head["ContentLength"], head["ETag"].strip('"'))]

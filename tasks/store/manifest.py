@@ -76,16 +76,20 @@ def memory_comparison(plan: dict, training: dict) -> dict:
 
 def verify_files(folder: Path) -> list[str]:
     """Problems found checking a run folder against its manifest; empty when every file matches."""
+    return file_problems(folder, json.loads((folder / "manifest.json").read_text())["files"])
 
-    manifest = json.loads((folder / "manifest.json").read_text())
+
+def file_problems(folder: Path, entries: list[dict]) -> list[str]:
+    """Problems with the files `entries` (a manifest's "files") list under `folder`: an unsafe path,
+    a missing file, or a sha256 that differs (entries without a sha256 are only checked for presence)."""
     problems = []
-    for entry in manifest["files"]:
+    for entry in entries:
         if problem := key_problem(entry["path"]):
             problems.append(f"{entry['path']!r}: {problem}")
             continue
         path = folder / entry["path"]
         if not path.is_file():
             problems.append(f"{entry['path']}: missing")
-        elif sha256_file(path) != entry["sha256"]:
+        elif entry.get("sha256") and sha256_file(path) != entry["sha256"]:
             problems.append(f"{entry['path']}: sha256 differs from the manifest")
     return problems

@@ -1,14 +1,23 @@
 """Object storage: a local folder or S3 (boto3), behind the same few calls.
 
+URIs and keys (`join_uri`, `safe_local_path`), the S3 client and what counts as transient, and
+small objects: `read_object` (bytes and version; StorageNotFoundError when missing), `write_object`,
+`write_if_unchanged` (conditional write), `exists`, `list_children`, `list_files`, `remove_folder`.
+Whole folders go up and down through tasks/store/transfer.py (`upload_folder`, `download_folder`).
+
 S3 honours the usual boto3 settings, including `AWS_ENDPOINT_URL` for S3-compatible stores.
 boto3 is imported lazily so the pure modules stay light. Transient S3 errors are retried by
 botocore's standard retry mode (idempotent single-object calls only).
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 MANIFEST_NAME = "manifest.json"  # written last: its presence means the run folder is complete
 
@@ -110,7 +119,6 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
-
 def retry_if_transient(task, task_run, state) -> bool:
     """A Prefect `retry_condition_fn`: retry only when the store or network hiccuped, never on a
     user error (a missing object, a changed file, bad data)."""
@@ -120,76 +128,154 @@ def retry_if_transient(task, task_run, state) -> bool:
         return is_transient(error)
     return False
 
-def read_bytes(uri: str) -> bytes:
+
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+
+
+def is_not_found(error: BaseException) -> bool:
+    """S3 said the object (or bucket) does not exist: decided from the error code and the HTTP status
+    of the response, never from the message text (a 403 or a 5xx whose message mentions 404 is not)."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(error, ClientError):
+        return False
+    # HEAD answers carry no body, so botocore sets the code to the status ("404").
+    return (error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
+            or error.response.get("Error", {}).get("Code") in NOT_FOUND_CODES)
+
+
+class StoredObject(NamedTuple):
+    data: bytes
+    version: str  # S3: the ETag; local: the sha256 of the content. What a conditional write compares.
+
+
+def read_object(uri: str) -> StoredObject:
+    """A small object or file, whole, with its version. StorageNotFoundError when it does not exist;
+    any other error (access denied, network, 5xx after botocore's retries) propagates."""
     if not is_s3_uri(uri):
         path = Path(uri)
         if not path.is_file():
             raise StorageNotFoundError(f"{uri}: file not found (working directory {Path.cwd()})")
-        return path.read_bytes()
-    from botocore.exceptions import ClientError
-
+        data = path.read_bytes()
+        return StoredObject(data, hashlib.sha256(data).hexdigest())
     bucket, key = split_s3_uri(uri)
     try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+        response = s3_client().get_object(Bucket=bucket, Key=key)
+    except Exception as error:
+        if is_not_found(error):
+            code = error.response.get("Error", {}).get("Code", "404")
             raise StorageNotFoundError(f"{uri}: {code} (check the bucket and key)") from error
         raise
+    return StoredObject(response["Body"].read(), response["ETag"])
 
 
-def publish_folder(local_dir: Path, dest_uri: str) -> str:
-    """Copy a finished run folder to `dest_uri` so readers never see half of it.
-
-    Local: copy to a hidden sibling, then rename (atomic on one filesystem).
-    S3: upload every file, `manifest.json` last; a run without a manifest is incomplete.
-    """
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-    if not is_s3_uri(dest_uri):
-        dest = Path(dest_uri)
-        if dest.exists():
-            if _same_manifest(dest, local_dir):
-                return str(dest)  # an earlier attempt of this publish finished: nothing to do
-            raise FileExistsError(f"{dest} already exists with another manifest; refusing to overwrite")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(f".{dest.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(local_dir, partial)
-        os.replace(partial, dest)
-        return str(dest)
-    from boto3.s3.transfer import TransferConfig
-
-    client = s3_client()
-    bucket, prefix = split_s3_uri(dest_uri)
-    transfer = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
-    files.sort(key=lambda p: p.name == MANIFEST_NAME)  # manifest last
-    for path in files:
-        key = "/".join(filter(None, [prefix.rstrip("/"), path.relative_to(local_dir).as_posix()]))
-        client.upload_file(str(path), bucket, key, Config=transfer)
-    return dest_uri
-
-
-def _same_manifest(published: Path, staged: Path) -> bool:
-    done = published / MANIFEST_NAME
-    return done.is_file() and done.read_bytes() == (staged / MANIFEST_NAME).read_bytes()
-
-
-def download_folder(uri: str, local_dir: Path) -> Path:
-    """Fetch a published run folder (local or S3) into `local_dir`."""
-    local_dir.mkdir(parents=True, exist_ok=True)
+def exists(uri: str) -> bool:
+    """Whether the object or file is there (S3: a HEAD; not-found decided as in `read_object`)."""
     if not is_s3_uri(uri):
-        shutil.copytree(uri, local_dir, dirs_exist_ok=True)
-        return local_dir
-    client = s3_client()
+        return Path(uri).is_file()
+    bucket, key = split_s3_uri(uri)
+    try:
+        s3_client().head_object(Bucket=bucket, Key=key)
+    except Exception as error:
+        if is_not_found(error):
+            return False
+        raise
+    return True
+
+
+def write_object(uri: str, data: bytes, content_type: str = "application/json") -> None:
+    """Write a small object whole: readers see the old or the new content, never half of it."""
+    if is_s3_uri(uri):
+        bucket, key = split_s3_uri(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+    else:
+        _write_local(Path(uri), data)
+
+
+def write_if_unchanged(uri: str, data: bytes, version: str | None,
+                       content_type: str = "application/json") -> bool:
+    """Write `data` only if the object is still at `version` (as `read_object` returned it; None: still
+    absent). False on a conflict: someone else wrote it since. S3: If-Match / If-None-Match; local: a
+    lock file around compare-and-rename."""
+    if is_s3_uri(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, **condition)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            current = read_object(uri).version
+        except StorageNotFoundError:
+            current = None
+        if current != version:
+            return False
+        _write_local(path, data)
+    return True
+
+
+def _write_local(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary name of its own: two writers of the same file must not share a half-written one.
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False) as partial:
+        partial.write(data)
+    os.replace(partial.name, path)  # readers see the old or the new file, never half of one
+
+
+def _prefix(uri: str) -> tuple[str, str]:
+    """(bucket, key prefix ending in '/', or '' at the bucket root)."""
     bucket, prefix = split_s3_uri(uri)
-    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-    keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for obj in page.get("Contents", [])]
-    if not keys:
-        raise StorageNotFoundError(f"{uri}: no objects under this prefix")
-    # Every key is checked before the first byte is written: a bad key fails the download, not half of it.
-    targets = {key: safe_local_path(local_dir, key[len(prefix):], uri) for key in keys if not key.endswith("/")}
-    for key, target in targets.items():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, key, str(target))
-    return local_dir
+    return bucket, prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+
+
+def list_children(uri: str) -> list[str]:
+    """Names of the "folders" directly under `uri`, sorted; hidden local ones (a `.x.partial` being
+    copied) are left out. Empty when `uri` does not exist."""
+    if not is_s3_uri(uri):
+        path = Path(uri)
+        return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if path.is_dir() else []
+    bucket, prefix = _prefix(uri)
+    names = []
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+    for page in pages:
+        names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    return sorted(names)
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file under a folder or prefix, as paths relative to it ('/'-separated), sorted.
+
+    These are remote data: pass each through `safe_local_path` before using it as a path."""
+    if not is_s3_uri(uri):
+        root = Path(uri)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) \
+            if root.is_dir() else []
+    bucket, prefix = _prefix(uri)
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])
+                  if not o["Key"].endswith("/"))  # "folder" marker objects hold nothing
+
+
+def remove_folder(uri: str) -> None:
+    """Delete a folder or prefix, its manifest first, so a half-deleted one never looks complete."""
+    if not is_s3_uri(uri):
+        (Path(uri) / MANIFEST_NAME).unlink(missing_ok=True)
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    client = s3_client()
+    bucket, prefix = _prefix(uri)
+    client.delete_object(Bucket=bucket, Key=prefix + MANIFEST_NAME)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})

@@ -1,13 +1,19 @@
-"""Run folders to and from S3: checksummed, concurrent, resumable uploads and verified downloads.
+"""Folders up and down: the one uploader (`upload_folder`) and the one downloader (`download_folder`)
+for published runs and training checkpoints, to and from a local folder or S3.
 
-Every object is sent with `ChecksumAlgorithm=SHA256` (S3 checks each request's body against it)
+A folder is complete once its `manifest.json` is there (uploaded last; its "files" list each file's
+path, size and sha256). Local output: the folder is copied to a hidden sibling and renamed, so it
+appears whole. S3: every object is sent with `ChecksumAlgorithm=SHA256` (S3 checks each request's body against it)
 and its whole-file sha256 in the object metadata; after the upload the checksum S3 computed from
 what it received (full-object for one request, composite over the parts for multipart) is read
 back and compared with the local file's. That read-back is also what makes a re-publish cheap: an
 object whose size, metadata sha256 and S3 checksum all match the local file is not sent again.
 Transient errors (network, 5xx) are retried by botocore per request; a multipart upload that
 still fails is aborted by boto3's transfer manager, so no partial object is ever visible.
-Pure: boto3 is imported lazily.
+
+Downloads check every remote key (and every path the manifest names) with `safe_local_path` before
+the first byte is written, then every file the manifest lists against its sha256; the manifest is
+written last there too. Pure: boto3 is imported lazily.
 """
 from __future__ import annotations
 
@@ -15,20 +21,30 @@ import base64
 import hashlib
 import json
 import mimetypes
+import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError, s3_client, safe_local_path, split_s3_uri
+from tasks.store.manifest import file_problems
+from tasks.store.objects import (MANIFEST_NAME, StorageNotFoundError, is_not_found, is_s3_uri, join_uri, list_files,
+                                 read_object, s3_client, safe_local_path, split_s3_uri)
 
-READ_BLOCK = 8 * 2**20
 CONTENT_TYPES = {".safetensors": "application/octet-stream", ".json": "application/json",
                  ".md": "text/markdown; charset=utf-8", ".jinja": "text/plain; charset=utf-8",
                  ".txt": "text/plain; charset=utf-8", ".model": "application/octet-stream"}
 
 
 class ChecksumMismatchError(RuntimeError):
-    """What S3 stored is not what was sent: the object is deleted and the publish fails."""
+    """Bytes differ from their checksum: what S3 stored is not what was sent (the object is deleted
+    and the upload fails), a local file changed since its manifest was written, or a downloaded file
+    does not match the manifest (`problems` lists which)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
 
 
 @dataclass
@@ -70,13 +86,12 @@ def _key(prefix: str, relative: str) -> str:
     return "/".join(filter(None, [prefix.strip("/"), relative]))
 
 
-def _head(client, bucket: str, key: str) -> dict | None:
-    from botocore.exceptions import ClientError
-
+def stored_head(client, bucket: str, key: str) -> dict | None:
+    """The object's HEAD (size, metadata sha256, S3's SHA256 checksum), or None when it does not exist."""
     try:
         return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
-    except ClientError as error:
-        if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+    except Exception as error:
+        if is_not_found(error):
             return None
         raise
 
@@ -87,20 +102,6 @@ def _stored_matches(head: dict | None, size: int, sha256_hex: str, s3_checksum: 
     stored = (head.get("ChecksumSHA256") or "").split("-")[0]
     return (head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256_hex
             and stored == s3_checksum)
-
-
-def read_object(uri: str) -> tuple[bytes, str] | None:
-    """(body, ETag) of an object, or None when it does not exist."""
-    from botocore.exceptions import ClientError
-
-    bucket, key = split_s3_uri(uri)
-    try:
-        response = s3_client().get_object(Bucket=bucket, Key=key)
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None
-        raise
-    return response["Body"].read(), response["ETag"]
 
 
 class FolderUploader:
@@ -116,18 +117,19 @@ class FolderUploader:
         self.transfer = TransferConfig(multipart_threshold=part_bytes, multipart_chunksize=part_bytes,
                                        max_concurrency=concurrency)
 
-    def upload_file(self, path: Path, relative: str, expected_sha256: str) -> bool:
-        """Send `path` unless an identical object is already there; True when bytes were sent."""
+    def upload_file(self, path: Path, relative: str, expected_sha256: str | None) -> bool:
+        """Send `path` unless an identical object is already there; True when bytes were sent.
+        `expected_sha256`: the manifest's, checked against the file first (None: not listed)."""
         key = _key(self.prefix, relative)
         sha256_hex, s3_checksum = local_checksums(path, self.part_bytes)
-        if sha256_hex != expected_sha256:
+        if expected_sha256 is not None and sha256_hex != expected_sha256:
             raise ChecksumMismatchError(f"{path}: changed since the manifest was written (sha256 {sha256_hex})")
         size = path.stat().st_size
-        if _stored_matches(_head(self.client, self.bucket, key), size, sha256_hex, s3_checksum):
+        if _stored_matches(stored_head(self.client, self.bucket, key), size, sha256_hex, s3_checksum):
             return False
         self.client.upload_file(str(path), self.bucket, key, Config=self.transfer, ExtraArgs={
             "ChecksumAlgorithm": "SHA256", "ContentType": content_type(relative), "Metadata": {"sha256": sha256_hex}})
-        head = _head(self.client, self.bucket, key)
+        head = stored_head(self.client, self.bucket, key)
         if not _stored_matches(head, size, sha256_hex, s3_checksum):
             self.client.delete_object(Bucket=self.bucket, Key=key)  # never leave a corrupt object behind
             raise ChecksumMismatchError(f"s3://{self.bucket}/{key}: S3 stored checksum "
@@ -138,7 +140,7 @@ class FolderUploader:
         stats = TransferStats()
         # Files in parallel (few large shards and many small files), parts of each file in parallel too.
         with ThreadPoolExecutor(max_workers=min(4, self.concurrency)) as pool:
-            sent = list(pool.map(lambda e: self.upload_file(folder / e["path"], e["path"], e["sha256"]), entries))
+            sent = list(pool.map(lambda e: self.upload_file(folder / e["path"], e["path"], e.get("sha256")), entries))
         for entry, was_sent in zip(entries, sent):
             stats.add(was_sent, entry["bytes"])
         return stats
@@ -161,49 +163,142 @@ class FolderUploader:
         return True
 
 
-def upload_run_folder(local_dir: Path, dest_uri: str, part_bytes: int = 64 * 2**20,
-                      concurrency: int = 8) -> TransferStats:
-    """Publish a staged run folder: every file the manifest lists, then the manifest itself.
+def upload_folder(local_dir: Path, dest_uri: str, part_bytes: int = 64 * 2**20,
+                  concurrency: int = 8) -> TransferStats:
+    """Publish a finished folder (a run, a checkpoint) to `dest_uri` so readers never see half of it.
 
-    Refuses a destination whose manifest differs (another run's folder); repeats of the same
-    publish send only what is missing or different.
+    `local_dir` must hold its `manifest.json`. Every file goes up, the manifest last. Local: copied to
+    a hidden sibling, then renamed (atomic on one filesystem). S3: checksummed, verified, multipart
+    above `part_bytes`, files and parts in parallel; a file the manifest lists must still have the
+    listed sha256. Idempotent: when the same manifest is already there nothing is sent again (S3:
+    only what is missing or different); a destination with another manifest is refused
+    (FileExistsError). A destination without a manifest is an unfinished upload and is replaced.
     """
-    manifest_bytes = (local_dir / MANIFEST_NAME).read_bytes()
-    manifest_uri = f"{dest_uri.rstrip('/')}/{MANIFEST_NAME}"
-    published = read_object(manifest_uri)
-    if published is not None and published[0] != manifest_bytes:
-        raise FileExistsError(f"{manifest_uri} already exists with another manifest; refusing to overwrite")
+    manifest_path = local_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{local_dir}: no {MANIFEST_NAME}; a folder is uploaded with its manifest")
+    manifest_bytes = manifest_path.read_bytes()
+    files = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*")
+                   if p.is_file() and p != manifest_path)
+    listed = {e["path"]: e for e in json.loads(manifest_bytes).get("files", [])}
+    if missing := sorted(set(listed) - set(files)):
+        raise FileNotFoundError(f"{local_dir}: its manifest lists {', '.join(missing[:5])}, which are not there")
+    entries = [listed.get(r) or {"path": r, "bytes": (local_dir / r).stat().st_size} for r in files]
+    if is_s3_uri(dest_uri):
+        return _upload_s3(local_dir, dest_uri, entries, manifest_bytes, part_bytes, concurrency)
+    return _upload_local(local_dir, Path(dest_uri), entries, manifest_bytes)
+
+
+def _published_manifest(uri: str) -> bytes | None:
+    try:
+        return read_object(join_uri(uri, MANIFEST_NAME)).data
+    except StorageNotFoundError:
+        return None
+
+
+def _refuse_other(uri: str, published: bytes | None, manifest_bytes: bytes) -> None:
+    if published is not None and published != manifest_bytes:
+        raise FileExistsError(f"{join_uri(uri, MANIFEST_NAME)} already exists with another manifest; "
+                              "refusing to overwrite")
+
+
+def _upload_local(local_dir: Path, dest: Path, entries: list[dict], manifest_bytes: bytes) -> TransferStats:
+    stats = TransferStats()
+    published = _published_manifest(str(dest))
+    if published == manifest_bytes:  # an earlier attempt of this upload finished: nothing to do
+        for entry in entries:
+            stats.add(False, entry["bytes"])
+        stats.add(False, len(manifest_bytes))
+        return stats
+    _refuse_other(str(dest), published, manifest_bytes)
+    if dest.exists():  # no manifest: what an interrupted delete left; never a finished folder
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A hidden sibling of its own (two uploads of the same folder must not share one), then a rename.
+    partial = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
+    try:
+        shutil.copytree(local_dir, partial, dirs_exist_ok=True)
+        try:
+            os.replace(partial, dest)
+        except OSError:  # another upload renamed its copy into place first
+            published = _published_manifest(str(dest))
+            _refuse_other(str(dest), published, manifest_bytes)
+            if published is None:
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    for entry in entries:
+        stats.add(True, entry["bytes"])
+    stats.add(True, len(manifest_bytes))
+    return stats
+
+
+def _upload_s3(local_dir: Path, dest_uri: str, entries: list[dict], manifest_bytes: bytes, part_bytes: int,
+               concurrency: int) -> TransferStats:
+    published = _published_manifest(dest_uri)
+    _refuse_other(dest_uri, published, manifest_bytes)
     uploader = FolderUploader(dest_uri, part_bytes, concurrency)
-    stats = uploader.upload_entries(local_dir, json.loads(manifest_bytes)["files"])
+    stats = uploader.upload_entries(local_dir, entries)
     if published is None and uploader.put_manifest(manifest_bytes):
         stats.add(True, len(manifest_bytes))
     else:
         stats.add(False, len(manifest_bytes))
-    if read_object(manifest_uri)[0] != manifest_bytes:  # a concurrent publish of the same run id won
-        raise FileExistsError(f"{manifest_uri} was written by another publish with another manifest")
+    if _published_manifest(dest_uri) != manifest_bytes:  # a concurrent upload to the same folder won
+        raise FileExistsError(f"{join_uri(dest_uri, MANIFEST_NAME)} was written by another upload with another "
+                              "manifest")
     return stats
 
 
-def download_run_folder(run_uri: str, local_dir: Path, concurrency: int = 8) -> dict:
-    """Fetch a published run (manifest first, then every file it lists); returns the manifest."""
-    found = read_object(f"{run_uri.rstrip('/')}/{MANIFEST_NAME}")
-    if found is None:
-        raise StorageNotFoundError(f"{run_uri}: no {MANIFEST_NAME} (the run does not exist or is incomplete)")
-    manifest = json.loads(found[0])
-    bucket, prefix = split_s3_uri(run_uri)
-    client = s3_client(max_pool_connections=4 * concurrency)
+def download_folder(uri: str, local_dir: Path, concurrency: int = 8) -> dict:
+    """Fetch a complete folder (a published run, a checkpoint) from a local folder or S3 into
+    `local_dir`; returns its manifest.
 
-    # The manifest's paths are remote data too: all checked before anything is written.
-    targets = [(entry["path"], safe_local_path(local_dir, entry["path"], f"{run_uri}/{MANIFEST_NAME}"))
-               for entry in manifest["files"]]
+    Every file under `uri` comes down. Every remote key, and every path the manifest lists, is
+    checked with `safe_local_path` before anything is written (UnsafeKeyError). Every file the
+    manifest lists must be there and match its sha256 (ChecksumMismatchError naming each problem);
+    `manifest.json` is written last, so a failed download never looks complete.
+    """
+    manifest_uri = join_uri(uri, MANIFEST_NAME)
+    try:
+        manifest_bytes = read_object(manifest_uri).data
+    except StorageNotFoundError as error:
+        raise StorageNotFoundError(f"{uri}: no {MANIFEST_NAME} (it does not exist or its upload did not "
+                                   "finish)") from error
+    manifest = json.loads(manifest_bytes)
+    entries = manifest.get("files", [])
+    local_source = None if is_s3_uri(uri) else Path(uri)
+    # Keys and the manifest's paths are remote data: all checked before the first byte is written.
+    for entry in entries:
+        safe_local_path(local_dir, entry["path"], manifest_uri)
+        if local_source is not None:
+            safe_local_path(local_source, entry["path"], manifest_uri)
+    relatives = [r for r in list_files(uri) if r != MANIFEST_NAME]
+    pairs = [(safe_local_path(local_source, r, uri) if local_source is not None else r,
+              safe_local_path(local_dir, r, uri)) for r in relatives]
+    if missing := sorted({e["path"] for e in entries} - set(relatives)):
+        problems = [f"{path}: missing" for path in missing]
+        raise ChecksumMismatchError(f"{uri}: files its manifest lists are missing: {', '.join(missing[:5])}", problems)
 
-    def fetch(path_and_target: tuple[str, Path]) -> None:
-        path, target = path_and_target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, _key(prefix, path), str(target))
+    if local_source is None:
+        bucket, prefix = split_s3_uri(uri)
+        client = s3_client(max_pool_connections=4 * concurrency)
+
+        def fetch(pair: tuple[str, Path]) -> None:
+            pair[1].parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, _key(prefix, pair[0]), str(pair[1]))
+    else:
+        def fetch(pair: tuple[Path, Path]) -> None:
+            pair[1].parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(pair[0], pair[1])
 
     local_dir.mkdir(parents=True, exist_ok=True)
+    (local_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an earlier download's: this one is not complete yet
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        list(pool.map(fetch, targets))
-    (local_dir / MANIFEST_NAME).write_bytes(found[0])
+        list(pool.map(fetch, pairs))
+    with ThreadPoolExecutor(max_workers=min(4, concurrency)) as pool:  # hashing releases the GIL
+        problems = [p for found in pool.map(lambda e: file_problems(local_dir, [e]), entries) for p in found]
+    if problems:
+        raise ChecksumMismatchError(f"{uri}: downloaded files differ from its manifest: " + "; ".join(problems[:5]),
+                                    problems)
+    (local_dir / MANIFEST_NAME).write_bytes(manifest_bytes)
     return manifest
