@@ -2,6 +2,7 @@
 the same rules for a local output folder and for S3 (moto's server on 127.0.0.1)."""
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -76,6 +77,23 @@ def test_an_incomplete_run_never_becomes_latest(output, tmp_path):
         promote(output, "lost-a-file", GO)
     assert read_latest(output)["run_id"] == "run-a"
 
+
+def test_a_file_changed_after_publishing_blocks_promotion_even_at_the_same_size(output, tmp_path):
+    publish_run(output, tmp_path, "tampered")
+    uri = join_uri(run_uri(output, "tampered"), "merged/model.safetensors")
+    same_size = b"x" * len(b"tampered" * 100)
+    if is_s3(output):
+        import boto3
+
+        from tasks.store.objects import split_s3_uri
+
+        bucket, key = split_s3_uri(uri)
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=same_size)
+    else:
+        Path(uri).write_bytes(same_size)
+    with pytest.raises(PromotionError, match="tampered is incomplete.*merged/model.safetensors"):
+        promote(output, "tampered", GO)
+    assert read_latest(output) is None
 
 def test_concurrent_promotions_serialise_without_losing_the_previous_pointer(tmp_path):
     # Local output only: moto checks If-Match and then writes without a lock, so two truly

@@ -16,6 +16,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tasks.store.manifest import sha256_file
 from tasks.store.objects import (MANIFEST_NAME, StorageNotFoundError, StoredObject, is_s3_uri, join_uri, list_files,
                                  read_object, s3_client, safe_local_path, split_s3_uri, write_if_unchanged,
                                  write_object)
@@ -55,7 +56,9 @@ def read_latest(output: str) -> dict | None:
 
 
 def missing_files(output: str, run_id: str, manifest: dict) -> list[str]:
-    """Files the manifest lists that are absent or differ in size / recorded sha256 (cheap: no download)."""
+    """Files the manifest lists that are absent or differ from it: in size or sha256 (local files are
+    hashed; S3 objects must carry the sha256 the upload recorded, which S3's own SHA-256 checksum held
+    to the bytes: no download)."""
     base = run_uri(output, run_id)
     problems = []
     if is_s3_uri(output):
@@ -69,9 +72,9 @@ def missing_files(output: str, run_id: str, manifest: dict) -> list[str]:
                     head.get("Metadata", {}).get("sha256") != entry["sha256"]:
                 problems.append(entry["path"])
         return problems
-    for entry in manifest["files"]:
+    for entry in manifest["files"]:  # local: the bytes are at hand, so every file is hashed
         path = safe_local_path(Path(base), entry["path"], f"{base}/{MANIFEST_NAME}")
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             problems.append(entry["path"])
     return problems
 
