@@ -7,7 +7,7 @@ import boto3
 import pytest
 
 from tasks.store.manifest import MANIFEST_SCHEMA, file_entries, verify_files
-from tasks.store.objects import is_transient
+from tasks.store.objects import StorageNotFoundError, is_transient
 from tasks.store.registry import fetch_run, read_latest, promote, run_uri
 from tasks.store.transfer import local_checksums, upload_folder
 
@@ -86,6 +86,8 @@ def test_transient_faults_in_the_middle_of_a_multipart_upload_are_retried(proxy,
 
 def test_a_failed_upload_leaves_no_manifest_and_a_second_attempt_resends_only_what_is_missing(proxy, bucket, tmp_path):
     output = f"s3://{bucket}/models"
+    upload_folder(stage_run(tmp_path / "run-1", big_files=("merged/model.safetensors",)), run_uri(output, "run-1"))
+    promote(output, "run-1", {"promote": True})
     staged = stage_run(tmp_path / "run-2")
     proxy.inject("PUT", "model-00002-of-00002.safetensors&partNumber=2", 503, times=None)  # S3 stays down for it
     with pytest.raises(Exception) as failed:
@@ -96,7 +98,9 @@ def test_a_failed_upload_leaves_no_manifest_and_a_second_attempt_resends_only_wh
     assert "models/runs/run-2/merged/model-00002-of-00002.safetensors" not in published
     assert "models/runs/run-2/merged/model-00001-of-00002.safetensors" in published  # it finished
     assert boto3.client("s3").list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []  # aborted
-    assert read_latest(output) is None
+    with pytest.raises(StorageNotFoundError):  # half a run cannot be promoted: it has no manifest yet
+        promote(output, "run-2", {"promote": True})
+    assert read_latest(output)["run_id"] == "run-1"
 
     proxy.clear()
     stats = upload_folder(staged, run_uri(output, "run-2"), PART)

@@ -17,7 +17,8 @@ def test_s3_in_s3_out(tiny_model, bucket, tmp_path):
     s3.upload_file(str(DEMO_DATA / "train.jsonl"), bucket, "datasets/q7/train.jsonl")
     s3.upload_file(str(DEMO_DATA / "eval.jsonl"), bucket, "datasets/q7/eval.jsonl")
     config = tiny_config(tiny_model, tmp_path, method="lora", data=f"s3://{bucket}/datasets/q7/train.jsonl",
-                         eval_data=f"s3://{bucket}/datasets/q7/eval.jsonl", output=f"s3://{bucket}/models/q7")
+                         eval_data=f"s3://{bucket}/datasets/q7/eval.jsonl", output=f"s3://{bucket}/models/q7",
+                         publish={"min_improvement": -1.0})  # scores are in [0, 1]: the gate always promotes
     result = finetune(config)
     assert result.output_uri == f"s3://{bucket}/models/q7/runs/{result.run_id}"
 
@@ -35,9 +36,9 @@ def test_s3_in_s3_out(tiny_model, bucket, tmp_path):
     assert manifest["data"]["sources"][0]["uri"] == f"s3://{bucket}/datasets/q7/train.jsonl"
     etag = s3.head_object(Bucket=bucket, Key="datasets/q7/train.jsonl")["ETag"].strip('"')
     assert manifest["data"]["sources"][0]["etag"] == etag
-    if result.promoted:  # the gate: tuned >= base
-        latest = json.loads(s3.get_object(Bucket=bucket, Key="models/q7/latest.json")["Body"].read())
-        assert latest["run_id"] == result.run_id
+    assert result.promoted
+    latest = json.loads(s3.get_object(Bucket=bucket, Key="models/q7/latest.json")["Body"].read())
+    assert latest["run_id"] == result.run_id
 
     from transformers import AutoModelForCausalLM
 
