@@ -95,3 +95,25 @@ def test_saving_a_step_again_replaces_it(tmp_path, output):
     fetched = fetch_checkpoint(uri, tmp_path / "fetched")
     assert (fetched / "trainable.safetensors").read_bytes() == b"retrained"
     assert json.loads((fetched / "manifest.json").read_text())["saved_at"] == "2026-11-29T05:00"
+
+
+def test_a_skipped_checkpoint_leaves_nothing_behind_in_the_folder_resumed_from(tmp_path, output):
+    older = upload_checkpoint(checkpoint(tmp_path, "step-0000004", "same", "2026-11-29T01:00"), output, "run-a", keep=2)
+    newer = checkpoint(tmp_path, "step-0000006", "same", "2026-11-29T01:01")
+    (newer / "best" / "extra_state.safetensors").write_bytes(b"only in step 6")
+    (newer / "manifest.json").unlink()
+    (newer / "manifest.json").write_text(json.dumps({"kind": "training-checkpoint", "saved_at": "2026-11-29T01:01",
+                                                     "state": {"step": 6}, "files": file_entries(newer)}))
+    newer_uri = upload_checkpoint(newer, output, "run-a", keep=2)
+    stored = join_uri(newer_uri, "trainable.safetensors")  # damaged after it was stored: same size, other bytes
+    if output.startswith("s3://"):
+        bucket, key = stored[5:].split("/", 1)
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b"weights step-000000X")
+    else:
+        open(stored, "wb").write(b"weights step-000000X")
+    resume_dir = tmp_path / "resume-from"
+    with pytest.raises(ChecksumMismatchError):
+        fetch_checkpoint(newer_uri, resume_dir)  # the train task skips it and tries the next
+    fetched = fetch_checkpoint(older, resume_dir)
+    assert sorted(p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file()) == [
+        "best/adapter_config.json", "manifest.json", "trainable.safetensors"]  # no file of step 6 survived
