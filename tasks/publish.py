@@ -23,7 +23,7 @@ from tasks.reports.summary import headline, metrics_table_rows, summary_markdown
 from tasks.results import EvalResult, IngestResult, PlanResult, RunInfo, TrainResult
 from tasks.scoring.promotion import GateDecision, ModelScores, promotion_gate
 from tasks.store.manifest import build_manifest, file_entries, sha256_file
-from tasks.store.objects import MANIFEST_NAME, is_s3_uri, retry_if_transient, split_s3_uri
+from tasks.store.objects import MANIFEST_NAME, etag_of, retry_if_transient
 from tasks.store.registry import promote
 from tasks.store.transfer import upload_folder
 from tasks.store.weight_safety import recorded
@@ -94,7 +94,9 @@ def _describe_base(config: FinetuneConfig, planned: PlanResult) -> dict:
 
 def _describe_data(data: IngestResult, planned: PlanResult) -> dict:
     record = {**data.model_dump(exclude={"train_path", "eval_path"}), "token_stats": planned.token_stats}
-    record["sources"] = [{**s, "etag": s.get("etag") or _s3_etag(s["uri"])} for s in record["sources"]]
+    # The ETag lets a consumer tell whether the data changed since training; an object gone since ingest has
+    # none (its sha256, recorded at ingest, still identifies the data).
+    record["sources"] = [{**s, "etag": s.get("etag") or etag_of(s["uri"])} for s in record["sources"]]
     return record
 
 
@@ -116,21 +118,6 @@ def _base_revision(model_path: str) -> str | None:
     """The Hub commit of a model from the Hugging Face cache (…/snapshots/<commit>), else None."""
     parts = Path(model_path).resolve().parts
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
-
-
-def _s3_etag(uri: str) -> str | None:
-    """The dataset object's ETag, so a consumer can tell whether the data changed since training."""
-    if not is_s3_uri(uri):
-        return None
-    from tasks.store.objects import s3_client
-
-    from botocore.exceptions import ClientError
-
-    bucket, key = split_s3_uri(uri)
-    try:
-        return s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-    except ClientError:  # gone since ingest: the sha256 recorded at ingest still identifies the data
-        return None
 
 
 def _hardware(planned: PlanResult) -> dict:

@@ -8,8 +8,8 @@ from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from tasks.store.manifest import file_entries
-from tasks.store.objects import (StorageNotFoundError, is_not_found, is_transient, list_children, read_object,
-                                 write_object)
+from tasks.store.objects import (StorageNotFoundError, etag_of, is_not_found, is_transient, list_children,
+                                 read_object, write_object)
 from tasks.store.transfer import ChecksumMismatchError, download_folder, upload_folder
 
 
@@ -144,6 +144,23 @@ def test_s3_reads_lists_and_not_found(empty_bucket, proxy):
     with pytest.raises(ClientError) as denied:
         read_object(f"s3://{empty_bucket}/models/latest.json")
     assert not isinstance(denied.value, StorageNotFoundError)
+    assert denied.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+@pytest.mark.integration
+def test_an_etag_is_none_only_for_an_object_that_is_not_there(proxy, empty_bucket):
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=empty_bucket, Key="data/train.jsonl", Body=b"{}")
+    assert etag_of(f"s3://{empty_bucket}/data/train.jsonl") == s3.head_object(
+        Bucket=empty_bucket, Key="data/train.jsonl")["ETag"].strip('"')
+    assert etag_of(f"s3://{empty_bucket}/data/gone.jsonl") is None
+    assert etag_of(f"s3://{empty_bucket}/data/") is None  # a prefix: no object of its own
+    assert etag_of("data/train.jsonl") is None  # local
+    proxy.inject("HEAD", "data/train.jsonl", 403)  # access denied is no "no ETag": it propagates
+    with pytest.raises(ClientError) as denied:
+        etag_of(f"s3://{empty_bucket}/data/train.jsonl")
     assert denied.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
 
 

@@ -183,6 +183,20 @@ def exists(uri: str) -> bool:
     return True
 
 
+def etag_of(uri: str) -> str | None:
+    """The S3 object's ETag; None for a local path, or an object that is not there (gone, or a prefix).
+    Any other error (access denied, a 5xx after botocore's retries) propagates."""
+    if not is_s3_uri(uri):
+        return None
+    bucket, key = split_s3_uri(uri)
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    except Exception as error:
+        if is_not_found(error):
+            return None
+        raise
+
+
 def write_object(uri: str, data: bytes, content_type: str = "application/json") -> None:
     """Write a small object whole: readers see the old or the new content, never half of it."""
     if is_s3_uri(uri):
