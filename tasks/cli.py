@@ -4,6 +4,8 @@
     prefect-finetune verify   OUTPUT [--run RUN_ID|latest] [--to DIR] [--base PATH] [--no-load]
     prefect-finetune plan     --model PATH --gpu-gib N [N ...] [--gpus N] [--data PATH] [--method auto] ...
     prefect-finetune validate DATA [--eval-data PATH] [--format F] [--model PATH] [--json] [--on-invalid ...]
+    prefect-finetune promote  OUTPUT RUN_ID [--reason TEXT]
+    prefect-finetune rollback OUTPUT [--reason TEXT]
 
 OUTPUT is what the flow published to (a local folder or s3://bucket/prefix). `download` fetches a
 run and checks every file against the sha256 in its manifest; `verify` does the same, then loads
@@ -11,7 +13,9 @@ the model with plain transformers and runs one forward pass. `plan` prints what 
 would choose on GPUs of the given sizes (the smallest that fits, given several), from the model's
 config.json and the data's token lengths, without Prefect, a GPU or the weights. `validate` runs the
 ingest task's checks on a dataset (and, with --model, its token lengths) without a run, for a data
-team's own CI: every bad row is named by file, row and field. Exit status: 0 good (data usable), 1
+team's own CI: every bad row is named by file, row and field. `promote` points `latest.json` at a
+published run by hand (only a complete one: every file checked against its manifest); `rollback`
+points it back at the run it replaced (the replaced pointer is kept in `history/`). Exit status: 0 good (data usable), 1
 a check failed, nothing fits or the data is not usable, 2 the run, pointer, model or data does not exist.
 
 Subcommands register themselves in `SUBCOMMANDS` (a function that adds its parser and sets
@@ -29,7 +33,7 @@ from tasks.config import DataFormat, DataSettings, LoraSettings, MethodChoice, T
 from tasks.planning.memory import UnsupportedModelError
 from tasks.store.manifest import sha256_file
 from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError
-from tasks.store.registry import fetch_run, read_latest
+from tasks.store.registry import PromotionError, fetch_run, promote, read_latest
 from tasks.store.transfer import ChecksumMismatchError
 
 
@@ -257,7 +261,37 @@ def _print_validation(report: dict) -> None:
     print("usable: yes" if report["usable"] else "usable: no")
 
 
-SUBCOMMANDS = [_add_download, _add_verify, _add_plan, _add_validate]
+def _add_promote(subparsers) -> None:
+    parser = subparsers.add_parser("promote", help="point latest.json at a published run, by hand")
+    parser.add_argument("output", help="where the flow published: a local folder or s3://bucket/prefix")
+    parser.add_argument("run_id", help="the run to promote (a folder under OUTPUT/runs/)")
+    parser.add_argument("--reason", default="promoted by hand", help="recorded in latest.json and its history")
+    parser.set_defaults(handler=_promote)
+
+
+def _add_rollback(subparsers) -> None:
+    parser = subparsers.add_parser("rollback", help="point latest.json back at the run it replaced")
+    parser.add_argument("output", help="where the flow published: a local folder or s3://bucket/prefix")
+    parser.add_argument("--reason", default="rolled back by hand", help="recorded in latest.json and its history")
+    parser.set_defaults(handler=_rollback)
+
+
+def _promote(args: argparse.Namespace, run_id: str | None = None) -> None:
+    pointer = promote(args.output, run_id or args.run_id, {"promote": True, "reason": args.reason, "by": "cli"})
+    was = pointer["previous"]["run_id"] if pointer["previous"] else "nothing"
+    print(f"latest.json -> run {pointer['run_id']} (promoted {pointer['promoted_at']}; before: {was})")
+
+
+def _rollback(args: argparse.Namespace) -> None:
+    latest = read_latest(args.output)
+    if latest is None:
+        raise StorageNotFoundError(f"{args.output}: no latest.json, so nothing to roll back")
+    if not latest.get("previous"):
+        raise CheckFailed(f"{args.output}: run {latest['run_id']} is the first promoted run; there is none before it")
+    _promote(args, latest["previous"]["run_id"])
+
+
+SUBCOMMANDS = [_add_download, _add_verify, _add_plan, _add_validate, _add_promote, _add_rollback]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     except StorageNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (CheckFailed, UnsupportedModelError) as error:
+    except (CheckFailed, UnsupportedModelError, PromotionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -470,6 +470,12 @@ def _columnar_chunks(source: SourceFile, data_format: str) -> Iterator[Chunk]:
         batches = _batches(source, stream, target)
         first_row = 1
         for batch in batches:
+            try:  # Arrow trusts a file's bytes: a damaged one can hold invalid UTF-8 or offsets out of range
+                batch.validate(full=True)
+            except pa.ArrowInvalid as error:
+                raise DatasetError(f"{source.uri} rows {first_row}-{first_row + batch.num_rows - 1}: the file is "
+                                   f"damaged ({_excerpt(str(error), 120)}); write it again from the source data") \
+                    from None
             table = _conform(source, pa.Table.from_batches([batch]), target, first_row)
             rows = np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
             sizes = _row_sizes(table, pc)
