@@ -86,12 +86,27 @@ def _load_4bit(path: str, device: str, loading: ModelLoadingSettings = SAFE):
     )
 
 
+# What LoRA adapts in a mixture of experts when asked for all linear layers: attention, and a shared
+# expert's MLP where the family has one. Not the experts (peft would wrap each layer's fused expert
+# tensors as one adapter of rank r x experts, which takes no dropout) nor the router (an adapted
+# router moves tokens between frozen experts).
+# (A regular expression on full module names: peft maps a plain "gate_proj" onto the experts' tensors.)
+MOE_LORA_TARGETS = r".*\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|shared_expert\.(gate_proj|up_proj|down_proj))"
+
+
+def is_mixture_of_experts(config) -> bool:
+    return any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
 def attach_lora(model, lora: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
+    targets = lora.target_list()
+    if targets == "all-linear" and is_mixture_of_experts(model.config):
+        targets = MOE_LORA_TARGETS
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_list(), task_type="CAUSAL_LM",
+        target_modules=targets, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
     fuse_lora_dropout(model)

@@ -1,0 +1,218 @@
+"""Every model family the project supports, on a tiny random model of that family (issue 16).
+
+For each family: the plan works from its config.json (and its estimate follows what the trainer
+keeps, for families with a formula); packed training computes what padded training computes (loss
+and gradients, full fine-tuning and LoRA with a non-zero B, so lora_A's gradients are compared too);
+and LoRA training through the trainer lowers the loss. CPU only, real models, no downloads.
+"""
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEMO_DATA
+from tasks.config import LoraSettings, TrainingSettings
+from tasks.data.dataset import read_dataset
+from tasks.data.tokenization import IGNORE_INDEX, Example, encode_all, load_tokenizer
+from tasks.planning.memory import FAMILIES, MOE_MODEL_TYPES, ModelShape, kept_for_backward
+from tasks.planning.selector import select_plan
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512, "initializer_range": 0.1}
+WINDOW = 8  # shorter than the rows, so sliding-window layers matter
+FAMILY_SETTINGS = {
+    "gemma2": {"sliding_window": WINDOW, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 2.0,
+               "final_logit_softcapping": 3.0},  # small caps: the soft-capping changes the maths
+    "gemma3_text": {"sliding_window": WINDOW, "query_pre_attn_scalar": 16,
+                    "layer_types": ["sliding_attention", "full_attention"], "final_logit_softcapping": 3.0},
+    "olmo2": {},
+    "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
+                "logits_scaling": 4.0},
+    "smollm3": {"no_rope_layers": [1, 0]},
+    "glm4": {},
+    "cohere2": {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"], "logit_scale": 0.5},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+}
+FAMILY_NAMES = list(FAMILY_SETTINGS)
+FORMULA_FAMILIES = [f for f in FAMILY_NAMES if f in FAMILIES]
+
+
+def family_config(model_type: str, tokenizer=None, **overrides):
+    from transformers import AutoConfig
+
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2} if tokenizer is None else {
+        "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id}
+    settings = {**SMALL, "vocab_size": 600, **FAMILY_SETTINGS[model_type], **ids, **overrides}
+    for per_layer in ("layer_types", "no_rope_layers"):  # the pattern, repeated over the layers
+        if per_layer in settings:
+            settings[per_layer] = (settings[per_layer] * settings["num_hidden_layers"])[:settings["num_hidden_layers"]]
+    return AutoConfig.for_model(model_type, **settings)
+
+
+@pytest.fixture(scope="module")
+def family_model(tiny_model, tmp_path_factory):
+    """A folder per family: a tiny random model of it, with the project's tiny tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    built = {}
+
+    def build(model_type: str):
+        if model_type not in built:
+            folder = tmp_path_factory.mktemp(model_type)
+            tokenizer.save_pretrained(folder)
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(family_config(model_type, tokenizer)).save_pretrained(folder)
+            built[model_type] = folder
+        return built[model_type]
+    return build
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_tokenizer) -> list[Example]:
+    conversations = read_dataset(str(DEMO_DATA / "train.jsonl")).conversations[:8]
+    return encode_all(tiny_tokenizer, conversations, 96)
+
+
+def padded_loss(model, rows, pad_id: int) -> torch.Tensor:
+    """The reference: one right-padded batch through the model's own forward (its own attention,
+    masks and logits) and a plain summed cross-entropy."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r.input_ids)], labels[i, :len(r.labels)], mask[i, :len(r.input_ids)] = (
+            torch.tensor(r.input_ids), torch.tensor(r.labels), 1)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _nonzero_lora_b(model) -> None:
+    """LoRA's B starts at zero, which leaves lora_A without gradient: give B values (the same in
+    every model loaded with the same seed), so both adapters' gradients are compared."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_the_plan_works_from_the_config_json(family_model, model_type):
+    from transformers import AutoModelForCausalLM
+
+    folder = family_model(model_type)
+    config = json.loads((folder / "config.json").read_text())
+    shape = ModelShape.from_config(config, source=str(folder))
+    assert shape.verified == (model_type in FAMILIES)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    real = sum(p.numel() for p in model.parameters())
+    if shape.verified:
+        assert shape.parameters == real
+    else:  # conservative: never fewer than the model has, every expert included
+        assert real <= shape.parameters <= 1.3 * real
+    plan = select_plan(shape, budget_bytes=4 * 2**30, budget_source="test", device="cpu", method="auto",
+                       longest_row=96, largest_step=8 * 96)
+    assert plan.estimate.verified == shape.verified
+    assert plan.estimate.basis.startswith("formula" if shape.verified else "conservative, unverified")
+    assert all(row["estimate"] == ("formula" if shape.verified else "conservative (unverified)") for row in plan.table())
+    assert ("unverified" in plan.reason) != shape.verified
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_estimate_follows_what_the_trainer_keeps(model_type, method):
+    """As tests/test_memory.py's check for the first families: the bytes autograd keeps from the
+    trainer's forward pass, counted with saved-tensor hooks on CPU, are what the estimator says
+    (within 15%); for a family without a formula, the conservative estimate is not below them."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks.engine.modeling import prepare_for_training
+    from tasks.engine.packing import pack
+    from tasks.engine.train_loop import summed_loss
+
+    # the shape of tests/test_memory.py's check: large enough that per-layer terms dominate
+    config = family_config(model_type, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model = prepare_for_training(model, method, "cpu", LoraSettings(r=8, dropout=0.05), False).train()
+    rows = [Example(input_ids=list(range(1, 129)), labels=list(range(1, 129)), truncated=False)] * 4
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        summed_loss(model, pack(rows), "cpu")
+    shape = ModelShape.from_config(config.to_dict())
+    estimated = kept_for_backward(shape, method, "cpu", 512, False, lora_r=8)
+    if shape.verified:
+        assert estimated == pytest.approx(sum(kept.values()), rel=0.15)
+    else:
+        assert sum(kept.values()) <= estimated <= 2.5 * sum(kept.values())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_packed_equals_padded(family_model, tiny_tokenizer, rows, model_type, method):
+    """Packing does not change the model's maths: the trainer's packed loss and gradients equal those of
+    one padded batch through the model's own forward (soft-capping, sliding windows, scaled embeddings,
+    residuals and logits included)."""
+    from tasks.engine.modeling import load_for_training
+    from tasks.engine.packing import micro_batches
+    from tasks.engine.train_loop import accumulate_gradients
+
+    folder, lora = str(family_model(model_type)), LoraSettings(r=8, dropout=0.0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(load_for_training(folder, method, "cpu", lora, False))
+        if method == "lora":
+            _nonzero_lora_b(models[-1])
+    reference, packed = models
+    tokens = sum(r.trainable_tokens for r in rows)
+    expected_loss = padded_loss(reference, rows, tiny_tokenizer.pad_token_id)
+    (expected_loss / tokens).backward()
+    capacity = 3 * max(len(r.input_ids) for r in rows)  # several rows per micro-batch, several micro-batches
+    assert 1 < len(micro_batches(rows, capacity)) < len(rows)
+    loss_sum, step_tokens = accumulate_gradients(packed, rows, capacity, "cpu")
+    assert step_tokens == tokens
+    assert loss_sum == pytest.approx(expected_loss.item(), rel=1e-5)
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    got = {n: p.grad for n, p in packed.named_parameters() if p.requires_grad}
+    assert expected.keys() == got.keys() and expected
+    if method == "lora":
+        assert any("lora_A" in n and g.abs().sum() > 0 for n, g in got.items())
+    for name, grad in expected.items():
+        if grad is None:
+            assert got[name] is None, name
+            continue
+        torch.testing.assert_close(got[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_lora_training_lowers_the_loss(family_model, rows, model_type, tmp_path):
+    from tasks.engine.modeling import load_for_training
+    from tasks.engine.train_loop import train
+
+    settings = TrainingSettings(max_steps=8, batch_size=4, learning_rate=1e-2, warmup_steps=0, eval_every=8,
+                                lr_schedule="constant")
+    torch.manual_seed(0)
+    model = load_for_training(str(family_model(model_type)), "lora", "cpu", LoraSettings(r=8, dropout=0.0), False)
+    outcome = train(model, rows, rows, settings, token_capacity=4 * 96, device="cpu", best_dir=tmp_path / "best",
+                    log=logging.getLogger("test"), progress=False)
+    losses = [r["train_loss"] for r in outcome.history]
+    assert losses[-1] < 0.85 * losses[0], losses
