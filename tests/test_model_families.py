@@ -37,6 +37,9 @@ FAMILY_SETTINGS = {
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 48},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    # causal LMs without a formula or a known layout: the conservative path, and the model's own head
+    "starcoder2": {},  # LayerNorm with biases, a plain (ungated) MLP
+    "stablelm": {},  # LayerNorm, partial rotary embeddings
 }
 FAMILY_NAMES = list(FAMILY_SETTINGS)
 FORMULA_FAMILIES = [f for f in FAMILY_NAMES if f in FAMILIES]
@@ -117,8 +120,8 @@ def test_the_plan_works_from_the_config_json(family_model, model_type):
     real = sum(p.numel() for p in model.parameters())
     if shape.verified:
         assert shape.parameters == real
-    else:  # conservative: never fewer than the model has, every expert included
-        assert real <= shape.parameters <= 1.3 * real
+    else:  # conservative: never fewer than the model has, every expert included (it takes MLPs as gated)
+        assert real <= shape.parameters <= (1.01 if model_type in MOE_MODEL_TYPES else 1.6) * real
     plan = select_plan(shape, budget_bytes=4 * 2**30, budget_source="test", device="cpu", method="auto",
                        longest_row=96, largest_step=8 * 96)
     assert plan.estimate.verified == shape.verified
@@ -162,7 +165,7 @@ def test_estimate_follows_what_the_trainer_keeps(model_type, method):
     if shape.verified:
         assert estimated == pytest.approx(sum(kept.values()), rel=0.15)
     else:
-        assert sum(kept.values()) <= estimated <= 2.5 * sum(kept.values())
+        assert sum(kept.values()) <= estimated <= 3 * sum(kept.values())
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -216,3 +219,99 @@ def test_lora_training_lowers_the_loss(family_model, rows, model_type, tmp_path)
                     log=logging.getLogger("test"), progress=False)
     losses = [r["train_loss"] for r in outcome.history]
     assert losses[-1] < 0.85 * losses[0], losses
+
+
+# The issue's models as their config.json files name them (sizes from the published configs).
+PUBLISHED = {
+    "gemma-2-9b": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584,
+                   "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000, "sliding_window": 4096,
+                   "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256},
+    "gemma-3-1b": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 1152,
+                   "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+                   "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144, "sliding_window": 512},
+    "olmo-2-7b": {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "hidden_size": 4096,
+                  "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 32, "vocab_size": 100352},
+    "granite-3.1-8b": {"architectures": ["GraniteForCausalLM"], "model_type": "granite", "hidden_size": 4096,
+                       "intermediate_size": 12800, "num_hidden_layers": 40, "num_attention_heads": 32,
+                       "num_key_value_heads": 8, "vocab_size": 49155, "tie_word_embeddings": True,
+                       "embedding_multiplier": 12.0, "logits_scaling": 16.0, "residual_multiplier": 0.22,
+                       "attention_multiplier": 0.0078125},
+    "smollm3-3b": {"architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "hidden_size": 2048,
+                   "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+                   "num_key_value_heads": 4, "vocab_size": 128256},
+    "glm-4-9b": {"architectures": ["Glm4ForCausalLM"], "model_type": "glm4", "hidden_size": 4096,
+                 "intermediate_size": 13696, "num_hidden_layers": 40, "num_attention_heads": 32,
+                 "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 151552},
+    "command-r7b": {"architectures": ["Cohere2ForCausalLM"], "model_type": "cohere2", "hidden_size": 4096,
+                    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                    "num_key_value_heads": 8, "vocab_size": 256000, "sliding_window": 4096, "logit_scale": 0.25},
+    "mixtral-8x7b": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+                     "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen3-30b-a3b": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+                      "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+                      "num_experts": 128, "num_experts_per_tok": 8},
+    "qwen1.5-moe-a2.7b": {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": 2048,
+                          "intermediate_size": 5632, "moe_intermediate_size": 1408,
+                          "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,
+                          "num_key_value_heads": 16, "vocab_size": 151936, "num_experts": 60, "num_experts_per_tok": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_configs_count_their_parameters(name):
+    """Full-size models built on the meta device (no memory): the estimator's parameter count is
+    transformers' (a conservative family's is not below it), and LoRA's is peft's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = PUBLISHED[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    real = sum(p.numel() for p in model.parameters())
+    shape = ModelShape.from_config(config)
+    if shape.verified:
+        assert shape.parameters == real
+    else:
+        assert real <= shape.parameters <= 1.01 * real
+
+
+@pytest.mark.parametrize("model_type", ["glm4", "qwen2_moe", "qwen3_moe", "mixtral", "cohere2"])
+def test_lora_parameter_count_matches_peft(model_type):
+    from transformers import AutoModelForCausalLM
+
+    from tasks.engine.modeling import attach_lora
+
+    config = family_config(model_type)
+    model = attach_lora(AutoModelForCausalLM.from_config(config), LoraSettings(r=8, dropout=0.0))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert ModelShape.from_config(config.to_dict()).lora_parameters(8) == trainable
+
+
+def test_the_plan_command_takes_every_family_and_refuses_what_is_no_causal_lm(tmp_path, capsys):
+    from tasks.cli import main
+
+    for name, config in PUBLISHED.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        assert main(["plan", "--model", str(tmp_path / name), "--gpu-gib", "80", "141", "--gpus", "2"]) == 0, name
+        out = capsys.readouterr().out
+        assert f"model: {config['model_type']}" in out
+        assert ("estimate conservative, unverified" in out) == (config["model_type"] not in FAMILIES), out
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(
+        {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12,
+         "num_attention_heads": 12, "intermediate_size": 3072, "vocab_size": 30522}))
+    assert main(["plan", "--model", str(tmp_path / "bert"), "--gpu-gib", "80"]) == 1
+    assert "name no causal LM" in (err := capsys.readouterr().err) and "ForCausalLM" in err
+
+
+def test_causal_lm_families_are_transformers_causal_lms():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from tasks.planning.memory import CAUSAL_LM_MODEL_TYPES
+
+    assert [t for t in CAUSAL_LM_MODEL_TYPES if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES] == []
+    assert set(MOE_MODEL_TYPES) <= set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)

@@ -83,9 +83,15 @@ FAMILIES: dict[str, Family] = {
 KNOWN_MODEL_TYPES = tuple(FAMILIES)
 # What the conservative estimate assumes of a layout it does not know: every norm and copy above.
 UNKNOWN_FAMILY = Family(pre_norms=2, post_norms=2, qk_norm="full", fused_qkv=True, layer_norm=True)
-# Mixture-of-experts families whose config the estimate reads (experts, top-k, shared experts); their
-# estimate stays conservative until GPU points verify it. Their heads are plain (the fused loss applies).
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# Mixture-of-experts families: their layout is known (and their config's experts, top-k and shared
+# experts are read), but their estimate stays conservative until GPU points verify it. Their heads
+# are plain (the fused loss applies).
+MOE_FAMILIES: dict[str, Family] = {
+    "mixtral": Family(),
+    "qwen2_moe": Family(qkv_bias=True, o_bias=False),
+    "qwen3_moe": Family(qk_norm="head"),
+}
+MOE_MODEL_TYPES = tuple(MOE_FAMILIES)
 # The trainer computes the loss from the final hidden states with its fused loss only for these
 # families, whose logits transforms it knows (LOGIT_TRANSFORMS); any other family's own head makes
 # its logits (tasks/engine/train_loop.py), at the cost of keeping them.
@@ -96,7 +102,7 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # each is in transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES).
 CAUSAL_LM_MODEL_TYPES = KNOWN_MODEL_TYPES + MOE_MODEL_TYPES + (
     "gpt2", "gpt_neox", "gptj", "falcon", "starcoder2", "stablelm", "olmo", "olmoe", "cohere", "granitemoe",
-    "phi", "qwen3_next", "deepseek_v2", "deepseek_v3", "exaone4", "internlm2", "ministral", "gemma3", "glm",
+    "phi", "qwen3_next", "deepseek_v2", "deepseek_v3", "exaone4", "ministral", "gemma3", "glm",
     "hunyuan_v1_dense", "seed_oss", "apertus", "arcee", "ernie4_5", "dots1", "bitnet", "helium", "nemotron",
 )
 
@@ -171,7 +177,7 @@ class ModelShape:
                 "Gemma2ForCausalLM); use the causal-LM checkpoint of the model, or one of the supported "
                 f"families ({', '.join(FUSED_LOSS_MODEL_TYPES)})."
             )
-        family = FAMILIES.get(model_type)
+        family = FAMILIES.get(model_type) or MOE_FAMILIES.get(model_type)
         config = {**dict(family.defaults), **config} if family else config
         sizes = {f: _field(config, f) for f in REQUIRED_FIELDS}
         if family is None and sizes["intermediate_size"] is None and isinstance(sizes["hidden_size"], int):
@@ -209,7 +215,7 @@ class ModelShape:
             if experts else 0,
             shared_expert_intermediate_size=shared if experts else 0,
             attention_softcapping=config.get("attn_logit_softcapping") is not None,
-            verified=family is not None,
+            verified=model_type in FAMILIES,
         )
 
     @property
@@ -231,7 +237,7 @@ class ModelShape:
         named as the model names them. A mixture of experts' experts are not linear layers."""
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        shapes = {"qkv_proj": (h, q + 2 * kv)} if self.family.fused_qkv and self.verified else \
+        shapes = {"qkv_proj": (h, q + 2 * kv)} if self.family.fused_qkv and self.family is not UNKNOWN_FAMILY else \
             {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv)}
         shapes["o_proj"] = (q, h)
         if self.num_experts:
@@ -263,7 +269,7 @@ class ModelShape:
         h = self.hidden_size
         embeddings = self.vocab_size * h * (1 if self.tied_embeddings else 2)
         f = self.family
-        norm_width = 2 if f.layer_norm and not self.verified else 1  # a LayerNorm with bias: twice
+        norm_width = 2 if f is UNKNOWN_FAMILY else 1  # perhaps a LayerNorm with a bias: twice
         norms = ((f.pre_norms + f.post_norms) * self.num_layers + 1) * h * norm_width
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qk_norms = {"": 0, "head": 2 * self.head_dim, "full": q + kv}[f.qk_norm] * self.num_layers
@@ -436,11 +442,14 @@ def _layer_activation_bytes(shape: ModelShape, method: Method, fused: bool, stre
     if f.fused_qkv:  # v is a view of the fused q/k/v output, which so stays alive whole
         attention += compute * (q + kv)
     if shape.num_experts:
-        # the router's logits and probabilities (fp32); each token's top-k experts: its gathered
-        # input, gate/up, the activation, their product, and its weighted output; a shared expert as a dense MLP
+        # the router's logits and probabilities (fp32); for each of a token's top-k experts: its
+        # gathered input, gate/up and their product (grouped matmuls); a shared expert as a dense MLP
         e = shape.expert_intermediate_size
-        mlp = 12 * shape.num_experts + compute * shape.experts_per_token * (2 * h + 4 * e)
-        mlp += compute * 4 * shape.shared_expert_intermediate_size
+        mlp = 12 * shape.num_experts + compute * shape.experts_per_token * (h + 3 * e)
+        if method == Method.FULL:  # the experts' weights train: their matmuls keep inputs for the weight gradients
+            mlp += compute * shape.experts_per_token * (h + e)
+        if shape.shared_expert_intermediate_size:  # its MLP, and its sigmoid gate's output and gated input
+            mlp += compute * (4 * shape.shared_expert_intermediate_size + 2 * h)
     else:
         mlp = compute * (3 if fused else 4) * i  # gate, up (and the activation, unfused), their product
     adapters = compute * 7 * lora_r  # each adapter's rank-r intermediate
