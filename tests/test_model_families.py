@@ -7,6 +7,7 @@ and LoRA training through the trainer lowers the loss. CPU only, real models, no
 """
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -207,7 +208,11 @@ def test_packed_equals_padded(family_model, tiny_tokenizer, rows, model_type, me
 
 
 @pytest.mark.parametrize("model_type", FAMILY_NAMES)
-def test_lora_training_lowers_the_loss(family_model, rows, model_type, tmp_path):
+def test_lora_training_lowers_the_loss_and_the_merged_model_is_base_plus_adapter(family_model, tiny_tokenizer, rows,
+                                                                                   model_type, tmp_path):
+    """Through the trainer, then through the export the publish stage runs: the merged model's
+    logits equal base + adapter (export_model checks it, and the saved model against it)."""
+    from tasks.engine.export import export_model
     from tasks.engine.modeling import load_for_training
     from tasks.engine.train_loop import train
 
@@ -219,6 +224,27 @@ def test_lora_training_lowers_the_loss(family_model, rows, model_type, tmp_path)
                     log=logging.getLogger("test"), progress=False)
     losses = [r["train_loss"] for r in outcome.history]
     assert losses[-1] < 0.85 * losses[0], losses
+    folder = str(family_model(model_type))
+    verification = export_model(folder, str(tmp_path / "best"), True, tmp_path / "merged", torch.float32,
+                                load_tokenizer(folder), ["How do I reset my password?", "Hello there"], "cpu")
+    assert verification["merge_max_abs_logit_diff"] <= 1e-3 and verification["saved_top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_qlora_forward_and_backward_on_cpu(family_model, rows, model_type):
+    """4-bit base (bitsandbytes' CPU path): the packed loss is finite and the adapters get gradients."""
+    from tasks.engine.modeling import load_for_training
+    from tasks.engine.train_loop import accumulate_gradients
+
+    torch.manual_seed(0)
+    model = load_for_training(str(family_model(model_type)), "qlora", "cpu", LoraSettings(r=8, dropout=0.0), False)
+    assert any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
+    _nonzero_lora_b(model)
+    loss_sum, _ = accumulate_gradients(model, rows[:4], 2 * 96, "cpu")
+    assert math.isfinite(loss_sum)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert any("lora_A" in n and g.abs().sum() > 0 for n, g in grads.items())
 
 
 # The issue's models as their config.json files name them (sizes from the published configs).
