@@ -97,7 +97,8 @@ def check(model_type: str, method: str, folder: str) -> dict:
     cosines = []
     for (name, a), (_, b) in zip(reference.named_parameters(), packed.named_parameters()):
         if a.requires_grad and a.grad is not None:
-            cosines.append((F.cosine_similarity(a.grad.float().flatten(), b.grad.float().flatten(), dim=0).item(), name))
+            cosine = F.cosine_similarity(a.grad.float().flatten(), b.grad.float().flatten(), dim=0).item()
+            cosines.append((cosine, name))
     worst = min(cosines)
     return {"family": model_type, "method": method,
             "attention": packed.config._attn_implementation if hasattr(packed, "config") else "?",

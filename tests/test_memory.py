@@ -64,7 +64,8 @@ def test_only_a_model_that_is_no_causal_lm_is_refused():
     gpt2 = ModelShape.from_config({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 768,
                                    "n_layer": 12, "n_head": 12, "vocab_size": 50257})
     assert (gpt2.verified, gpt2.hidden_size, gpt2.intermediate_size, gpt2.num_layers) == (False, 768, 3072, 12)
-    assert not ModelShape.from_config({**LLAMA_1B, "model_type": "mystery", "architectures": ["MysteryForCausalLM"]}).verified
+    mystery = {**LLAMA_1B, "model_type": "mystery", "architectures": ["MysteryForCausalLM"]}
+    assert not ModelShape.from_config(mystery).verified
 
 
 @pytest.mark.parametrize("config", [

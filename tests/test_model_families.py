@@ -127,7 +127,8 @@ def test_the_plan_works_from_the_config_json(family_model, model_type):
                        longest_row=96, largest_step=8 * 96)
     assert plan.estimate.verified == shape.verified
     assert plan.estimate.basis.startswith("formula" if shape.verified else "conservative, unverified")
-    assert all(row["estimate"] == ("formula" if shape.verified else "conservative (unverified)") for row in plan.table())
+    basis = "formula" if shape.verified else "conservative (unverified)"
+    assert all(row["estimate"] == basis for row in plan.table())
     assert ("unverified" in plan.reason) != shape.verified
 
 
@@ -341,3 +342,29 @@ def test_causal_lm_families_are_transformers_causal_lms():
 
     assert [t for t in CAUSAL_LM_MODEL_TYPES if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES] == []
     assert set(MOE_MODEL_TYPES) <= set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+@pytest.mark.parametrize("scale, softcap", [(0.25, None), (1.0, 3.0), (0.5, 2.0)], ids=["scale", "softcap", "both"])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_fused_loss_applies_the_logit_transforms(monkeypatch, scale, softcap, head_trains):
+    import tasks.engine.loss
+    from tasks.engine.loss import linear_cross_entropy_sum
+
+    monkeypatch.setattr(tasks.engine.loss, "CHUNK_BYTES", 4 * 50 * 7)  # 7 rows per chunk: several chunks
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=head_trains)
+    targets = torch.randint(0, 50, (30,))
+    logits = (hidden @ weight.T) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    wrt = [hidden, weight] if head_trains else [hidden]
+    expected_grads = torch.autograd.grad(expected, wrt)
+    got = linear_cross_entropy_sum(hidden, weight, targets, torch.float32, scale=scale, softcap=softcap)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(torch.autograd.grad(got, wrt), expected_grads):
+        torch.testing.assert_close(g, e)
+    with torch.no_grad():  # evaluation's path
+        torch.testing.assert_close(linear_cross_entropy_sum(hidden, weight, targets, torch.float32, scale, softcap),
+                                   expected)

@@ -161,6 +161,8 @@ class ModelShape:
     # Attention logit soft-capping (Gemma 2): only eager attention computes it, which keeps the
     # whole (heads x tokens x tokens) score matrix of a micro-batch (tasks/engine/attention.py).
     attention_softcapping: bool = False
+    # Final logit soft-capping (Gemma 2/3): the fused loss keeps the cap's slope beside each chunk of logits.
+    logit_softcapping: bool = False
     # False: no formula for this family; the estimate is a conservative one from its sizes, unverified.
     verified: bool = True
 
@@ -210,11 +212,13 @@ class ModelShape:
             o_bias=family.o_bias if family and family.o_bias is not None else bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
             num_experts=experts,
-            experts_per_token=(_field(config, "num_experts_per_tok") or _field(config, "moe_topk") or 2) if experts else 0,
+            experts_per_token=(_field(config, "num_experts_per_tok") or _field(config, "moe_topk") or 2)
+            if experts else 0,
             expert_intermediate_size=(_field(config, "moe_intermediate_size") or sizes["intermediate_size"])
             if experts else 0,
             shared_expert_intermediate_size=shared if experts else 0,
             attention_softcapping=config.get("attn_logit_softcapping") is not None,
+            logit_softcapping=config.get("final_logit_softcapping") is not None,
             verified=model_type in FAMILIES,
         )
 
@@ -359,11 +363,14 @@ def estimate_memory(
     recomputed = tokens * per_layer if gradient_checkpointing else 0
     activations = saved_by_forward(shape, tokens, gradient_checkpointing, per_layer, stream) + recomputed + in_flight
     if shape.attention_softcapping:  # eager attention: the score matrices of a layer (all layers without checkpointing)
-        activations += eager_attention_bytes(shape, tokens, compute) * (2 if gradient_checkpointing else shape.num_layers)
+        # with checkpointing: the recomputed layer's scores and their gradient
+        layers = 2 if gradient_checkpointing else shape.num_layers
+        activations += eager_attention_bytes(shape, tokens, compute) * layers
     logits = sum(_loss_bytes(shape, method, compute, stream, tokens))
     if not shape.verified:
         activations, logits = int(activations * CONSERVATIVE_MARGIN), int(logits * CONSERVATIVE_MARGIN)
-        weights, trainable = int(weights * CONSERVATIVE_PARAMETER_MARGIN), int(trainable * CONSERVATIVE_PARAMETER_MARGIN)
+        weights = int(weights * CONSERVATIVE_PARAMETER_MARGIN)
+        trainable = int(trainable * CONSERVATIVE_PARAMETER_MARGIN)
     if method == Method.FULL:
         # Backward frees each layer's activations as it fills that layer's gradients, so the step
         # holds (most of) the activations or the fp32 gradients, not both: the larger counts. The
@@ -476,6 +483,8 @@ def _loss_bytes(shape: ModelShape, method: Method, compute: int, stream: int, to
         return working, kept
     chunk = min(tokens, max(64, LOSS_CHUNK_BYTES // (4 * shape.vocab_size)))
     working = chunk * shape.vocab_size * (6 if compute == 2 else 4)  # fp32 logits + bf16 source/gradient
+    if shape.logit_softcapping:
+        working += chunk * shape.vocab_size * 4  # the soft cap's slope (fp32)
     kept = 2 * tokens * shape.hidden_size * stream
     if method == Method.FULL:
         kept += shape.vocab_size * shape.hidden_size * (4 + compute)
