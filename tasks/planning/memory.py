@@ -182,8 +182,11 @@ class ModelShape:
         family = FAMILIES.get(model_type) or MOE_FAMILIES.get(model_type)
         config = {**dict(family.defaults), **config} if family else config
         sizes = {f: _field(config, f) for f in REQUIRED_FIELDS}
-        if family is None and sizes["intermediate_size"] is None and isinstance(sizes["hidden_size"], int):
-            sizes["intermediate_size"] = 4 * sizes["hidden_size"]  # GPT-2's default MLP width
+        if family is None and isinstance(sizes["hidden_size"], int):  # sizes the conservative estimate assumes
+            if sizes["intermediate_size"] is None:
+                sizes["intermediate_size"] = 4 * sizes["hidden_size"]  # GPT-2's default MLP width
+            if sizes["num_attention_heads"] is None:  # no attention (state-space models): heads of 128
+                sizes["num_attention_heads"] = max(1, sizes["hidden_size"] // 128)
         missing = [f for f, v in sizes.items() if v is None]
         if missing:
             raise UnsupportedModelError(
