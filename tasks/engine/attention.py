@@ -151,6 +151,50 @@ def use_packed_attention(model, device: str, log=None) -> str:
     return f"{PACKED_VARLEN} (torch varlen FlashAttention)"
 
 
+PACKING_EXACT = "_finetune_packing_exact"  # attribute set on a model: whether packed rows stay apart
+
+
+@torch.no_grad()
+def check_packing(model, device: str, log=None) -> bool:
+    """Whether a row's logits are the same packed after another row as alone, measured on `model`.
+
+    For families whose decoder is not known to keep packed rows apart (tasks/planning/memory.py,
+    FUSED_LOSS_MODEL_TYPES): a state-space or hybrid model carries its state across the row
+    boundary, and a family's attention may ignore the position ids. When they differ, the trainer
+    runs each row of a micro-batch on its own (tasks/engine/train_loop.py): slower, and correct."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(min(3, vocab - 1), vocab, (n,), generator=generator) for n in (19, 33))
+    # In training mode: in eval mode bitsandbytes repacks 4-bit weights on CPU for inference, in a
+    # layout training cannot use. (A base with dropout then reads as inexact: the slower path, still correct.)
+    was_training = model.training
+    model.train()
+    try:
+        alone = _probe_logits(model, second, [len(second)], device)
+        packed = _probe_logits(model, torch.cat([first, second]), [len(first), len(second)], device)[len(first):]
+    finally:
+        model.train(was_training)
+    tolerance = (2e-2 if device == "cuda" else 1e-4) * max(alone.abs().max().item(), 1.0)
+    exact = bool((packed - alone).abs().max().item() <= tolerance)
+    setattr(model, PACKING_EXACT, exact)
+    if not exact:
+        _said(log, f"{model.config.model_type}: a row's logits change when another row is packed before it "
+                   "(state carried across rows, or attention that ignores position ids); each row of a "
+                   "micro-batch runs on its own: slower, and correct")
+    return exact
+
+
+def _probe_logits(model, ids: torch.Tensor, lengths: list[int], device: str) -> torch.Tensor:
+    """Logits of packed rows, given as the trainer gives them (tasks/engine/train_loop.py)."""
+    batch = {"input_ids": ids[None].to(device),
+             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None].to(device)}
+    if device == "cuda":
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens(lengths, device)
+        batch["max_length_q"] = batch["max_length_k"] = max(lengths)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        return model(**batch, use_cache=False).logits[0].float()
+
+
 def _said(log, what: str) -> str:
     (log or logger).info("attention: %s", what)
     return what

@@ -11,9 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tasks.config import LoraSettings, Method, ModelLoadingSettings
-from tasks.engine.attention import use_packed_attention
+from tasks.engine.attention import check_packing, use_packed_attention
 from tasks.engine.kernels import use_fused_kernels
 from tasks.engine.lora_dropout import fuse_lora_dropout
+from tasks.planning.memory import FUSED_LOSS_MODEL_TYPES
 from tasks.store.weight_safety import SAFE, pretrained_kwargs, require_safe_weights
 
 
@@ -66,6 +67,8 @@ def prepare_for_training(model, method: Method | str, device: str, lora: LoraSet
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     use_packed_attention(model, device)
     use_fused_kernels(model, device)
+    if model.config.model_type not in FUSED_LOSS_MODEL_TYPES:  # a family the project has not checked packing for
+        check_packing(model, device)
     if not method.trains_adapter:
         return model
     return attach_lora(model, lora)

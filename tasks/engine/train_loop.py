@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from tasks.config import TrainingSettings
 from tasks.data.tokenization import IGNORE_INDEX, Example
-from tasks.engine.attention import cu_seq_lens
+from tasks.engine.attention import PACKING_EXACT, cu_seq_lens
 from tasks.engine.checkpoints import load_checkpoint, save_best, save_checkpoint, step_name
 from tasks.engine.distributed import ONE_PROCESS, Parallel
 from tasks.engine.loss import linear_cross_entropy_sum
@@ -71,6 +71,9 @@ def _batch_tensors(packed: PackedRows, device: str) -> dict:
 
 def summed_loss(model, packed: PackedRows, device: str) -> torch.Tensor:
     """Summed cross-entropy over the answer tokens of one packed micro-batch."""
+    if len(packed.lengths) > 1 and not getattr(model, PACKING_EXACT, True):
+        # packing would let rows see each other in this model (attention.check_packing): one row at a time
+        return sum(summed_loss(model, row, device) for row in _rows_of(packed))
     batch = _batch_tensors(packed, device)
     targets = torch.tensor(packed.targets, device=device)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
@@ -86,6 +89,16 @@ def summed_loss(model, packed: PackedRows, device: str) -> torch.Tensor:
         hidden = model.get_decoder()(**batch, use_cache=False).last_hidden_state[0]
     compute = torch.bfloat16 if device == "cuda" else torch.float32
     return linear_cross_entropy_sum(hidden[keep], head.weight, targets[keep], compute, **transform)
+
+
+def _rows_of(packed: PackedRows) -> list[PackedRows]:
+    rows, start = [], 0
+    for n in packed.lengths:
+        end = start + n
+        rows.append(PackedRows(packed.input_ids[start:end], packed.position_ids[start:end], packed.targets[start:end],
+                               [n]))
+        start = end
+    return rows
 
 
 def _fused_loss_transform(model, head) -> dict | None:

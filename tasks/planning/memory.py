@@ -104,6 +104,7 @@ CAUSAL_LM_MODEL_TYPES = KNOWN_MODEL_TYPES + MOE_MODEL_TYPES + (
     "gpt2", "gpt_neox", "gptj", "falcon", "starcoder2", "stablelm", "olmo", "olmoe", "cohere", "granitemoe",
     "phi", "qwen3_next", "deepseek_v2", "deepseek_v3", "exaone4", "ministral", "gemma3", "glm",
     "hunyuan_v1_dense", "seed_oss", "apertus", "arcee", "ernie4_5", "dots1", "bitnet", "helium", "nemotron",
+    "mamba", "mamba2", "falcon_mamba", "jamba", "falcon_h1",
 )
 
 
@@ -163,6 +164,8 @@ class ModelShape:
     attention_softcapping: bool = False
     # Final logit soft-capping (Gemma 2/3): the fused loss keeps the cap's slope beside each chunk of logits.
     logit_softcapping: bool = False
+    # State-space layers (Mamba and hybrids): the state size of their selective scan, 0 without.
+    ssm_state_size: int = 0
     # False: no formula for this family; the estimate is a conservative one from its sizes, unverified.
     verified: bool = True
 
@@ -222,6 +225,8 @@ class ModelShape:
             shared_expert_intermediate_size=shared if experts else 0,
             attention_softcapping=config.get("attn_logit_softcapping") is not None,
             logit_softcapping=config.get("final_logit_softcapping") is not None,
+            ssm_state_size=next((config[k] for k in ("state_size", "ssm_state_size", "mamba_d_state")
+                                 if isinstance(config.get(k), int)), 0) if family is None else 0,
             verified=model_type in FAMILIES,
         )
 
@@ -463,7 +468,10 @@ def _layer_activation_bytes(shape: ModelShape, method: Method, fused: bool, stre
     else:
         mlp = compute * (3 if fused else 4) * i  # gate, up (and the activation, unfused), their product
     adapters = compute * 7 * lora_r  # each adapter's rank-r intermediate
-    return (f.pre_norms + f.post_norms) * norm + norm_outputs + attention + mlp + adapters
+    # a selective scan keeps about three (intermediate x state) fp32 tensors per token (measured on
+    # transformers' reference scan; the mamba_ssm kernels keep less)
+    ssm = 4 * 3 * i * shape.ssm_state_size
+    return ssm + (f.pre_norms + f.post_norms) * norm + norm_outputs + attention + mlp + adapters
 
 
 def eager_attention_bytes(shape: ModelShape, tokens: int, compute: int) -> int:
