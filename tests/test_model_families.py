@@ -395,3 +395,21 @@ def test_packing_is_checked_on_families_the_project_has_not(family_model, model_
 
     model = load_for_training(str(family_model(model_type)), "lora", "cpu", lora_settings(model_type), False)
     assert getattr(model, PACKING_EXACT) is exact
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize("model_type", ["gemma2", "qwen3_moe"])
+def test_the_whole_flow_takes_a_new_family(family_model, tmp_path, model_type):
+    """ingest -> plan -> train -> evaluate -> publish on a family the project did not take before; the
+    manifest says whether the plan's estimate was a formula or a conservative, unverified one."""
+    from conftest import tiny_config
+    from flows.finetune import finetune
+
+    result = finetune(tiny_config(family_model(model_type), tmp_path, method="lora"))
+    manifest = json.loads((tmp_path / "out" / "runs" / result.run_id / "manifest.json").read_text())
+    estimate = manifest["plan"]["estimate"]
+    assert estimate["verified"] == (model_type in FAMILIES)
+    assert ("unverified" in manifest["plan"]["reason"]) == (model_type not in FAMILIES)
+    assert manifest["export"]["merge_max_abs_logit_diff"] < 1e-3
+    assert result.tuned_eval_loss < result.base_eval_loss
