@@ -73,7 +73,8 @@ def summed_loss(model, packed: PackedRows, device: str) -> torch.Tensor:
     """Summed cross-entropy over the answer tokens of one packed micro-batch."""
     if len(packed.lengths) > 1 and not getattr(model, PACKING_EXACT, True):
         # packing would let rows see each other in this model (attention.check_packing): one row at a time
-        return sum(summed_loss(model, row, device) for row in _rows_of(packed))
+        rows = [row for row in _rows_of(packed) if row.trainable_tokens] or _rows_of(packed)[:1]
+        return sum(summed_loss(model, row, device) for row in rows)
     batch = _batch_tensors(packed, device)
     targets = torch.tensor(packed.targets, device=device)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
