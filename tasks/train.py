@@ -11,8 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import FinetuneConfig
-from tasks.data.tokenization import encoded_split
-from tasks.data.tokenization import load_tokenizer
+from tasks.data.tokenization import encoded_split, load_tokenizer
 from tasks.engine.launch import Nodes
 from tasks.planning.memory import GIB
 from tasks.planning.selector import Attempt

@@ -50,12 +50,32 @@ def test_methods_order_and_checkpointing():
     assert unfused.activations > est["lora"].activations  # transformers' own norms and MLP keep more
 
 
-def test_unknown_architecture_is_named():
-    with pytest.raises(UnsupportedModelError, match=r"my.json: model_type 'mamba' lacks intermediate_size"):
-        ModelShape.from_config({"model_type": "mamba", "hidden_size": 8, "num_hidden_layers": 2,
-                                "num_attention_heads": 2, "vocab_size": 10}, source="my.json")
-    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not an architecture the estimator knows.*llama"):
-        ModelShape.from_config({**LLAMA_1B, "model_type": "gpt2"})
+def test_only_a_model_that_is_no_causal_lm_is_refused():
+    with pytest.raises(UnsupportedModelError, match=r"my.json: model_type 'mamba' lacks hidden_size"):
+        ModelShape.from_config({"model_type": "mamba", "architectures": ["MambaForCausalLM"],
+                                "num_hidden_layers": 2, "vocab_size": 10}, source="my.json")
+    with pytest.raises(UnsupportedModelError, match=r"BertForMaskedLM\) name no causal LM.*ForCausalLM"):
+        ModelShape.from_config({**LLAMA_1B, "model_type": "bert", "architectures": ["BertForMaskedLM"]})
+    with pytest.raises(UnsupportedModelError, match=r"'t5' is an encoder-decoder model.*decoder-only"):
+        ModelShape.from_config({**LLAMA_1B, "model_type": "t5", "is_encoder_decoder": True})
+    with pytest.raises(UnsupportedModelError, match=r"names no architectures and model_type 'mystery'"):
+        ModelShape.from_config({**LLAMA_1B, "model_type": "mystery"})
+    # a causal LM without a formula is estimated (conservatively), not refused
+    gpt2 = ModelShape.from_config({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 768,
+                                   "n_layer": 12, "n_head": 12, "vocab_size": 50257})
+    assert (gpt2.verified, gpt2.hidden_size, gpt2.intermediate_size, gpt2.num_layers) == (False, 768, 3072, 12)
+    # a state-space causal LM: no attention heads, estimated as a transformer of its sizes (more parameters than it has)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mamba = {"model_type": "mamba", "architectures": ["MambaForCausalLM"], "hidden_size": 768,
+             "intermediate_size": 1536, "num_hidden_layers": 24, "vocab_size": 50280, "state_size": 16}
+    shape = ModelShape.from_config(mamba)
+    with torch.device("meta"):
+        real = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.for_model(**mamba)).parameters())
+    assert (shape.verified, shape.num_heads) == (False, 6) and real <= shape.parameters
+    mystery = {**LLAMA_1B, "model_type": "mystery", "architectures": ["MysteryForCausalLM"]}
+    assert not ModelShape.from_config(mystery).verified
 
 
 @pytest.mark.parametrize("config", [

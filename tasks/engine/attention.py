@@ -4,15 +4,25 @@ On CUDA, PyTorch's variable-length FlashAttention (`torch.nn.attention.varlen.va
 the row boundaries as cumulative lengths and skips cross-row work entirely. Elsewhere (CPU, or a
 PyTorch without it), transformers' SDPA path builds a block-diagonal causal mask from the position
 ids that restart at 0 for each row: the same result, with the quadratic mask.
+
+Families whose attention does more than softmax(q k^T) v keep a path that computes it:
+- logit soft-capping (Gemma 2): neither varlen FlashAttention nor SDPA has it, so the model keeps
+  its eager attention, with the block-diagonal mask from the position ids (the score matrices of a
+  micro-batch are kept: tasks/planning/memory.py counts them);
+- sliding-window layers (Gemma 2/3, Cohere 2, Mistral and Qwen2 configs that set a window): varlen
+  attention gets each layer's window when this PyTorch's varlen_attn takes one, else SDPA runs with
+  transformers' masks (packed rows and windows both).
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 import torch
 
 PACKED_VARLEN = "packed_varlen"
+logger = logging.getLogger(__name__)
 
 
 def varlen_available(device: str) -> bool:
@@ -43,11 +53,12 @@ def _packed_varlen_forward(module, query, key, value, attention_mask, dropout: f
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and not _takes_grouped_heads():
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = _varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq, int(kwargs["max_length_q"]), scaling)
+    out = _varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq, int(kwargs["max_length_q"]), scaling,
+                  kwargs.get("sliding_window"))
     return out.unsqueeze(0), None
 
 
-def _varlen(q, k, v, cu_seq, max_len: int, scale: float | None):
+def _varlen(q, k, v, cu_seq, max_len: int, scale: float | None, sliding_window: int | None = None):
     from torch.nn.attention.varlen import varlen_attn
 
     options = _varlen_options()
@@ -55,7 +66,11 @@ def _varlen(q, k, v, cu_seq, max_len: int, scale: float | None):
     if "enable_gqa" in options:
         extra["enable_gqa"] = q.shape[1] != k.shape[1]
     if "window_size" in options:
-        extra["window_size"] = (-1, 0)  # causal
+        # causal; a sliding window sees itself and the window - 1 tokens before (transformers' masks)
+        extra["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
+    elif sliding_window:
+        raise RuntimeError("this PyTorch's varlen attention takes no window; use_packed_attention should not "
+                           "have chosen it for a model with sliding-window layers")
     else:
         extra["is_causal"] = True
     return varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, **extra)
@@ -97,10 +112,33 @@ def _varlen_options() -> set[str]:
     return set(inspect.signature(varlen_attn).parameters)
 
 
-def use_packed_attention(model, device: str) -> str:
-    """Switch `model` to the fastest attention that respects packed rows; returns its name."""
+def attention_needs(config) -> tuple[bool, bool]:
+    """(logit soft-capping, sliding-window layers) of a model's attention, from its config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(config, "attn_logit_softcapping", None) is not None
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        sliding = bool(window) and "sliding_attention" in layer_types
+    else:
+        sliding = bool(window) and getattr(config, "use_sliding_window", True) is not False
+    return softcap, sliding
+
+
+def use_packed_attention(model, device: str, log=None) -> str:
+    """Switch `model` to the fastest attention that respects packed rows (and computes what the
+    model's own attention computes); returns its name, and logs why when it is a slower one."""
+    softcap, sliding = attention_needs(model.config)
+    if softcap:
+        model.set_attn_implementation("eager")
+        return _said(log, "eager (block-diagonal mask from position ids): the model soft-caps its attention "
+                          "logits, which varlen FlashAttention and SDPA cannot; slower, and its memory grows with "
+                          "the square of the micro-batch")
     if not varlen_available(device):
         return "sdpa (block-diagonal mask from position ids)"
+    if sliding and "window_size" not in _varlen_options():
+        return _said(log, "sdpa (block-diagonal and sliding-window masks from position ids): the model has "
+                          "sliding-window layers and this PyTorch's varlen attention takes no window")
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -111,6 +149,55 @@ def use_packed_attention(model, device: str) -> str:
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_VARLEN, _packed_varlen_mask)
     model.set_attn_implementation(PACKED_VARLEN)
     return f"{PACKED_VARLEN} (torch varlen FlashAttention)"
+
+
+PACKING_EXACT = "_finetune_packing_exact"  # attribute set on a model: whether packed rows stay apart
+
+
+@torch.no_grad()
+def check_packing(model, device: str, log=None) -> bool:
+    """Whether a row's logits are the same packed after another row as alone, measured on `model`.
+
+    For families whose decoder is not known to keep packed rows apart (tasks/planning/memory.py,
+    FUSED_LOSS_MODEL_TYPES): a state-space or hybrid model carries its state across the row
+    boundary, and a family's attention may ignore the position ids. When they differ, the trainer
+    runs each row of a micro-batch on its own (tasks/engine/train_loop.py): slower, and correct."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(min(3, vocab - 1), vocab, (n,), generator=generator) for n in (19, 33))
+    # In training mode: in eval mode bitsandbytes repacks 4-bit weights on CPU for inference, in a
+    # layout training cannot use. (A base with dropout then reads as inexact: the slower path, still correct.)
+    was_training = model.training
+    model.train()
+    try:
+        alone = _probe_logits(model, second, [len(second)], device)
+        packed = _probe_logits(model, torch.cat([first, second]), [len(first), len(second)], device)[len(first):]
+    finally:
+        model.train(was_training)
+    tolerance = (2e-2 if device == "cuda" else 1e-4) * max(alone.abs().max().item(), 1.0)
+    exact = bool((packed - alone).abs().max().item() <= tolerance)
+    setattr(model, PACKING_EXACT, exact)
+    if not exact:
+        _said(log, f"{model.config.model_type}: a row's logits change when another row is packed before it "
+                   "(state carried across rows, or attention that ignores position ids); each row of a "
+                   "micro-batch runs on its own: slower, and correct")
+    return exact
+
+
+def _probe_logits(model, ids: torch.Tensor, lengths: list[int], device: str) -> torch.Tensor:
+    """Logits of packed rows, given as the trainer gives them (tasks/engine/train_loop.py)."""
+    batch = {"input_ids": ids[None].to(device),
+             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None].to(device)}
+    if device == "cuda":
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens(lengths, device)
+        batch["max_length_q"] = batch["max_length_k"] = max(lengths)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        return model(**batch, use_cache=False).logits[0].float()
+
+
+def _said(log, what: str) -> str:
+    (log or logger).info("attention: %s", what)
+    return what
 
 
 def cu_seq_lens(lengths: list[int], device: str) -> torch.Tensor:

@@ -16,8 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tasks.engine.modeling import load_for_inference
-from tasks.store.weight_safety import ModelLoadingSettings
-from tasks.store.weight_safety import SAFE, pretrained_kwargs
+from tasks.store.weight_safety import SAFE, ModelLoadingSettings, pretrained_kwargs
 
 MERGE_TOLERANCE = 1e-3  # max |logit difference| between merged and unmerged fp32 models
 MIN_SAVED_AGREEMENT = 0.9  # share of probe positions whose top-1 token survives a cast to 16 bits

@@ -6,6 +6,10 @@ the log-softmax and its gradient are done a chunk of tokens at a time during the
 the gradient with respect to the hidden states (and the head's weight, when it trains) is kept for
 backward. Same arithmetic as `lm_head` + `F.cross_entropy(reduction="sum")`, in pure PyTorch, so it
 runs on CPU and GPU alike.
+
+Some families transform the logits before the softmax: a scale (Cohere's logit_scale, Granite's
+1 / logits_scaling) and a soft cap, cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping);
+both are applied here chunk by chunk, with their derivative in the gradient.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ def chunk_rows(vocab_size: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, compute_dtype):
+    def forward(ctx, hidden, weight, targets, compute_dtype, scale=1.0, softcap=None):
         weight_c = weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
@@ -32,17 +36,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], step):
             h = hidden[start:start + step].to(compute_dtype)
             target = targets[start:start + step]
-            logits = (h @ weight_c.T).float()
+            logits = _transformed((h @ weight_c.T).float(), scale, softcap)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            # d(cap * tanh(z / cap))/dz = 1 - tanh(z / cap)^2, read off the capped logits before they are overwritten
+            slope = None if softcap is None else 1 - (logits / softcap).square()
             # d(sum of losses)/d logits = softmax - one_hot(target), computed in place over the logits
             probs = logits.sub_(lse[:, None]).exp_()
             probs[torch.arange(len(target), device=probs.device), target] -= 1
+            if slope is not None:
+                probs.mul_(slope)
+            if scale != 1.0:
+                probs.mul_(scale)
             g = probs.to(compute_dtype)
             grad_hidden[start:start + step] = (g @ weight_c).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (g.T @ h).float()
-            del logits, probs, g  # else they live on while the next chunk's logits are made: 2 chunks at once
+            del logits, probs, g, slope  # else they live on while the next chunk's logits are made: 2 chunks at once
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -52,24 +62,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight, None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight, None, None, None, None
 
 
 @torch.no_grad()
-def _loss_only(hidden, weight, targets, compute_dtype) -> torch.Tensor:
+def _loss_only(hidden, weight, targets, compute_dtype, scale=1.0, softcap=None) -> torch.Tensor:
     weight_c = weight.to(compute_dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     step = chunk_rows(weight.shape[0])
     for start in range(0, hidden.shape[0], step):
-        logits = (hidden[start:start + step].to(compute_dtype) @ weight_c.T).float()
+        logits = _transformed((hidden[start:start + step].to(compute_dtype) @ weight_c.T).float(), scale, softcap)
         target = targets[start:start + step]
         total += (torch.logsumexp(logits, -1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
     return total
 
 
+def _transformed(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    if scale != 1.0:
+        logits = logits.mul_(scale)
+    if softcap is not None:
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             compute_dtype: torch.dtype) -> torch.Tensor:
-    """sum_i CE(hidden[i] @ weight.T, targets[i]) for hidden (N, H), weight (V, H), targets (N,)."""
+                             compute_dtype: torch.dtype, scale: float = 1.0,
+                             softcap: float | None = None) -> torch.Tensor:
+    """sum_i CE(t(hidden[i] @ weight.T), targets[i]) for hidden (N, H), weight (V, H), targets (N,),
+    where t(z) = softcap * tanh(scale * z / softcap), or scale * z without a soft cap."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype)
-    return _loss_only(hidden, weight, targets, compute_dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, scale, softcap)
+    return _loss_only(hidden, weight, targets, compute_dtype, scale, softcap)

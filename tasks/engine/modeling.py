@@ -10,15 +10,13 @@ import os
 import torch
 from transformers import AutoModelForCausalLM
 
-from tasks.planning.methods import Method
-
-from tasks.planning.settings import LoraSettings
-
-from tasks.engine.attention import use_packed_attention
+from tasks.engine.attention import check_packing, use_packed_attention
 from tasks.engine.kernels import use_fused_kernels
 from tasks.engine.lora_dropout import fuse_lora_dropout
-from tasks.store.weight_safety import ModelLoadingSettings
-from tasks.store.weight_safety import SAFE, pretrained_kwargs, require_safe_weights
+from tasks.planning.memory import FUSED_LOSS_MODEL_TYPES
+from tasks.planning.methods import Method
+from tasks.planning.settings import LoraSettings
+from tasks.store.weight_safety import SAFE, ModelLoadingSettings, pretrained_kwargs, require_safe_weights
 
 
 def compute_dtype(device: str) -> torch.dtype:
@@ -70,6 +68,8 @@ def prepare_for_training(model, method: Method | str, device: str, lora: LoraSet
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     use_packed_attention(model, device)
     use_fused_kernels(model, device)
+    if model.config.model_type not in FUSED_LOSS_MODEL_TYPES:  # a family the project has not checked packing for
+        check_packing(model, device)
     if not method.trains_adapter:
         return model
     return attach_lora(model, lora)
@@ -90,12 +90,27 @@ def _load_4bit(path: str, device: str, loading: ModelLoadingSettings = SAFE):
     )
 
 
+# What LoRA adapts in a mixture of experts when asked for all linear layers: attention, and a shared
+# expert's MLP where the family has one. Not the experts (peft would wrap each layer's fused expert
+# tensors as one adapter of rank r x experts, which takes no dropout) nor the router (an adapted
+# router moves tokens between frozen experts).
+# (A regular expression on full module names: peft maps a plain "gate_proj" onto the experts' tensors.)
+MOE_LORA_TARGETS = r".*\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|shared_expert\.(gate_proj|up_proj|down_proj))"
+
+
+def is_mixture_of_experts(config) -> bool:
+    return any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
 def attach_lora(model, lora: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
+    targets = lora.target_list()
+    if targets == "all-linear" and is_mixture_of_experts(model.config):
+        targets = MOE_LORA_TARGETS
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_list(), task_type="CAUSAL_LM",
+        target_modules=targets, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
     fuse_lora_dropout(model)

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from tasks.data.tokenization import IGNORE_INDEX, Example
-from tasks.engine.attention import cu_seq_lens
+from tasks.engine.attention import PACKING_EXACT, cu_seq_lens
 from tasks.engine.checkpoints import load_checkpoint, save_best, save_checkpoint, step_name
 from tasks.engine.distributed import ONE_PROCESS, Parallel
 from tasks.engine.loss import linear_cross_entropy_sum
 from tasks.engine.packing import PackedRows, micro_batches, pack
+from tasks.planning.memory import FUSED_LOSS_MODEL_TYPES
 from tasks.planning.selector import Attempt, step_down
 from tasks.planning.settings import TrainingSettings
 from tasks.scoring.overfitting import overfitting_warning
@@ -70,26 +71,48 @@ def _batch_tensors(packed: PackedRows, device: str) -> dict:
 
 def summed_loss(model, packed: PackedRows, device: str) -> torch.Tensor:
     """Summed cross-entropy over the answer tokens of one packed micro-batch."""
+    if len(packed.lengths) > 1 and not getattr(model, PACKING_EXACT, True):
+        # packing would let rows see each other in this model (attention.check_packing): one row at a time
+        rows = [row for row in _rows_of(packed) if row.trainable_tokens] or _rows_of(packed)[:1]
+        return sum(summed_loss(model, row, device) for row in rows)
     batch = _batch_tensors(packed, device)
     targets = torch.tensor(packed.targets, device=device)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     head = model.get_output_embeddings()
-    if not _plain_head(model, head):
-        # softcapped, scaled or adapted heads: let the model apply them, on answer positions only
+    transform = _fused_loss_transform(model, head)
+    if transform is None:
+        # a family whose logits the fused loss does not know how to make (or an adapted head): the
+        # model's own head makes them, on answer positions only
         with _autocast(device):
             logits = model(**batch, use_cache=False, logits_to_keep=keep).logits[0]
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     with _autocast(device):
         hidden = model.get_decoder()(**batch, use_cache=False).last_hidden_state[0]
     compute = torch.bfloat16 if device == "cuda" else torch.float32
-    return linear_cross_entropy_sum(hidden[keep], head.weight, targets[keep], compute)
+    return linear_cross_entropy_sum(hidden[keep], head.weight, targets[keep], compute, **transform)
 
 
-def _plain_head(model, head) -> bool:
+def _rows_of(packed: PackedRows) -> list[PackedRows]:
+    rows, start = [], 0
+    for n in packed.lengths:
+        end = start + n
+        rows.append(PackedRows(packed.input_ids[start:end], packed.position_ids[start:end], packed.targets[start:end],
+                               [n]))
+        start = end
+    return rows
+
+
+def _fused_loss_transform(model, head) -> dict | None:
+    """The logits transform (scale, soft cap) for the fused loss, or None when the model's own head
+    must make the logits: a head with a bias or an adapter, or a family (tasks/planning/memory.py,
+    FUSED_LOSS_MODEL_TYPES) whose logits the fused loss is not known to reproduce."""
     config = model.config
-    return (type(head) is torch.nn.Linear and head.bias is None
-            and getattr(config, "final_logit_softcapping", None) is None
-            and getattr(config, "logit_scale", None) is None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or config.model_type not in FUSED_LOSS_MODEL_TYPES:
+        return None
+    scale = getattr(config, "logit_scale", None) or 1.0  # Cohere
+    if getattr(config, "logits_scaling", None):  # Granite divides
+        scale = scale / config.logits_scaling
+    return {"scale": float(scale), "softcap": getattr(config, "final_logit_softcapping", None)}
 
 
 def trainable_tokens(examples: list[Example]) -> int:

@@ -19,11 +19,10 @@ def train_job(job, parallel, log: logging.Logger):
     """Load the model as the plan says, train it with `parallel`; returns (outcome, parameter counts)."""
     import torch
 
-    from tasks.planning.settings import LoraSettings, TrainingSettings
-
     from tasks.engine.launch import read_examples
     from tasks.engine.modeling import load_for_training, parameter_counts
     from tasks.engine.train_loop import Checkpoints, train
+    from tasks.planning.settings import LoraSettings, TrainingSettings
     from tasks.store.checkpoint_uploads import upload_checkpoint
     from tasks.store.weight_safety import ModelLoadingSettings
 

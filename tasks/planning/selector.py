@@ -55,6 +55,7 @@ class TrainingPlan(BaseModel):
                 "budget_gib": round(self.budget_bytes / GIB, 2),
                 "fits": c.fits,
                 "chosen": c.estimate.method == self.method,
+                "estimate": "formula" if c.estimate.verified else "conservative (unverified)",
             }
             for c in self.candidates
         ]
@@ -122,6 +123,7 @@ def select_plan(
         f"{budget}; estimated peak {est.gib:.2f} GiB with micro-batches of up to {est.tokens} packed tokens, "
         f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}"
         + (f"; {num_gpus} GPUs ({'DDP' if est.method.trains_adapter else 'FSDP2, sharded'})" if num_gpus > 1 else "")
+        + ("" if est.verified else f"; estimate {est.basis}")
     )
     return TrainingPlan(
         method=est.method, device=device, tokens_per_micro_batch=est.tokens, longest_row=longest_row,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+
 class ModelLoadingSettings(BaseModel):
     """What a model folder may make this process do while it loads. Both are off: a model is data."""
 
