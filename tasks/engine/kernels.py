@@ -4,11 +4,21 @@ RMSNorm, RoPE and the SwiGLU MLP are chains of small memory-bound operations in 
 PyTorch code; Liger's Triton kernels do each in one pass and keep less for backward (RMSNorm saves
 its 16-bit input instead of an fp32 copy, SwiGLU recomputes the activation). Optional: install the
 `gpu` extra. The vocabulary projection is fused with the loss by tasks/engine/loss.py, not by Liger, so
-the same code runs on CPU. Liger patches the model classes of its module as well as this instance.
+the same code runs on CPU.
+
+Liger patches the modeling module (its RMSNorm and MLP classes, its RoPE function) as well as the
+instance. Left so, every later model of that family in the process would run Triton kernels, a
+model loaded on the CPU too (the publish stage merges on the CPU when an fp32 copy does not fit the
+GPU) and fail there. So only this instance keeps Liger's modules: the module's classes go back to
+transformers' own, and a replaced function runs Liger's kernel on CUDA tensors and the original on
+any other.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import sys
 
 FUSED = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
          "fused_linear_cross_entropy": False}
@@ -32,8 +42,38 @@ def use_fused_kernels(model, device: str) -> str:
         return f"none (Liger has no kernels for {model.config.model_type})"
     accepted = inspect.signature(apply).parameters
     options = {k: v for k, v in FUSED.items() if k in accepted}
-    apply(model=model, **options)
+    modeling = sys.modules[type(getattr(model, model.base_model_prefix, model)).__module__]
+    with patches_kept_to_cuda(modeling):
+        apply(model=model, **options)
     return "liger: " + ", ".join(k for k, v in options.items() if v)
+
+
+@contextlib.contextmanager
+def patches_kept_to_cuda(module):
+    """Undo, on leaving, what the block replaced in `module`: a class goes back to the original (the
+    instances made meanwhile keep what they were given), a function becomes a dispatcher that calls
+    the replacement for CUDA tensors and the original otherwise."""
+    before = dict(vars(module))
+    yield
+    for name, original in before.items():
+        replacement = vars(module).get(name)
+        if replacement is original:
+            continue
+        original = getattr(original, "__wrapped_original__", original)
+        if inspect.isclass(original) or not callable(replacement):
+            setattr(module, name, original)
+        else:
+            setattr(module, name, _on_cuda(replacement, original))
+
+
+def _on_cuda(replacement, original):
+    @functools.wraps(original)
+    def dispatch(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if hasattr(a, "is_cuda")), None)
+        return (replacement if first is not None and first.is_cuda else original)(*args, **kwargs)
+
+    dispatch.__wrapped_original__ = original
+    return dispatch
 
 
 def _liger_functions() -> dict:
