@@ -29,8 +29,11 @@ model: setup
 demo: model
 	$(BIN)/python demo/run.py
 
+# The tests run in TEST_PROCESSES parallel pytest processes (pytest-xdist); tests/conftest.py keeps each module,
+# and the tests sharing the local stack, in one process and hands out the longest first. TEST_PROCESSES=0: one.
+TEST_PROCESSES ?= 2
 test: model chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder
 
 # The UI test drives Debian's chromium through Playwright (never `playwright install`).
 chromium:

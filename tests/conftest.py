@@ -14,6 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if XDIST_WORKER := os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the tests in parallel processes (pytest-xdist). Each has its own Prefect home (profiles and
+    # the UI build that every Prefect server copies there), set before anything imports Prefect.
+    os.environ["PREFECT_HOME"] = str(Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+                                     / f"xdist-{XDIST_WORKER}")
 
 
 def demo_texts() -> list[str]:
@@ -117,6 +122,29 @@ def tiny_config(model: Path, tmp_path: Path, **overrides):
 
 
 SUMMARY_LINES = pytest.StashKey[list]()  # figures a test wants shown at the end of every run (tests/test_load.py)
+_SUMMARY_PROPERTY = "summary_lines"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test's SUMMARY_LINES travel in its report (user_properties), so that under pytest-xdist they reach the
+    controlling process, whose terminal summary prints them; without xdist the same path leads back here."""
+    outcome = yield
+    lines = item.config.stash.get(SUMMARY_LINES, None)
+    if lines:
+        outcome.get_result().user_properties.append((_SUMMARY_PROPERTY, list(lines)))
+        lines.clear()
+
+
+def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == _SUMMARY_PROPERTY and not os.environ.get("PYTEST_XDIST_WORKER"):
+            _CONFIG.stash.setdefault(SUMMARY_LINES, []).extend(value)
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -126,7 +154,26 @@ def pytest_terminal_summary(terminalreporter, config):
             terminalreporter.write_line(line)
 
 
+# Under pytest-xdist (`make test`: --dist loadgroup), each module's tests stay together in one process (its module
+# fixtures are built once), and the tests on the shared local stack (a `prefect server start`, moto, deployments:
+# tests/local_stack.py) share one process and so one stack. Scopes are handed out in this order, longest first,
+# so that the long ones start at once and the short ones fill in around them (--no-loadscope-reorder).
+SHARED_STACK = ("test_load.py", "test_triggered_runs.py", "test_ui_run_form.py")
+LONGEST_FIRST = (*SHARED_STACK, "test_e2e.py", "test_api_restart.py", "test_flow_run_crash.py", "test_flow.py",
+                 "test_distributed.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module, and of the other modules, is kept
+    for item in items:
+        group = "local-stack" if item.path.name in SHARED_STACK else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
     import torch
 
     if torch.cuda.is_available():
