@@ -36,3 +36,10 @@ class MethodChoice(str, Enum):
     def fixed(self) -> Method | None:
         """The method forced by the config, or None for auto."""
         return None if self is MethodChoice.AUTO else Method(self.value)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        # The Prefect UI labels a field with its type's title: "Method", as the field is named.
+        schema = handler(core_schema)
+        handler.resolve_ref_schema(schema)["title"] = "Method"
+        return schema
