@@ -180,7 +180,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):  # the mark, not any keyword: a test or parameter named "gpu" runs
             item.add_marker(skip)
 
 
