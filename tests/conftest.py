@@ -29,6 +29,20 @@ def demo_texts() -> list[str]:
     return texts
 
 
+@pytest.fixture(autouse=True)
+def same_random_state_for_every_test():
+    """Each test starts from the same seeds, whichever tests ran before it in its process: under
+    pytest-xdist the tests a process runs first change from run to run."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from tiny_model import build_tiny_model
