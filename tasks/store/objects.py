@@ -169,32 +169,26 @@ def read_object(uri: str) -> StoredObject:
     return StoredObject(response["Body"].read(), response["ETag"])
 
 
-def exists(uri: str) -> bool:
-    """Whether the object or file is there (S3: a HEAD; not-found decided as in `read_object`)."""
-    if not is_s3_uri(uri):
-        return Path(uri).is_file()
-    bucket, key = split_s3_uri(uri)
+def head_object(bucket: str, key: str, client=None) -> dict | None:
+    """The object's HEAD (size, metadata, S3's SHA-256 checksum), or None when S3 says it is not there;
+    any other error (access denied, a 5xx after botocore's retries) propagates."""
     try:
-        s3_client().head_object(Bucket=bucket, Key=key)
-    except Exception as error:
-        if is_not_found(error):
-            return False
-        raise
-    return True
-
-
-def etag_of(uri: str) -> str | None:
-    """The S3 object's ETag; None for a local path, or an object that is not there (gone, or a prefix).
-    Any other error (access denied, a 5xx after botocore's retries) propagates."""
-    if not is_s3_uri(uri):
-        return None
-    bucket, key = split_s3_uri(uri)
-    try:
-        return s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        return (client or s3_client()).head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     except Exception as error:
         if is_not_found(error):
             return None
         raise
+
+
+def exists(uri: str) -> bool:
+    """Whether the object or file is there."""
+    return head_object(*split_s3_uri(uri)) is not None if is_s3_uri(uri) else Path(uri).is_file()
+
+
+def etag_of(uri: str) -> str | None:
+    """The S3 object's ETag; None for a local path, or an object that is not there (gone, or a prefix)."""
+    found = head_object(*split_s3_uri(uri)) if is_s3_uri(uri) else None
+    return found["ETag"].strip('"') if found else None
 
 
 def write_object(uri: str, data: bytes, content_type: str = "application/json") -> None:

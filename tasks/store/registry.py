@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tasks.store.manifest import sha256_file
-from tasks.store.objects import (MANIFEST_NAME, StorageNotFoundError, StoredObject, is_s3_uri, join_uri, list_files,
-                                 read_object, s3_client, safe_local_path, split_s3_uri, write_if_unchanged,
-                                 write_object)
+from tasks.store.objects import (MANIFEST_NAME, StorageNotFoundError, StoredObject, head_object, is_s3_uri, join_uri,
+                                 list_files, read_object, s3_client, safe_local_path, split_s3_uri,
+                                 write_if_unchanged, write_object)
 
 RUNS, LATEST, HISTORY = "runs", "latest.json", "history"
 POINTER_SCHEMA = 1
@@ -62,12 +62,10 @@ def missing_files(output: str, run_id: str, manifest: dict) -> list[str]:
     base = run_uri(output, run_id)
     problems = []
     if is_s3_uri(output):
-        from tasks.store.transfer import stored_head
-
         bucket, prefix = split_s3_uri(base)
         client = s3_client()
         for entry in manifest["files"]:
-            head = stored_head(client, bucket, f"{prefix}/{entry['path']}")
+            head = head_object(bucket, f"{prefix}/{entry['path']}", client)
             if head is None or head["ContentLength"] != entry["bytes"] or \
                     head.get("Metadata", {}).get("sha256") != entry["sha256"]:
                 problems.append(entry["path"])

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.store.manifest import file_problems
-from tasks.store.objects import (MANIFEST_NAME, StorageNotFoundError, is_not_found, is_s3_uri, join_uri, list_files,
+from tasks.store.objects import (MANIFEST_NAME, StorageNotFoundError, head_object, is_s3_uri, join_uri, list_files,
                                  read_object, s3_client, safe_local_path, split_s3_uri)
 
 CONTENT_TYPES = {".safetensors": "application/octet-stream", ".json": "application/json",
@@ -86,16 +86,6 @@ def _key(prefix: str, relative: str) -> str:
     return "/".join(filter(None, [prefix.strip("/"), relative]))
 
 
-def stored_head(client, bucket: str, key: str) -> dict | None:
-    """The object's HEAD (size, metadata sha256, S3's SHA256 checksum), or None when it does not exist."""
-    try:
-        return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
-    except Exception as error:
-        if is_not_found(error):
-            return None
-        raise
-
-
 def _stored_matches(head: dict | None, size: int, sha256_hex: str, s3_checksum: str) -> bool:
     if head is None:
         return False
@@ -125,11 +115,11 @@ class FolderUploader:
         if expected_sha256 is not None and sha256_hex != expected_sha256:
             raise ChecksumMismatchError(f"{path}: changed since the manifest was written (sha256 {sha256_hex})")
         size = path.stat().st_size
-        if _stored_matches(stored_head(self.client, self.bucket, key), size, sha256_hex, s3_checksum):
+        if _stored_matches(head_object(self.bucket, key, self.client), size, sha256_hex, s3_checksum):
             return False
         self.client.upload_file(str(path), self.bucket, key, Config=self.transfer, ExtraArgs={
             "ChecksumAlgorithm": "SHA256", "ContentType": content_type(relative), "Metadata": {"sha256": sha256_hex}})
-        head = stored_head(self.client, self.bucket, key)
+        head = head_object(self.bucket, key, self.client)
         if not _stored_matches(head, size, sha256_hex, s3_checksum):
             self.client.delete_object(Bucket=self.bucket, Key=key)  # never leave a corrupt object behind
             raise ChecksumMismatchError(f"s3://{self.bucket}/{key}: S3 stored checksum "
