@@ -31,8 +31,7 @@ demo: model
 
 # The tests run in TEST_PROCESSES parallel pytest processes (pytest-xdist); tests/conftest.py keeps each module,
 # and the tests sharing the local stack, in one process and hands out the longest first. TEST_PROCESSES=0: one.
-# Three on two cores: the process that hosts the load test mostly waits on the flow runs it started.
-TEST_PROCESSES ?= 3
+TEST_PROCESSES ?= 2
 test: model chromium
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder
 
