@@ -81,17 +81,11 @@ def test_an_upload_whose_trigger_action_failed_is_announced_again_once():
     from prefect.client.orchestration import get_client
 
     from tasks.data.s3_events import S3Object
-    from tasks.s3_announce import ACTION_FAILED, announce, reannounce_failed
+    from tasks.s3_announce import announce, reannounce_failed
 
     obj = S3Object("bucket-r", f"datasets/{uuid.uuid4().hex}.jsonl", "etag-1", 10)
     assert announce(obj)
-    failure = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), "event": ACTION_FAILED,
-               "resource": {"prefect.resource.id": f"prefect.automation.{uuid.uuid4()}"},
-               "related": [{"prefect.resource.id": f"prefect.deployment.{uuid.uuid4()}", "prefect.resource.role": "target"},
-                           {"prefect.resource.id": f"prefect.event.{obj.event_id}",
-                            "prefect.resource.role": "triggering-event"}],
-               "payload": {"action_index": 0, "action_type": "run-deployment", "status_code": 503,
-                           "reason": "Unexpected status from 'run-deployment' action: 503"}}
+    failure = failure_of(obj)
     with get_client(sync_client=True) as client:
         client.request("POST", "/events", json=[failure]).raise_for_status()
     created_events(obj.uri, wait_s=30)  # the original, persisted (with the failure: same batch or earlier)
