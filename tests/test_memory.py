@@ -207,8 +207,6 @@ def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpoint
     from tasks.config import LoraSettings
     from tasks.data.tokenization import Example
     from tasks.engine.modeling import _load_4bit, prepare_for_training
-    from tasks.engine.packing import pack
-    from tasks.engine.train_loop import summed_loss
     from tasks.planning.memory import _layer_activation_bytes, _loss_bytes, saved_by_forward
 
     config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
@@ -221,21 +219,11 @@ def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpoint
         model = _load_4bit(str(tmp_path), "cpu")
     model = prepare_for_training(model, method, "cpu", LoraSettings(r=8, dropout=0.05), checkpointing).train()
     rows = [Example(input_ids=list(range(1, 129)), labels=list(range(1, 129)), truncated=False)] * 4
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def count(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        summed_loss(model, pack(rows), "cpu")
+    kept = bytes_kept_for_backward(model, rows)
     shape = ModelShape.from_config(config)
     per_layer = _layer_activation_bytes(shape, method, False, 4, 4, 8 if method != "full" else 0)
     estimated = saved_by_forward(shape, 512, checkpointing, per_layer, 4) + _loss_bytes(shape, method, 4, 4, 512)[1]
-    assert estimated == pytest.approx(sum(kept.values()), rel=0.15)
+    assert estimated == pytest.approx(kept, rel=0.15)
 
 
 def test_sharding_lets_full_fine_tuning_fit_on_several_gpus():
@@ -252,3 +240,25 @@ def test_sharding_lets_full_fine_tuning_fit_on_several_gpus():
     alone = select_plan(shape, budget_bytes=int(141 * 0.9 * GIB), budget_source="test", device="cuda",
                         method="auto", longest_row=2048, largest_step=16384)
     assert alone.method == "lora"
+
+
+def bytes_kept_for_backward(model, rows) -> int:
+    """What autograd keeps for backward (weights left out) from one packed micro-batch of `rows`
+    through the trainer's loss, counted with saved-tensor hooks on CPU."""
+    import torch
+
+    from tasks.engine.packing import pack
+    from tasks.engine.train_loop import summed_loss
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        summed_loss(model, pack(rows), "cpu")
+    return sum(kept.values())

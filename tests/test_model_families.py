@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEMO_DATA
+from test_memory import bytes_kept_for_backward
+from test_packing import padded_loss
 from tasks.config import LoraSettings, TrainingSettings
-from tasks.data.tokenization import IGNORE_INDEX, Example, encode_all, load_tokenizer
+from tasks.data.tokenization import Example, encode_all, load_tokenizer
 from tasks.data.validation import read_dataset
 from tasks.planning.memory import FAMILIES, MOE_MODEL_TYPES, ModelShape, kept_for_backward
 from tasks.planning.selector import select_plan
@@ -99,20 +101,6 @@ def lora_settings(model_type: str) -> LoraSettings:
     return LoraSettings(r=8, dropout=0.0, target_modules=LORA_TARGETS.get(model_type, "all-linear"))
 
 
-def padded_loss(model, rows, pad_id: int) -> torch.Tensor:
-    """The reference: one right-padded batch through the model's own forward (its own attention,
-    masks and logits) and a plain summed cross-entropy."""
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    labels = torch.full((len(rows), width), IGNORE_INDEX)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r.input_ids)], labels[i, :len(r.labels)], mask[i, :len(r.input_ids)] = (
-            torch.tensor(r.input_ids), torch.tensor(r.labels), 1)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
 
 def _nonzero_lora_b(model) -> None:
     """LoRA's B starts at zero, which leaves lora_A without gradient: give B values (the same in
@@ -156,8 +144,6 @@ def test_estimate_follows_what_the_trainer_keeps(model_type, method):
     from transformers import AutoModelForCausalLM
 
     from tasks.engine.modeling import prepare_for_training
-    from tasks.engine.packing import pack
-    from tasks.engine.train_loop import summed_loss
 
     # the shape of tests/test_memory.py's check: large enough that per-layer terms dominate
     config = family_config(model_type, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
@@ -167,23 +153,13 @@ def test_estimate_follows_what_the_trainer_keeps(model_type, method):
     lora = LoraSettings(r=8, dropout=0.05, target_modules=LORA_TARGETS.get(model_type, "all-linear"))
     model = prepare_for_training(model, method, "cpu", lora, False).train()
     rows = [Example(input_ids=list(range(1, 129)), labels=list(range(1, 129)), truncated=False)] * 2
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def count(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        summed_loss(model, pack(rows), "cpu")
+    kept = bytes_kept_for_backward(model, rows)
     shape = ModelShape.from_config(config.to_dict())
     estimated = kept_for_backward(shape, method, "cpu", 256, False, lora_r=8)
     if shape.verified:
-        assert estimated == pytest.approx(sum(kept.values()), rel=0.15)
+        assert estimated == pytest.approx(kept, rel=0.15)
     else:
-        assert sum(kept.values()) <= estimated <= 3 * sum(kept.values())
+        assert kept <= estimated <= 3 * kept
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

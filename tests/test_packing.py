@@ -21,7 +21,8 @@ def rows(tiny_tokenizer):
 
 
 def padded_loss(model, rows, pad_id: int) -> torch.Tensor:
-    """The reference: one right-padded batch through the model's own forward and cross-entropy."""
+    """The reference: one right-padded batch through the model's own forward (its own attention,
+    masks and logits) and a plain summed cross-entropy."""
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id)
     labels = torch.full((len(rows), width), IGNORE_INDEX)
@@ -29,7 +30,7 @@ def padded_loss(model, rows, pad_id: int) -> torch.Tensor:
     for i, r in enumerate(rows):
         ids[i, :len(r.input_ids)], labels[i, :len(r.labels)], mask[i, :len(r.input_ids)] = (
             torch.tensor(r.input_ids), torch.tensor(r.labels), 1)
-    logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+    logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits.float()
     labels = labels.to(model.device)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
