@@ -1,10 +1,12 @@
-"""The fine-tuning pipeline: ingest -> plan -> evaluate base -> train -> evaluate tuned (and the published
-model) -> gate -> package -> upload -> promote -> report."""
+"""The fine-tuning pipeline: fetch the model (a Hub id's config and tokenizer) -> ingest -> fetch its weights
+-> plan -> evaluate base -> train -> evaluate tuned (and the published model) -> gate -> package -> upload
+-> promote -> report."""
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
+from tasks.base_model import fetch_model
 from tasks.config import FinetuneConfig, Method
 from tasks.credentials import use_s3_credentials
 from tasks.evaluate import evaluate, evaluate_published
@@ -36,14 +38,17 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     use_s3_credentials(config.aws_credentials_secret, get_run_logger())  # before the first S3 call
     require_data_version(config)  # event-triggered runs: the object is still the version announced
     run = start_run(config)
-    data = ingest(config, run)
+    tokenizer_only = fetch_model(config, weights=False)  # a Hub id: what ingest reads, before any weights
+    data = ingest(config.with_local_model(tokenizer_only), run)
+    model = fetch_model(config, commit=tokenizer_only.commit)  # the same commit's weights, once data is good
+    config = config.with_local_model(model)  # every stage reads the model from its local folder
     planned = plan_training(config, data)
     base = evaluate(config, data, planned, label="base")
     trained = train_model(config, run, data, planned)
     tuned = evaluate(config, data, planned, label="tuned", trained=trained)
     published = evaluate_published(config, data, planned, run)  # None unless the gate compares with it
     decision = decide_promotion(config, base, tuned, published)
-    manifest = package_run(config, run, data, planned, trained, base, tuned, decision, published)
+    manifest = package_run(config, run, data, planned, trained, base, tuned, decision, published, model)
     output_uri = upload_run(config, run)
     promoted = promote_run(config, run, decision)
     summary = write_report(config, manifest, output_uri, promoted)

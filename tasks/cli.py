@@ -2,7 +2,7 @@
 
     prefect-finetune download OUTPUT [--run RUN_ID|latest] [--to DIR]
     prefect-finetune verify   OUTPUT [--run RUN_ID|latest] [--to DIR] [--base PATH] [--no-load]
-    prefect-finetune plan     --model PATH --gpu-gib N [N ...] [--gpus N] [--data PATH] [--method auto] ...
+    prefect-finetune plan     --model PATH|ORG/NAME --gpu-gib N [N ...] [--gpus N] [--data PATH] [--method auto] ...
     prefect-finetune validate DATA [--eval-data PATH] [--format F] [--model PATH] [--json] [--on-invalid ...]
     prefect-finetune promote  OUTPUT RUN_ID [--reason TEXT]
     prefect-finetune rollback OUTPUT [--reason TEXT]
@@ -11,7 +11,8 @@ OUTPUT is what the flow published to (a local folder or s3://bucket/prefix). `do
 run and checks every file against the sha256 in its manifest; `verify` does the same, then loads
 the model with plain transformers and runs one forward pass. `plan` prints what the memory planner
 would choose on GPUs of the given sizes (the smallest that fits, given several), from the model's
-config.json and the data's token lengths, without Prefect, a GPU or the weights. `validate` runs the
+config.json and the data's token lengths, without Prefect, a GPU or the weights (for a Hub id, config.json
+alone is downloaded, plus the tokenizer with --data). `validate` runs the
 ingest task's checks on a dataset (and, with --model, its token lengths) without a run, for a data
 team's own CI: every bad row is named by file, row and field. `promote` points `latest.json` at a
 published run by hand (only a complete one: every file checked against its manifest); `rollback`
@@ -106,7 +107,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def _add_plan(subparsers) -> None:
     parser = subparsers.add_parser("plan", help="print the memory plan for a model, data and GPU size(s)")
     parser.add_argument("--model", required=True,
-                        help="a model folder, its config.json, or an s3:// prefix holding config.json")
+                        help="a Hugging Face Hub id (org/name), a model folder, its config.json, or an s3:// prefix "
+                        "holding config.json")
+    parser.add_argument("--revision", help="for a Hub id: branch, tag or commit (default: the default branch)")
+    parser.add_argument("--cache-dir", help="for a Hub id: the Hugging Face cache folder (default: HF_HUB_CACHE, "
+                        "else HF_HOME/hub)")
     parser.add_argument("--gpu-gib", type=float, nargs="+", required=True,
                         help="GPU memory in GiB; several sizes (e.g. 24 80 141): the smallest that fits")
     parser.add_argument("--gpus", type=int, default=1,
@@ -133,7 +138,7 @@ def _plan(args: argparse.Namespace) -> None:
     from tasks.planning.selector import PlanError, WorkPoolSpec, select_work_pool
 
     with tempfile.TemporaryDirectory(prefix="prefect-finetune-") as scratch:
-        model_dir = _model_files(args.model, Path(scratch))
+        model_dir = _model_files(args, Path(scratch))
         shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()),
                                        source=f"{args.model} config.json")
         longest, largest_step, origin = _token_lengths(args, model_dir)
@@ -155,10 +160,18 @@ def _plan(args: argparse.Namespace) -> None:
     print(f"plan: {plan.reason}; {plan.micro_batches_per_step} micro-batch(es) in the largest step")
 
 
-def _model_files(model: str, scratch: Path) -> Path:
+def _model_files(args: argparse.Namespace, scratch: Path) -> Path:
     """A local folder with the model's config.json (and its tokenizer when there is one)."""
+    from tasks.store.hub import hub_config, is_hub_id, model_problem, resolve_model
     from tasks.store.objects import is_s3_uri, join_uri, read_object
 
+    model = args.model
+    if problem := model_problem(model, args.revision):
+        raise CheckFailed(problem.replace("model_revision", "--revision").replace("model=", "--model="))
+    if is_hub_id(model) and not args.data:  # config.json alone, never the weights
+        return hub_config(model, args.revision, args.cache_dir).parent
+    if is_hub_id(model):  # and the tokenizer, to count the data's tokens
+        return Path(resolve_model(model, args.revision, args.cache_dir, weights=False).path)
     if is_s3_uri(model):
         (scratch / "config.json").write_bytes(read_object(join_uri(model, "config.json")).data)
         for name in TOKENIZER_FILES:
@@ -170,8 +183,8 @@ def _model_files(model: str, scratch: Path) -> Path:
     path = Path(model)
     folder = path.parent if path.name == "config.json" else path
     if not (folder / "config.json").is_file():
-        raise StorageNotFoundError(f"{model}: no config.json there; give a model folder, its config.json "
-                                   "or an s3:// prefix holding config.json")
+        raise StorageNotFoundError(f"{model}: no config.json there; give a Hugging Face Hub id (org/name), a model "
+                                   "folder, its config.json or an s3:// prefix holding config.json")
     return folder
 
 

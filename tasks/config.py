@@ -17,13 +17,14 @@ from tasks.data.sources import DATA_SUFFIXES
 from tasks.planning.methods import Method, MethodChoice
 from tasks.planning.settings import LoraSettings, TrainingSettings
 from tasks.scoring.settings import EvaluationSettings
+from tasks.store.hub import HubSettings, ResolvedModel, model_problem
 from tasks.store.objects import is_s3_uri, split_s3_uri
 from tasks.store.weight_safety import ModelLoadingSettings
 
 # The settings of each part live with the part that uses them; imported here, they make up the run's config
 # (and `from tasks.config import TrainingSettings` keeps working).
-__all__ = ["DataFormat", "DataSettings", "EvaluationSettings", "FinetuneConfig", "LoraSettings", "Method",
-           "MethodChoice", "ModelLoadingSettings", "PublishSettings", "TrainingSettings"]
+__all__ = ["DataFormat", "DataSettings", "EvaluationSettings", "FinetuneConfig", "HubSettings", "LoraSettings",
+           "Method", "MethodChoice", "ModelLoadingSettings", "PublishSettings", "TrainingSettings"]
 
 
 PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
@@ -71,7 +72,16 @@ class PublishSettings(_Settings):
 
 
 class FinetuneConfig(_Settings):
-    model: str = Field(description="Local folder of a Hugging Face causal LM (config.json, safetensors, tokenizer).")
+    model: str = Field(
+        description="The causal LM to fine-tune: a Hugging Face Hub id (org/name, e.g. Qwen/Qwen2.5-0.5B-Instruct), "
+        "downloaded into the Hub cache (see `hub`), or a local folder of a Hugging Face model (config.json, "
+        "safetensors, tokenizer). A folder that exists wins over a Hub id of the same spelling.",
+    )
+    model_revision: str | None = Field(
+        None, description="For a Hub id: the branch, tag or commit sha to use (as transformers' `revision=`). "
+        "Empty: the repo's default branch; the commit it resolved to is recorded in the manifest and model card.",
+    )
+    hub: HubSettings = Field(default_factory=HubSettings)
     data: str = Field(description="Training data: a local path or s3://bucket/key (.jsonl, .json, .csv, .parquet).")
     data_etag: str | None = Field(
         None, description="S3 ETag `data` must still have (event-triggered runs set it from the upload event): "
@@ -127,8 +137,15 @@ class FinetuneConfig(_Settings):
         if is_s3_uri(self.output) and not split_s3_uri(self.output)[0]:
             problems.append(f"output={self.output!r} has no bucket: use s3://bucket/prefix")
         if not self.model.strip():
-            problems.append("model is empty: give the folder of a Hugging Face model")
+            problems.append("model is empty: give a Hugging Face Hub id (org/name) or the folder of a Hugging Face "
+                            "model")
+        elif problem := model_problem(self.model, self.model_revision):
+            problems.append(problem)
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
+    def with_local_model(self, model: ResolvedModel) -> FinetuneConfig:
+        """This run with `model` read from the local folder it resolved to (a Hub id's snapshot in the cache);
+        not validated again: the folder is where the validated id led."""
+        return self.model_copy(update={"model": model.path, "model_revision": None})

@@ -22,6 +22,7 @@ from tasks.reports.model_card import model_card
 from tasks.reports.summary import headline, metrics_table_rows, summary_markdown
 from tasks.results import EvalResult, IngestResult, PlanResult, RunInfo, TrainResult
 from tasks.scoring.promotion import GateDecision, ModelScores, promotion_gate
+from tasks.store.hub import ResolvedModel
 from tasks.store.manifest import build_manifest, file_entries, sha256_file
 from tasks.store.objects import MANIFEST_NAME, etag_of, retry_if_transient
 from tasks.store.registry import promote
@@ -48,8 +49,9 @@ def decide_promotion(config: FinetuneConfig, base: EvalResult, tuned: EvalResult
 @task(name="package", cache_policy=NO_CACHE)
 def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult,
                 trained: TrainResult, base: EvalResult, tuned: EvalResult, decision: GateDecision,
-                published: EvalResult | None = None) -> dict:
-    """Build the complete run folder locally (the loss-curve PNG beside the model); returns the manifest."""
+                published: EvalResult | None = None, model: ResolvedModel | None = None) -> dict:
+    """Build the complete run folder locally (the loss-curve PNG beside the model); returns the manifest.
+    `model`: where the base model came from (a Hub id's repo and commit), when the flow resolved it."""
     staging = Path(run.run_dir) / "publish"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -64,12 +66,13 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     else:
         verification = _merge_and_verify(config, data, planned, trained, staging / "merged")
         get_run_logger().info("export verified: %s", verification)
-    base_model = _describe_base(config, planned)
+    base_model = _describe_base(config, planned, model)
     data_record = _describe_data(data, planned)
     evaluation = {"metric": base.metric, "metrics": config.evaluation.metrics, "base": base.model_dump(),
                   "tuned": tuned.model_dump(), "published": published.model_dump() if published else None}
     plot_loss_curve(trained.history, staging / LOSS_CURVE_NAME, trained.best_step,
-                    f"{config.model.rstrip('/').rsplit('/', 1)[-1]} {trained.method}, run {run.run_id}")
+                    f"{(model.repo_id if model and model.repo_id else config.model).rstrip('/').rsplit('/', 1)[-1]} "
+                    f"{trained.method}, run {run.run_id}")
     training = trained.model_dump(exclude={"checkpoint_dir"})
     card = {"run_id": run.run_id, "base_model": base_model, "data": data_record, "method": trained.method,
             "training": training, "evaluation": evaluation, "publish_dtype": verification.get("saved_dtype", "")}
@@ -78,7 +81,8 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
             (folder / "README.md").write_text(model_card(**card, adapter_only=as_adapter))
     manifest = build_manifest(
         run=run.model_dump(exclude={"run_dir"}), base_model=base_model, data=data_record,
-        config=config.model_dump(), plan=planned.plan.model_dump(), training=training, evaluation=evaluation,
+        config=_config_as_given(config, model), plan=planned.plan.model_dump(), training=training,
+        evaluation=evaluation,
         export=verification, files=file_entries(staging), hardware=_hardware(planned),
         promotion=decision.model_dump(),
     )
@@ -86,10 +90,22 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     return manifest
 
 
-def _describe_base(config: FinetuneConfig, planned: PlanResult) -> dict:
-    return {"path": config.model, "revision": _base_revision(config.model), "model_type": planned.model_type,
-            "parameters": planned.model_parameters, "config_sha256": sha256_file(Path(config.model) / "config.json"),
+def _describe_base(config: FinetuneConfig, planned: PlanResult, model: ResolvedModel | None) -> dict:
+    # revision: the Hub commit (of a Hub id, or of a folder inside a Hugging Face cache); for a Hub id, also the
+    # repo, the revision asked for and the endpoint (a mirror when HF_ENDPOINT names one).
+    hub = model.describe() if model else {}
+    return {"path": config.model, "revision": hub.get("commit") or _base_revision(config.model), **hub,
+            "model_type": planned.model_type, "parameters": planned.model_parameters,
+            "config_sha256": sha256_file(Path(config.model) / "config.json"),
             "loading": recorded(config.model_loading)}  # whether code or pickles from the folder were allowed
+
+
+def _config_as_given(config: FinetuneConfig, model: ResolvedModel | None) -> dict:
+    """The run's config as the user gave it: `model` is the Hub id, not the cache folder it resolved to."""
+    record = config.model_dump()
+    if model and model.repo_id:
+        record.update(model=model.requested, model_revision=model.revision)
+    return record
 
 
 def _describe_data(data: IngestResult, planned: PlanResult) -> dict:

@@ -157,7 +157,8 @@ def test_bad_data_fails_in_ingest_before_any_model_is_loaded(tiny_model, tmp_pat
     assert state.is_failed()
     assert expected in str(state.result(raise_on_failure=False))
     names = task_names(state, last="ingest")
-    assert "ingest" in names and set(names) <= {"check-data-version", "ingest", "validate"}  # no model
+    assert "ingest" in names and set(names) <= {"check-data-version", "fetch-model", "ingest", "validate"}
+    assert names.count("fetch-model") == 1  # the tokenizer's fetch ran; the weights' never did
     assert not (tmp_path / "out").exists()
 
 
@@ -167,7 +168,7 @@ def test_forced_method_that_does_not_fit_fails_in_plan(tiny_model, tmp_path):
     message = str(state.result(raise_on_failure=False))
     assert "method 'full' needs at least" in message and "budget is 0.50 GiB (memory_budget_gib)" in message
     assert [name for name in task_names(state, last="plan") if name not in ("validate", "check-data-version")] == [
-        "ingest", "plan"]
+        "fetch-model", "fetch-model", "ingest", "plan"]  # the model's tokenizer, then (after ingest) its weights
 
 
 def test_a_new_run_with_resume_continues_from_the_last_checkpoint(tiny_model, tmp_path):

@@ -7,6 +7,7 @@ when BPE merges across a boundary. No torch here: plain lists in, plain lists ou
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -82,16 +83,70 @@ def assistant_spans(tokenizer, conversation: list[dict]) -> tuple[str, list[tupl
             before = through[: through.rfind(message["content"])] if message["content"] in through else full
         else:
             before = render(tokenizer, conversation[:i], add_generation_prompt=True)
-        if not (full.startswith(before) and full.startswith(through) and len(through) > len(before)):
-            # Some templates rewrite earlier turns (e.g. drop past reasoning); train the last turn only.
-            if i == len(conversation) - 1:
-                raise ValueError(
-                    "the tokenizer's chat template does not render a conversation as a prefix of its "
-                    "continuation, so the answer's tokens cannot be located; use a template that does"
-                )
-            continue
-        spans.append((len(before), len(through)))
+        if full.startswith(before) and full.startswith(through) and len(through) > len(before):
+            spans.append((len(before), len(through)))
+        elif i > 0 and (span := _answer_span_by_search(tokenizer, full, conversation, i,
+                                                       spans[-1][1] if spans else 0)):
+            spans.append(span)
+        elif i == len(conversation) - 1:
+            raise ValueError(
+                "the tokenizer's chat template does not render a conversation as a prefix of its "
+                "continuation, so the answer's tokens cannot be located; use a template that does"
+            )
+        # else: an earlier answer the template rewrites beyond recognition is not trained; the last one is
     return full, spans
+
+
+def _answer_span_by_search(tokenizer, full: str, conversation: list[dict], i: int,
+                           cursor: int) -> tuple[int, int] | None:
+    """An answer whose template renders the conversation up to it as no prefix of the whole: Phi-3 ends only the
+    last answer with an end-of-text token, Qwen3 gives only the last answer its thinking block (and drops past
+    answers' reasoning), Mistral's places the system prompt in the last question, and only when the conversation
+    ends with a question (so a training row loses it). Found in the whole text instead: the answer as written
+    (trimmed, or its part after a reasoning block the template dropped) after its question and before the next
+    one, followed by the template's end-of-turn marker, which is trained with it."""
+    marker = _end_of_turn_marker(tokenizer)
+    following = conversation[i + 1]["content"].strip() if i + 1 < len(conversation) else ""
+    question = conversation[i - 1]["content"].strip()
+    asked = full.find(question, cursor)
+    if not marker or not question or asked < 0:
+        return None
+    after_question = asked + len(question)
+    next_question = full.find(following, after_question) if following else -1
+    next_question = next_question if next_question >= 0 else len(full)
+    content = conversation[i]["content"]
+    for answer in dict.fromkeys((content.strip(), content.split("</think>")[-1].strip())):
+        start = full.find(answer, after_question) if answer else -1
+        end = start + len(answer)
+        if 0 <= start and end <= next_question and full.startswith(marker, end):
+            return start, end + len(marker)
+    return None
+
+
+def _end_of_turn_marker(tokenizer) -> str:
+    """What the template writes after every answer, mid-conversation and at its end alike (`<|im_end|>\\n`,
+    `<end_of_turn>\\n`, `<|eot_id|>`, `<|end|>\\n`, `</s>`): the common start of the two. Empty when the template
+    writes nothing there or refuses the probe."""
+    cached = getattr(tokenizer, "_finetune_end_of_turn", None)
+    if cached is not None:
+        return cached
+    markers = [f"\ue000{i}\ue001" for i in range(4)]
+    roles = ("user", "assistant", "user", "assistant")
+    try:
+        text = render(tokenizer, [{"role": r, "content": m} for r, m in zip(roles, markers)])
+    except Exception:  # noqa: BLE001  a template may refuse the probe: no marker, no earlier-turn recovery
+        text = ""
+    cuts = [text.find(m) for m in markers]
+    marker = ""
+    if text and -1 not in cuts and cuts == sorted(cuts):
+        between = text[cuts[1] + len(markers[1]):cuts[2]]
+        after_last = text[cuts[3] + len(markers[3]):]
+        common = len(os.path.commonprefix([between, after_last]))
+        # whole tokens only: `<|end|>\\n<|user|>` and `<|end|>\\n<|endoftext|>` share `<|end|>\\n<|`
+        offsets = tokenizer(between, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        marker = between[:max((end for _, end in offsets if end <= common), default=0)]
+    tokenizer._finetune_end_of_turn = marker
+    return marker
 
 
 def encode(tokenizer, conversation: list[dict], max_seq_len: int) -> Example:
@@ -253,7 +308,7 @@ def _labels_from_spans(encoding, ids: list[int], spans: list[tuple[int, int]]) -
     return labels
 
 
-ENCODING_CACHE_VERSION = "1"  # bump when encode's output changes for the same input
+ENCODING_CACHE_VERSION = "2"  # bump when encode's output changes for the same input
 
 
 def encoding_cache_key(tokenizer, content_key: str, max_seq_len: int) -> str:

@@ -13,6 +13,7 @@ from tasks.planning.memory import ModelShape
 from tasks.planning.methods import MethodChoice
 from tasks.planning.selector import PlanError, TrainingPlan, WorkPoolSpec, select_work_pool
 from tasks.planning.settings import LoraSettings, TrainingSettings
+from tasks.store.hub import HubSettings, hub_config, is_hub_id
 
 FINETUNE_FLOW = "finetune"
 
@@ -20,16 +21,23 @@ FINETUNE_FLOW = "finetune"
 class RoutedRun(Protocol):
     """What routing reads of a run's config (tasks.config.FinetuneConfig has it)."""
     model: str
+    model_revision: str | None
+    hub: HubSettings
     method: MethodChoice
     training: TrainingSettings
     lora: LoraSettings
 
 
-def read_model_shape(model: str) -> ModelShape:
+def read_model_shape(model: str, revision: str | None = None, hub: HubSettings | None = None) -> ModelShape:
+    """From config.json alone: a local folder's, or a Hub id's (downloaded alone into the Hub cache; the token is
+    the routing worker's HF_TOKEN, if any)."""
+    if is_hub_id(model):
+        path = hub_config(model, revision, (hub or HubSettings()).cache_dir)
+        return ModelShape.from_config(json.loads(path.read_text()), source=f"{model} config.json")
     path = Path(model) / "config.json"
     if not path.is_file():
-        raise PlanError(f"{path}: not found; `model` must be a local folder holding a Hugging Face model "
-                        "(on the routing worker too: mount the same model store there)")
+        raise PlanError(f"{path}: not found; `model` must be a Hugging Face Hub id (org/name) or a local folder "
+                        "holding a Hugging Face model (on the routing worker too: mount the same model store there)")
     return ModelShape.from_config(json.loads(path.read_text()), source=str(path))
 
 
@@ -37,7 +45,8 @@ def choose_work_pool(config: RoutedRun, pools: list[WorkPoolSpec]) -> tuple[Work
     t = config.training
     # Without reading the data, every row is taken as max_seq_len tokens long: the worst case.
     return select_work_pool(
-        read_model_shape(config.model), pools, method=config.method, longest_row=t.max_seq_len,
+        read_model_shape(config.model, config.model_revision, config.hub), pools, method=config.method,
+        longest_row=t.max_seq_len,
         largest_step=t.batch_size * t.max_seq_len, max_rows_per_micro_batch=t.micro_batch_size,
         gradient_checkpointing=t.gradient_checkpointing, lora_r=config.lora.r, lora_targets=config.lora.target_list(),
     )
