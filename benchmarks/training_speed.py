@@ -24,8 +24,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from seed_recipe import SHAPES  # noqa: E402  (the seed harness's shapes)
-
 PEAK_BF16_FLOPS = 790e12  # measured 8192^3 bf16 matmul on the H200 (ANCHORS.md, KINDS.md)
 SEQ = 2048
 # (shape, method, rows per optimizer step, the seed's gradient checkpointing, data), as in ANCHORS.md;
@@ -52,11 +50,12 @@ def run_seed(shape: str, method: str, rows: int, checkpointing: bool, data: str)
             "error": result.get("error"), "grad_ckpt": checkpointing, "rows_per_step": rows}
 
 
-def random_model(shape: str, method: str, checkpointing: bool):
+def random_model(shape: str, method: str, checkpointing: bool, lora_dropout: float = 0.05):
     """A random-init Llama of `shape` on the current CUDA device, prepared for `method` as the train
     task prepares a loaded one (tasks/engine/modeling.py). Also used by benchmarks/multi_gpu_scaling.py."""
     import torch
     from gpu_memory import checkpoint_for
+    from seed_recipe import SHAPES
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.config import LoraSettings
@@ -72,7 +71,7 @@ def random_model(shape: str, method: str, checkpointing: bool):
         with torch.device("cuda"):
             model = LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)
-    lora = LoraSettings(r=16, alpha=32, dropout=0.05)  # the seed's adapter
+    lora = LoraSettings(r=16, alpha=32, dropout=lora_dropout)  # by default the seed's adapter
     return prepare_for_training(model, method, "cuda", lora, checkpointing)
 
 
@@ -87,80 +86,24 @@ def random_examples(count: int, vocab_size: int, data: str) -> list:
             for r in (dataset[i] for i in range(len(dataset)))]
 
 
-def run_ours(shape: str, method: str, rows: int, checkpointing: bool, data: str, capacity: int,
-             cap_gib: float | None = None, profile: bool = False) -> dict:
-    """Ours on `rows` rows per step. With `cap_gib`: the allocator capped there, and method, micro-batch
-    and checkpointing as the planner picks them for a GPU of that size (`checkpointing`, `capacity` unused)."""
+def run_ours(shape: str, method: str, rows: int, checkpointing: bool, data: str, capacity: int) -> dict:
     import logging
-
-    import torch
-    from unsloth_peer import cap_memory
 
     from tasks.config import TrainingSettings
     from tasks.engine.train_loop import train
 
-    vocab_size = SHAPES[shape]["vocab_size"]
-    steps = WARM_STEPS + TIMED_STEPS
-    examples = random_examples(rows * steps + 8, vocab_size, data)
-    planned = {}
-    if cap_gib:
-        cap_memory(cap_gib)
-        plan = plan_for_cap(shape, method, examples[8:], rows, cap_gib)
-        method, checkpointing, capacity = plan.method.value, plan.gradient_checkpointing, plan.tokens_per_micro_batch
-        planned = {"cap_gib": cap_gib, "planned_gib": round(plan.estimate.gib, 2), "plan": plan.reason}
     model = random_model(shape, method, checkpointing)
+    steps = WARM_STEPS + TIMED_STEPS
+    examples = random_examples(rows * steps + 8, model.config.vocab_size, data)
     settings = TrainingSettings(max_steps=steps, batch_size=rows, max_seq_len=SEQ, eval_every=10_000,
                                 early_stopping_patience=0, learning_rate=1e-4, lr_schedule="constant")
-    torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as scratch:
         outcome = train(model, examples[8:], examples[:2], settings, capacity, "cuda", Path(scratch) / "best",
                         logging.getLogger("bench"), progress=False)
-        if profile:
-            print_profile(model, examples[8:], settings, capacity, Path(scratch))
     timed = outcome.history[WARM_STEPS:]
     return {"useful_tokens_per_s": round(sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed)),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-            "grad_ckpt": checkpointing, "rows_per_step": rows, "token_capacity": capacity,
-            "tokens_per_step": round(sum(r["tokens"] for r in timed) / len(timed)),
-            "attention": model.config._attn_implementation, **planned}
-
-
-def plan_for_cap(shape: str, method: str, examples: list, rows: int, cap_gib: float):
-    """What the planner picks for `method` on a GPU of `cap_gib` (its share, as for a work pool of that GPU)."""
-    from gpu_memory import SHAPES as CONFIGS
-
-    from tasks.planning.memory import GIB, ModelShape
-    from tasks.planning.selector import GPU_SAFETY, select_plan
-
-    lengths = sorted((len(e.input_ids) for e in examples), reverse=True)
-    return select_plan(ModelShape.from_config(CONFIGS[shape]), budget_bytes=int(GPU_SAFETY * cap_gib * GIB),
-                       budget_source=f"{GPU_SAFETY:.0%} of a {cap_gib:g} GiB cap", device="cuda", method=method,
-                       longest_row=lengths[0], largest_step=sum(lengths[:rows]))
-
-
-def print_profile(model, examples: list, settings, capacity: int, scratch: Path) -> None:
-    """Two more steps under torch.profiler: the busiest kernels, and how much of the wall time the GPU was busy."""
-    import logging
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from tasks.engine.train_loop import train
-
-    short = settings.model_copy(update={"max_steps": 2})
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        train(model, examples, examples[:2], short, capacity, "cuda", scratch / "profiled", logging.getLogger("bench"),
-              progress=False)
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - started
-    events = prof.key_averages()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.device_time for e in kernels) / 1e6
-    print(f"PROFILE wall {wall:.3f} s, GPU kernel time {busy:.3f} s ({busy / wall:.0%}), {len(kernels)} kernels")
-    print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+            "peak_gib": round(outcome.peak_memory_bytes / 2**30, 2), "grad_ckpt": checkpointing,
+            "rows_per_step": rows, "token_capacity": capacity, "attention": model.config._attn_implementation}
 
 
 def one_case(args) -> None:
@@ -171,12 +114,10 @@ def one_case(args) -> None:
         if args.recipe == "seed":
             result = run_seed(shape, method, rows, checkpointing, data)
         else:
-            result = run_ours(shape, method, rows, args.ours_ckpt == "on", data, args.capacity, args.cap_gib,
-                              args.profile)
+            result = run_ours(shape, method, rows, args.ours_ckpt == "on", data, args.capacity)
     except Exception as error:  # an OOM or a failure is a result too
         result = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-    result = {"recipe": args.label or args.recipe, "shape": shape, "method": method, "data": data,
-              "cap_gib": args.cap_gib, **result,
+    result = {"recipe": args.label or args.recipe, "shape": shape, "method": method, "data": data, **result,
               "wall_s": round(time.time() - started, 1)}
     print(json.dumps(result), flush=True)
     with open(args.out, "a") as out:
@@ -208,44 +149,6 @@ def run_token_sized(args) -> None:
         command = [sys.executable, __file__, "case", "ours", shape, method, str(rows), "False", "chat",
                    "--out", args.out, "--capacity", str(capacity), "--label", f"ours-{rows}rows"]
         subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-# Capped runs (issue 17): each cap as a GPU of that size. Ours trains what the planner picks for the cap,
-# at about Unsloth's tokens per optimizer step (27 chat rows average 8.1k tokens; its packed steps are 4
-# bins of up to 2048). Unsloth at its best for the cap: 2 bins x 2 accumulation, or 4 bins in one pass
-# where memory allows. Plus the seed's own cases: 8B QLoRA at 8 rows/step, 1B full at the seed's peak.
-CAPS_GIB = (24, 48, 80)
-ROWS_LIKE_UNSLOTH = 27
-SEED_1B_FULL_PEAK_GIB = 33.6  # ANCHORS.md: the seed's 1B full fine-tuning on full-length rows, if its run failed
-
-
-def run_capped(args) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-    def ours(shape, method, rows, data, cap, label="ours"):
-        command = [sys.executable, __file__, "case", "ours", shape, method, str(rows), "False", data, "--out", args.out,
-                   "--capacity", str(rows * SEQ), "--cap-gib", str(cap), "--label", label]
-        subprocess.run(command + (["--profile"] if args.profile else []), check=False, env=env)
-
-    def unsloth(method, cap, bins, accumulation):
-        subprocess.run([sys.executable, str(HERE / "unsloth_peer.py"), "--method", method, "--cap-gib", str(cap),
-                        "--bins-per-micro-batch", str(bins), "--accumulation", str(accumulation), "--out", args.out],
-                       check=False, env=env)
-
-    for cap in args.caps:
-        for method in args.methods:
-            ours("llama-8b", method, ROWS_LIKE_UNSLOTH, "chat", cap)
-            if "unsloth" in args.recipes:
-                unsloth(method, cap, *((2, 2) if cap < 48 else (4, 1)))
-    if "seed" in args.recipes:
-        for case in [("llama-8b", "qlora", 8, True, "chat"), ("llama-1b", "full", 4, False, "fixed")]:
-            shape, method, rows, checkpointing, data = case
-            subprocess.run([sys.executable, __file__, "case", "seed", *map(str, case), "--out", args.out,
-                            "--capacity", "0"], check=False, env=env)
-        ours("llama-8b", "qlora", 8, "chat", max(args.caps), label="ours-8rows")
-        seed_peak = [r.get("peak_gib") for r in map(json.loads, open(args.out))
-                     if (r["recipe"], r["shape"], r["method"]) == ("seed", "llama-1b", "full")][-1]
-        ours("llama-1b", "full", 4, "fixed", seed_peak or SEED_1B_FULL_PEAK_GIB, label="ours-seed-peak")
 
 
 def summary(args) -> None:
@@ -311,18 +214,10 @@ def main() -> None:
     case.add_argument("--ours-ckpt", choices=["on", "off"], default="off")
     case.add_argument("--label", help="a name for a variant, e.g. ours-32rows")
     case.add_argument("--out", required=True)
-    case.add_argument("--cap-gib", type=float, help="cap the allocator there and train what the planner picks")
-    case.add_argument("--profile", action="store_true", help="print a torch.profiler table of two more steps")
-    capped = commands.add_parser("capped", help="ours as planned for each cap beside Unsloth, and the seed's cases")
-    capped.add_argument("--caps", type=float, nargs="+", default=list(CAPS_GIB))
-    capped.add_argument("--methods", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
-    capped.add_argument("--recipes", nargs="+", default=["ours", "unsloth", "seed"])
-    capped.add_argument("--profile", action="store_true")
-    capped.add_argument("--out", required=True)
     table = commands.add_parser("summary")
     table.add_argument("results")
     args = parser.parse_args()
-    {"run": run_all, "case": one_case, "capped": run_capped, "summary": summary}[args.command](args)
+    {"run": run_all, "case": one_case, "summary": summary}[args.command](args)
 
 
 if __name__ == "__main__":

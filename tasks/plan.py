@@ -42,6 +42,7 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     plan = select_plan(
         shape, budget_bytes=budget, budget_source=source, device=device, method=config.method,
         longest_row=min(settings.max_seq_len, stats["tokens_max"]), largest_step=stats["tokens_largest_step"],
+        typical_step=stats["tokens_typical_step"],
         max_rows_per_micro_batch=settings.micro_batch_size, gradient_checkpointing=settings.gradient_checkpointing,
         lora_r=config.lora.r, lora_targets=config.lora.target_list(),
         fused_kernels=fused_kernels_available(shape.model_type, device), num_gpus=gpus,
@@ -60,6 +61,9 @@ def _check_lengths(config: FinetuneConfig, tokenizer, split_path: str, source: s
     # The largest optimizer step the data can make: its batch_size longest rows.
     lengths = sorted(min(len(e.input_ids), max_seq_len) for e in examples)
     stats["tokens_largest_step"] = sum(lengths[-config.training.batch_size:])
+    # and an average one, which the plan's speed model weighs (tasks/planning/selector.py)
+    stats["tokens_typical_step"] = round(sum(lengths) / max(len(lengths), 1) * min(config.training.batch_size,
+                                                                                      len(lengths)))
     if stats["trainable_tokens"] == 0:
         raise DatasetError(f"{source}: no answer token survives truncation to {max_seq_len} tokens "
                            f"(longest row: {stats['tokens_max']}); raise training.max_seq_len")

@@ -68,6 +68,7 @@ class TrainResult(BaseModel):
     history: list[dict]
     tokens_per_micro_batch: int  # as trained: the plan's, unless an out-of-memory error lowered it
     gradient_checkpointing: bool
+    checkpointed_layers: int | None = None  # with checkpointing, only the first this many layers (None: all)
     memory_step_downs: list[dict]  # each out-of-memory error and what was tried next
     world_size: int = 1  # training processes (GPUs) across every machine
 

@@ -39,7 +39,7 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     checkpoints, resumed_from = _checkpoints(config, run, data, planned, logger)
     best = Path(run.run_dir) / "best"
     attempt = Attempt(method=plan.method, tokens_per_micro_batch=plan.tokens_per_micro_batch,
-                      gradient_checkpointing=plan.gradient_checkpointing)
+                      gradient_checkpointing=plan.gradient_checkpointing, checkpointed_layers=plan.checkpointed_layers)
     processes, nodes = processes_per_node(config, plan), Nodes.from_environment()
     if processes * nodes.count > 1:
         # No out-of-memory step-down across processes (yet): a process out of memory fails the task.
@@ -53,12 +53,13 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
         def load(attempt: Attempt):
             seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
             model = load_for_training(config.model, attempt.method, plan.device, config.lora,
-                                      attempt.gradient_checkpointing, loading=config.model_loading)
+                                      attempt.gradient_checkpointing, loading=config.model_loading,
+                                      checkpointed_layers=attempt.checkpointed_layers)
             sizes["trainable"], sizes["total"] = parameter_counts(model)
             logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed "
                         "tokens; gradient checkpointing %s; attention %s", attempt.method, plan.device,
                         f"{sizes['trainable']:,}", f"{sizes['total']:,}", attempt.tokens_per_micro_batch,
-                        "on" if attempt.gradient_checkpointing else "off", model.config._attn_implementation)
+                        _checkpointing(attempt), model.config._attn_implementation)
             return model
 
         def run(model, attempt: Attempt, restarted: bool):
@@ -78,8 +79,15 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     return TrainResult(method=attempt.method, checkpoint_dir=str(best),
                        trainable_parameters=trainable, total_parameters=total, resumed_from=resumed_from,
                        tokens_per_micro_batch=attempt.tokens_per_micro_batch,
-                       gradient_checkpointing=attempt.gradient_checkpointing, memory_step_downs=step_downs,
+                       gradient_checkpointing=attempt.gradient_checkpointing,
+                       checkpointed_layers=attempt.checkpointed_layers, memory_step_downs=step_downs,
                        world_size=world_size, **dataclasses.asdict(outcome))
+
+
+def _checkpointing(attempt: Attempt) -> str:
+    if not attempt.gradient_checkpointing:
+        return "off"
+    return "on" if attempt.checkpointed_layers is None else f"on for the first {attempt.checkpointed_layers} layers"
 
 
 def processes_per_node(config: FinetuneConfig, plan) -> int:
@@ -113,6 +121,7 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
         model=config.model, method=plan.method, device=plan.device, lora=config.lora.model_dump(),
         model_loading=config.model_loading.model_dump(),
         training=config.training.model_dump(), gradient_checkpointing=plan.gradient_checkpointing,
+        checkpointed_layers=plan.checkpointed_layers,
         token_capacity=capacity, best_dir=str(best), result=str(folder / "result.json"),
         train_examples=write_examples(train_examples, folder / "train.jsonl"),
         eval_examples=write_examples(eval_examples, folder / "eval.jsonl"),

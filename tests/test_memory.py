@@ -113,11 +113,22 @@ def need(method, tokens, checkpointing):
     return estimate_memory(ModelShape.from_config(LLAMA_8B), method, "cuda", tokens, checkpointing).gib
 
 
-def test_token_capacities_halve_down_to_the_longest_row():
-    assert token_capacities(2048, 16384) == [16384, 8192, 4096, 2048]
-    assert token_capacities(2048, 10000) == [10000, 5000, 2500, 2048]
-    assert token_capacities(2048, 16384, max_rows=2) == [4096, 2048]
+def test_token_capacities_step_down_by_quarter_octaves_to_the_longest_row():
+    assert token_capacities(2048, 16384) == [16384, 13777, 11585, 9741, 8192, 6888, 5792, 4870, 4096, 3444, 2896,
+                                             2435, 2048]
+    assert token_capacities(2048, 3000) == [3000, 2522, 2121, 2048]
+    assert token_capacities(2048, 16384, max_rows=2) == [4096, 3444, 2896, 2435, 2048]
     assert token_capacities(300, 200) == [300]  # one row per micro-batch is the least there is
+
+
+def test_speed_is_planned_for_the_usual_step_and_memory_for_the_largest():
+    """An average step of 8.6k tokens (27 chat rows) with a largest of 16k: the plan takes a micro-batch
+    that holds the usual step whole, even if that means checkpointing layers, and its memory is
+    estimated for a full micro-batch, so the largest step fits too (in two)."""
+    usual = plan(48, method="lora", typical_step=8636)
+    assert usual.tokens_per_micro_batch >= 8636 and usual.estimate.total <= 48 * GIB
+    largest_only = plan(48, method="lora")
+    assert largest_only.tokens_per_micro_batch != usual.tokens_per_micro_batch
 
 
 def test_auto_prefers_quality_then_speed():
@@ -133,12 +144,48 @@ def test_auto_prefers_quality_then_speed():
     assert plan(need("lora", 2048, True) - 0.1).method == "qlora"
 
 
-def test_smaller_micro_batch_before_checkpointing():
-    chosen = plan(need("lora", 4096, False) + 0.01, method="lora")
-    assert (chosen.tokens_per_micro_batch, chosen.gradient_checkpointing, chosen.micro_batches_per_step) == \
-        (4096, False, 4)
-    checkpointed = plan(need("lora", 2048, False) - 0.1, method="lora")
-    assert checkpointed.gradient_checkpointing
+def test_fewer_micro_batches_against_recomputed_layers(monkeypatch):
+    """The plan weighs a micro-batch's fixed cost against recomputation: with a budget that holds 4096
+    tokens plainly, a step of 16k goes in one micro-batch with some layers checkpointed, since four
+    micro-batches cost more (measured, benchmarks/results/capped_speed_h200_2026-12-01.md). Were
+    micro-batches free, it would recompute nothing and take four."""
+    from tasks.planning import selector
+
+    budget = need("lora", 4096, False) + 0.01
+    chosen = plan(budget, method="lora")
+    assert (chosen.tokens_per_micro_batch, chosen.micro_batches_per_step) == (16384, 1)
+    assert 0 < chosen.checkpointed_layers < 32
+    monkeypatch.setattr(selector, "MICRO_BATCH_OVERHEAD_TOKENS", 0)
+    free = plan(budget, method="lora")
+    assert (free.tokens_per_micro_batch, free.gradient_checkpointing, free.micro_batches_per_step) == (4096, False, 4)
+    assert plan(need("lora", 2048, False) - 0.1, method="lora").gradient_checkpointing
+
+
+def test_checkpointing_only_as_many_layers_as_the_budget_needs():
+    """Between a plain micro-batch and a fully checkpointed one, the plan checkpoints the first layers
+    only, the fewest that fit; the engine is told how many and the reason says so."""
+    shape = ModelShape.from_config(LLAMA_8B)
+    chosen = plan(24, method="lora")
+    k, tokens = chosen.checkpointed_layers, chosen.tokens_per_micro_batch
+    assert chosen.gradient_checkpointing and 0 < k < 32 and f"on for {k} of 32 layers" in chosen.reason
+
+    def gib(layers):
+        return estimate_memory(shape, "lora", "cuda", tokens, True, checkpointed_layers=layers).gib
+
+    assert gib(k) <= 24 < gib(k - 1) and gib(32) < gib(k) < need("lora", tokens, False)
+    assert chosen.estimate.checkpointed_layers == k and chosen.table()[1]["checkpointed_layers"] == k
+    assert plan(24, method="lora", gradient_checkpointing="on").checkpointed_layers is None  # 'on': every layer
+    assert plan(200, method="lora").checkpointed_layers is None and not plan(200).gradient_checkpointing
+
+
+def test_out_of_memory_with_some_layers_checkpointed_steps_down_to_all():
+    partial = Attempt(method="lora", tokens_per_micro_batch=8192, gradient_checkpointing=True, checkpointed_layers=20)
+    halved = step_down(partial, planned_tokens=8192, longest_row=4096, method_fixed=True)
+    assert (halved.tokens_per_micro_batch, halved.checkpointed_layers) == (4096, 20)
+    every = step_down(halved, planned_tokens=8192, longest_row=4096, method_fixed=True)
+    assert (every.tokens_per_micro_batch, every.gradient_checkpointing, every.checkpointed_layers) == (8192, True, None)
+    assert step_down(every.model_copy(update={"tokens_per_micro_batch": 4096}), planned_tokens=8192,
+                     longest_row=4096, method_fixed=True) is None
 
 
 def test_forced_method_that_cannot_fit_says_what_it_needs():
@@ -195,19 +242,19 @@ def test_smallest_work_pool_that_fits():
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
-def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpointing, tmp_path):
+@pytest.mark.parametrize("checkpointed", [0, 2, 4], ids=["no-ckpt", "ckpt-2-of-4", "ckpt"])
+def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpointed, tmp_path):
     """Binds the estimator to the trainer: the bytes autograd keeps from the trainer's own forward
     pass (packed rows, fused loss, LoRA's fused dropout), counted with saved-tensor hooks on CPU, are
-    what the estimator says. A change to the trainer that keeps more or less fails here; the GPU
-    figures (benchmarks/gpu_memory.py) are the fine check."""
+    what the estimator says, with none, some or all layers checkpointed. A change to the trainer that
+    keeps more or less fails here; the GPU figures (benchmarks/gpu_memory.py) are the fine check."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tasks.config import LoraSettings
     from tasks.data.tokenization import Example
     from tasks.engine.modeling import _load_4bit, prepare_for_training
-    from tasks.planning.memory import _layer_activation_bytes, _loss_bytes, saved_by_forward
+    from tasks.planning.memory import kept_for_backward
 
     config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
               "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 600, "tie_word_embeddings": True}
@@ -217,12 +264,12 @@ def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpoint
     if method == "qlora":
         model.save_pretrained(tmp_path)
         model = _load_4bit(str(tmp_path), "cpu")
-    model = prepare_for_training(model, method, "cpu", LoraSettings(r=8, dropout=0.05), checkpointing).train()
+    model = prepare_for_training(model, method, "cpu", LoraSettings(r=8, dropout=0.05), checkpointed > 0,
+                                 checkpointed_layers=checkpointed).train()
     rows = [Example(input_ids=list(range(1, 129)), labels=list(range(1, 129)), truncated=False)] * 4
     kept = bytes_kept_for_backward(model, rows)
-    shape = ModelShape.from_config(config)
-    per_layer = _layer_activation_bytes(shape, method, False, 4, 4, 8 if method != "full" else 0)
-    estimated = saved_by_forward(shape, 512, checkpointing, per_layer, 4) + _loss_bytes(shape, method, 4, 4, 512)[1]
+    estimated = kept_for_backward(ModelShape.from_config(config), method, "cpu", 512, checkpointed > 0, lora_r=8,
+                                  checkpointed_layers=checkpointed)
     assert estimated == pytest.approx(kept, rel=0.15)
 
 

@@ -80,6 +80,37 @@ def test_checkpointing_gives_the_same_training(tiny_model, tiny_tokenizer, examp
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_checkpointing_some_layers_gives_the_same_loss_and_gradients(method, tiny_model, examples):
+    """Checkpointing only the first layers (the planner's way to fit a larger micro-batch) changes
+    what is kept, not the maths: the loss and every trainable gradient equal the plain path's."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from tasks.engine.modeling import checkpoint_layers
+
+    results = []
+    for checkpointed in (0, 1, None):
+        torch.manual_seed(0)
+        model = load_for_training(str(tiny_model), method, "cpu", LoraSettings(r=8, dropout=0.0), False).train()
+        if method == "lora":  # a non-zero B, so lora_A's gradients are compared too
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.normal_(std=0.02)
+        layers = checkpoint_layers(model, checkpointed)
+        flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert sum(flags) == layers and flags == sorted(flags, reverse=True)  # the first layers, none after a plain one
+        loss, _ = accumulate_gradients(model, examples[0][:8], 4 * 128, "cpu")
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss, grads))
+    (plain_loss, plain), *checkpointed_runs = results
+    assert len(plain) > 0 and all(g.abs().sum() > 0 for g in plain.values() if g.dim() > 1)
+    for loss, grads in checkpointed_runs:
+        assert loss == pytest.approx(plain_loss, rel=1e-6)
+        for name, gradient in plain.items():
+            torch.testing.assert_close(grads[name], gradient, rtol=1e-5, atol=1e-7)
+
+
 def test_early_stopping_keeps_the_best_checkpoint(tiny_model, tiny_tokenizer, examples, tmp_path):
     # A learning rate this high makes eval loss worse after the first evaluations.
     model = load_for_training(str(tiny_model), "full", "cpu", LoraSettings(), False)

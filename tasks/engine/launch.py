@@ -53,6 +53,7 @@ class TrainingJob:
     checkpoints: dict | None = None  # folder, every, fingerprint, resume_from, keep
     upload: dict | None = None  # output, run_key, keep: where rank 0 copies each checkpoint
     model_loading: dict | None = None  # ModelLoadingSettings; None: the safe defaults
+    checkpointed_layers: int | None = None  # with checkpointing, only the first this many layers (None: all)
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

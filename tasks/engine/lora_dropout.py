@@ -63,6 +63,9 @@ def fuse_lora_dropout(model) -> int:
             continue
         for name, dropout in list(module.lora_dropout.items()):
             linear = module.lora_A[name]
+            if isinstance(dropout, torch.nn.Identity):  # no dropout: peft would still keep an fp32 copy of x
+                module.cast_input_dtype_enabled = False  # per adapter; autocast casts the weight instead
+                continue
             if not isinstance(dropout, torch.nn.Dropout) or type(linear) is not torch.nn.Linear:
                 continue
             linear.__class__ = DropoutLinear

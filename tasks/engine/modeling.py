@@ -24,7 +24,7 @@ def compute_dtype(device: str) -> torch.dtype:
 
 
 def load_for_training(path: str, method: Method | str, device: str, lora: LoraSettings, gradient_checkpointing: bool,
-                      loading: ModelLoadingSettings = SAFE):
+                      loading: ModelLoadingSettings = SAFE, checkpointed_layers: int | None = None):
     method = Method(method)
     use_expandable_segments(device)
     require_safe_weights(path, loading)
@@ -36,7 +36,7 @@ def load_for_training(path: str, method: Method | str, device: str, lora: LoraSe
         dtype = compute_dtype(device) if method.trains_adapter else torch.float32
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device},
                                                      **pretrained_kwargs(loading))
-    model = prepare_for_training(model, method, device, lora, gradient_checkpointing)
+    model = prepare_for_training(model, method, device, lora, gradient_checkpointing, checkpointed_layers)
     if device == "cuda":  # give back what loading cached (whole bf16 shards, for 4-bit): training starts lean
         torch.cuda.empty_cache()
     return model
@@ -53,8 +53,10 @@ def use_expandable_segments(device: str) -> None:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
-def prepare_for_training(model, method: Method | str, device: str, lora: LoraSettings, gradient_checkpointing: bool):
-    """Checkpointing, packed attention and adapters on a loaded model (4-bit already for QLoRA).
+def prepare_for_training(model, method: Method | str, device: str, lora: LoraSettings, gradient_checkpointing: bool,
+                         checkpointed_layers: int | None = None):
+    """Checkpointing (of the first `checkpointed_layers` decoder layers; None: all), packed attention
+    and adapters on a loaded model (4-bit already for QLoRA).
 
     Not peft's prepare_model_for_kbit_training for QLoRA: it upcasts the embeddings, norms and
     output head to fp32, which costs memory and makes the vocabulary projection several times slower.
@@ -64,8 +66,7 @@ def prepare_for_training(model, method: Method | str, device: str, lora: LoraSet
     if method.trains_adapter:
         model.requires_grad_(False)
     if gradient_checkpointing:
-        # Non-reentrant checkpointing needs no enable_input_require_grads() on a frozen base.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(model, checkpointed_layers)
     use_packed_attention(model, device)
     use_fused_kernels(model, device)
     if model.config.model_type not in FUSED_LOSS_MODEL_TYPES:  # a family the project has not checked packing for
@@ -73,6 +74,26 @@ def prepare_for_training(model, method: Method | str, device: str, lora: LoraSet
     if not method.trains_adapter:
         return model
     return attach_lora(model, lora)
+
+
+def checkpoint_layers(model, layers: int | None) -> int:
+    """Gradient checkpointing on the first `layers` decoder layers (None: all; 0: none); returns how many.
+
+    The last layers run plainly: backward reaches them first and frees their activations before any
+    checkpointed layer is recomputed. tasks/planning/memory.py counts a plain layer's activations and a
+    checkpointed layer's input (plus the one being recomputed); the planner picks the fewest that fit.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if layers == 0:
+        model.gradient_checkpointing_disable()
+        return 0
+    # Non-reentrant checkpointing needs no enable_input_require_grads() on a frozen base.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(decoder_layers):
+        layer.gradient_checkpointing = layers is None or index < layers
+    return len(decoder_layers) if layers is None else min(layers, len(decoder_layers))
 
 
 def _load_4bit(path: str, device: str, loading: ModelLoadingSettings = SAFE):

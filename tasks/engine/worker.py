@@ -29,7 +29,8 @@ def train_job(job, parallel, log: logging.Logger):
     settings = TrainingSettings(**job.training)
     torch.manual_seed(settings.seed)  # the same LoRA initialisation on every process, as in one process
     model = load_for_training(job.model, job.method, job.device, LoraSettings(**job.lora),
-                              job.gradient_checkpointing, loading=ModelLoadingSettings(**(job.model_loading or {})))
+                              job.gradient_checkpointing, loading=ModelLoadingSettings(**(job.model_loading or {})),
+                              checkpointed_layers=job.checkpointed_layers)
     counts = parameter_counts(model)
     checkpoints = None
     if job.checkpoints is not None:

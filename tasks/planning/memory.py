@@ -11,8 +11,9 @@ GPU (benchmarks/results/). What it counts:
   gradients are weighed against the activations instead: backward frees one as it fills the other).
 - activations: what autograd keeps per token of a packed micro-batch, layer by layer, for the
   kernels the trainer uses (varlen FlashAttention on CUDA; Liger's RMSNorm/RoPE/SwiGLU when
-  installed; LoRA dropout fused into the adapter); with gradient checkpointing, each layer's input
-  plus one layer being recomputed; and the gradients backward has in flight inside a layer.
+  installed; LoRA dropout fused into the adapter); for each checkpointed layer only its input, plus
+  one layer being recomputed (checkpointing may cover the first layers only); and the gradients
+  backward has in flight inside a layer.
 - logits: the fused loss (tasks/engine/loss.py) works a chunk of tokens at a time; it keeps the gradient of
   the hidden states, and of the head when the head trains.
 - overhead: CUDA context and allocator slack (measured on an H200; expandable segments on), or
@@ -302,6 +303,7 @@ class MemoryEstimate(BaseModel):
     device: str
     tokens: int  # packed tokens per micro-batch
     gradient_checkpointing: bool
+    checkpointed_layers: int = 0  # decoder layers recomputed in backward (the first ones), when checkpointing
     fused_kernels: bool
     weights: int
     trainable_state: int  # optimizer states (and the adapters' gradients)
@@ -331,8 +333,12 @@ def estimate_memory(
     lora_targets: list[str] | str = "all-linear",
     fused_kernels: bool | None = None,
     num_gpus: int = 1,
+    checkpointed_layers: int | None = None,
 ) -> MemoryEstimate:
     """Peak memory of one GPU (or the CPU) in a training step on micro-batches of `tokens` packed tokens.
+
+    `checkpointed_layers`: with gradient checkpointing, how many decoder layers (the first ones) are
+    recomputed; the rest keep their activations (tasks/engine/modeling.checkpoint_layers). Default: all.
 
     `fused_kernels`: whether Liger's kernels run (tasks/engine/kernels.py); by default, on CUDA.
     `num_gpus` > 1: one process per GPU (tasks/engine/distributed.py). Full fine-tuning is sharded (FSDP2):
@@ -341,6 +347,8 @@ def estimate_memory(
     adapters' gradients for the all-reduce.
     """
     method = Method(method)  # a ValueError naming the value when it is no method
+    layers = shape.num_layers
+    checkpointed = checkpointed_count(layers, gradient_checkpointing, checkpointed_layers)
     fused = device == "cuda" if fused_kernels is None else fused_kernels and device == "cuda"
     compute = 2 if device == "cuda" else 4  # bytes per element of a matmul output: bf16 autocast, or fp32
     stream = 4 if method == Method.FULL or device == "cpu" else compute  # the residual stream: fp32 master weights
@@ -348,9 +356,10 @@ def estimate_memory(
     unquantized = linear + shape.expert_parameters  # matmul weights (experts run on autocast copies too)
     adapters = shape.lora_parameters(lora_r, lora_targets) if method.trains_adapter else 0
     if method == Method.FULL:
-        # Autocast's bf16 copies of the linear weights live until backward reaches their layer; with
-        # checkpointing the forward keeps nothing, so only the recomputed layer's copies exist.
-        copies = 0 if device != "cuda" else 2 * unquantized // (shape.num_layers if gradient_checkpointing else 1)
+        # Autocast's bf16 copies of the linear weights live until backward reaches their layer; a
+        # checkpointed layer's forward keeps none, so of those only the recomputed layer's copies exist.
+        per_layer_copies = 2 * unquantized // layers
+        copies = 0 if device != "cuda" else per_layer_copies * (layers - checkpointed + (1 if checkpointed else 0))
         weights = 4 * params + copies
         trainable = 8 * params  # two AdamW moments; the fp32 gradients are counted with the activations
     else:
@@ -368,12 +377,12 @@ def estimate_memory(
     in_flight = tokens * compute * max(shape.intermediate_size if not shape.num_experts else 0,
                                        shape.experts_per_token * shape.expert_intermediate_size,
                                        shape.shared_expert_intermediate_size)
-    recomputed = tokens * per_layer if gradient_checkpointing else 0
-    activations = saved_by_forward(shape, tokens, gradient_checkpointing, per_layer, stream) + recomputed + in_flight
-    if shape.attention_softcapping:  # eager attention: the score matrices of a layer (all layers without checkpointing)
-        # with checkpointing: the recomputed layer's scores and their gradient
-        layers = 2 if gradient_checkpointing else shape.num_layers
-        activations += eager_attention_bytes(shape, tokens, compute) * layers
+    recomputed = tokens * per_layer if checkpointed else 0
+    activations = saved_by_forward(shape, tokens, checkpointed, per_layer, stream) + recomputed + in_flight
+    if shape.attention_softcapping:  # eager attention: the score matrices of each plain layer, and
+        # with checkpointing the recomputed layer's scores and their gradient
+        scored = layers - checkpointed + (2 if checkpointed else 0)
+        activations += eager_attention_bytes(shape, tokens, compute) * scored
     logits = sum(_loss_bytes(shape, method, compute, stream, tokens))
     if not shape.verified:
         activations, logits = int(activations * CONSERVATIVE_MARGIN), int(logits * CONSERVATIVE_MARGIN)
@@ -394,18 +403,18 @@ def estimate_memory(
             trainable += 4 * adapters
     allocated = weights + trainable + activations + logits
     fragmentation = FRAGMENTATION[device]
-    if device == "cuda" and method == Method.FULL and gradient_checkpointing:
+    if device == "cuda" and method == Method.FULL and checkpointed:
         fragmentation += CHECKPOINTED_FULL_FRAGMENTATION
     return MemoryEstimate(
-        method=method, device=device, tokens=tokens, gradient_checkpointing=gradient_checkpointing,
-        fused_kernels=fused, weights=weights, trainable_state=trainable, activations=activations, logits=logits,
+        method=method, device=device, tokens=tokens, gradient_checkpointing=bool(checkpointed),
+        checkpointed_layers=checkpointed, fused_kernels=fused, weights=weights, trainable_state=trainable, activations=activations, logits=logits,
         overhead=RUNTIME_OVERHEAD[device] + int(fragmentation * allocated), verified=shape.verified,
         basis=shape.basis,
     )
 
 
 def kept_for_backward(shape: ModelShape, method: Method | str, device: str, tokens: int, gradient_checkpointing: bool,
-                      lora_r: int = 16, fused_kernels: bool = False) -> int:
+                      lora_r: int = 16, fused_kernels: bool = False, checkpointed_layers: int | None = None) -> int:
     """What autograd keeps from the forward pass of one micro-batch of `tokens` packed tokens for backward:
     the layers' activations (or their inputs, with checkpointing), eager attention's score matrices and
     the loss's. The part of the estimate tests measure with saved-tensor hooks on the trainer's own forward."""
@@ -414,20 +423,26 @@ def kept_for_backward(shape: ModelShape, method: Method | str, device: str, toke
     stream = 4 if method == Method.FULL or device == "cpu" else compute
     fused = fused_kernels and device == "cuda"
     per_layer = _layer_activation_bytes(shape, method, fused, stream, compute, lora_r if method.trains_adapter else 0)
-    kept = saved_by_forward(shape, tokens, gradient_checkpointing, per_layer, stream)
-    if shape.attention_softcapping and not gradient_checkpointing:
-        kept += shape.num_layers * eager_attention_bytes(shape, tokens, compute)
+    checkpointed = checkpointed_count(shape.num_layers, gradient_checkpointing, checkpointed_layers)
+    kept = saved_by_forward(shape, tokens, checkpointed, per_layer, stream)
+    if shape.attention_softcapping:
+        kept += (shape.num_layers - checkpointed) * eager_attention_bytes(shape, tokens, compute)
     kept += _loss_bytes(shape, method, compute, stream, tokens)[1]
     return kept if shape.verified else int(kept * CONSERVATIVE_MARGIN)
 
 
-def saved_by_forward(shape: ModelShape, tokens: int, gradient_checkpointing: bool, per_layer: int,
-                     stream: int) -> int:
-    """What autograd keeps from the forward pass for backward: every layer's activations, or with
-    checkpointing only each layer's input (tests/test_memory.py measures it with saved-tensor hooks)."""
-    if gradient_checkpointing:
-        return tokens * shape.num_layers * shape.hidden_size * stream
-    return tokens * shape.num_layers * per_layer
+def saved_by_forward(shape: ModelShape, tokens: int, checkpointed: int, per_layer: int, stream: int) -> int:
+    """What autograd keeps from the forward pass for backward: a plain layer's activations, and only
+    the input of each of the `checkpointed` layers (tests/test_memory.py measures it with saved-tensor hooks)."""
+    return tokens * (checkpointed * shape.hidden_size * stream + (shape.num_layers - checkpointed) * per_layer)
+
+
+def checkpointed_count(layers: int, gradient_checkpointing: bool, checkpointed_layers: int | None) -> int:
+    """How many of `layers` decoder layers are recomputed: none without checkpointing, else
+    `checkpointed_layers` (all when not given)."""
+    if not gradient_checkpointing:
+        return 0
+    return layers if checkpointed_layers is None else max(1, min(layers, checkpointed_layers))
 
 
 def _layer_activation_bytes(shape: ModelShape, method: Method, fused: bool, stream: int, compute: int,

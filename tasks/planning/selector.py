@@ -2,10 +2,14 @@
 
 The trainer packs a step's rows into micro-batches of at most a token capacity (tasks/engine/packing.py),
 so the plan sizes micro-batches in tokens: from the largest step the data can make (its
-`batch_size` longest rows, in one pass) down by halves to the longest row (a row is never split).
-Quality first (full > lora > qlora), then speed: for a method, the largest micro-batch without
-checkpointing beats checkpointing (which recomputes the forward pass), and checkpointing beats a
-lower-quality method. A forced method that cannot fit fails here, before any weights are loaded.
+`batch_size` longest rows, in one pass) down to the longest row (a row is never split), a fourth of
+an octave at a time. Memory is planned for a full micro-batch, so any step fits.
+Quality first (full > lora > qlora), then speed: checkpointing beats a lower-quality method, and for
+a method the plan takes the fastest way that fits. Speed is modelled as a step's cost in tokens:
+each micro-batch costs a fixed overhead (kernel launches, which small micro-batches cannot hide
+behind GPU work), and each checkpointed layer recomputes its forward pass. So the plan may
+checkpoint some of the layers (the fewest that make a micro-batch fit) rather than cut a step into
+many small micro-batches. A forced method that cannot fit fails here, before any weights are loaded.
 Pure: no torch, no Prefect.
 """
 from __future__ import annotations
@@ -20,6 +24,13 @@ from tasks.planning.methods import Method, MethodChoice
 METHODS_BY_QUALITY = tuple(Method)  # full, lora, qlora: the enum lists them best first
 GPU_SAFETY = 0.9  # share of a GPU's memory a plan may use
 GPU_SIZES_GIB = (16, 24, 32, 40, 48, 80, 94, 141, 180, 192)  # memory of GPUs sold today, as named
+# The speed model, fitted to `benchmarks/capped_speed.py sweep` on an H200 (8B LoRA and QLoRA, chat rows,
+# 8.7k-token steps; benchmarks/results/capped_speed_h200_2026-12-01.md): each micro-batch of a step
+# costs about 2k tokens of work more (one micro-batch to two: +0.17 to +0.20 s at 9-14k tokens/s), and
+# recomputing every layer adds 35-40% (LoRA and QLoRA alike). Full fine-tuning's backward also makes
+# weight gradients, so a recomputed forward is a smaller share of its step (a third of 6N, not measured).
+MICRO_BATCH_OVERHEAD_TOKENS = 2048
+RECOMPUTE_SHARE = {Method.FULL: 0.3, Method.LORA: 0.4, Method.QLORA: 0.4}
 
 
 class PlanError(ValueError):
@@ -39,6 +50,7 @@ class TrainingPlan(BaseModel):
     micro_batches_per_step: int  # per GPU, in the largest step; typical steps need fewer
     num_gpus: int = 1  # training processes, one per GPU: FSDP2 shards full fine-tuning, DDP for adapters
     gradient_checkpointing: bool
+    checkpointed_layers: int | None = None  # with checkpointing, only the first this many layers (None: all)
     budget_bytes: int
     budget_source: str
     estimate: MemoryEstimate
@@ -51,6 +63,7 @@ class TrainingPlan(BaseModel):
                 "method": c.estimate.method,
                 "tokens_per_micro_batch": c.estimate.tokens,
                 "grad_checkpointing": c.estimate.gradient_checkpointing,
+                "checkpointed_layers": c.estimate.checkpointed_layers,
                 "estimated_gib": round(c.estimate.gib, 2),
                 "budget_gib": round(self.budget_bytes / GIB, 2),
                 "fits": c.fits,
@@ -70,6 +83,7 @@ def select_plan(
     method: MethodChoice | str,
     longest_row: int,
     largest_step: int,
+    typical_step: int | None = None,
     max_rows_per_micro_batch: int | None = None,
     gradient_checkpointing: str = "auto",
     lora_r: int = 16,
@@ -78,23 +92,28 @@ def select_plan(
     num_gpus: int = 1,
 ) -> TrainingPlan:
     """`longest_row`: tokens of the longest (truncated) row; `largest_step`: tokens of the largest
-    optimizer step (the `batch_size` longest rows); `max_rows_per_micro_batch` caps a micro-batch
+    optimizer step (the `batch_size` longest rows), which memory is planned for; `typical_step`: the
+    tokens of an average step, which speed is planned for (default: the largest); `max_rows_per_micro_batch` caps a micro-batch
     at that many longest rows; `num_gpus`: GPUs the run gets (each its own process: a step's rows
     are split across them, and full fine-tuning is sharded, so it may fit on several but not one);
     `budget_bytes` is per GPU."""
     forced = MethodChoice(method).fixed()
-    checkpointing = {"auto": (False, True), "off": (False,), "on": (True,)}[gradient_checkpointing]
     per_gpu_step = -(-largest_step // num_gpus)
+    usual_step = -(-min(typical_step or largest_step, largest_step) // num_gpus)
     capacities = token_capacities(longest_row, per_gpu_step, max_rows_per_micro_batch)
 
+    def estimate(m: Method, tokens: int, checkpointed: int) -> MemoryEstimate:
+        return estimate_memory(shape, m, device, tokens, checkpointed > 0, lora_r, lora_targets, fused_kernels,
+                               num_gpus, checkpointed_layers=checkpointed)
+
     def best_for(m: Method) -> Candidate:
-        tried = None
-        for ckpt in checkpointing:
-            for tokens in capacities:
-                tried = estimate_memory(shape, m, device, tokens, ckpt, lora_r, lora_targets, fused_kernels, num_gpus)
-                if tried.total <= budget_bytes:
-                    return Candidate(estimate=tried, fits=True)
-        return Candidate(estimate=tried, fits=False)  # the smallest configuration: what it needs at least
+        fitting = [e for tokens in capacities
+                   if (e := _leanest_fit(lambda k: estimate(m, tokens, k), shape.num_layers, budget_bytes,
+                                         gradient_checkpointing))]
+        if not fitting:  # the smallest configuration: what it needs at least
+            least = estimate(m, capacities[-1], 0 if gradient_checkpointing == "off" else shape.num_layers)
+            return Candidate(estimate=least, fits=False)
+        return Candidate(estimate=min(fitting, key=lambda e: _step_cost(e, usual_step, shape.num_layers)), fits=True)
 
     # Every method is estimated, so the plan's table shows what else would (not) have fitted.
     candidates = [best_for(m) for m in METHODS_BY_QUALITY]
@@ -121,16 +140,48 @@ def select_plan(
     reason = (
         f"{est.method}: the {'requested' if forced else 'highest-quality'} method that fits "
         f"{budget}; estimated peak {est.gib:.2f} GiB with micro-batches of up to {est.tokens} packed tokens, "
-        f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}"
+        f"gradient checkpointing {_checkpointing(est, shape.num_layers)}"
         + (f"; {num_gpus} GPUs ({'DDP' if est.method.trains_adapter else 'FSDP2, sharded'})" if num_gpus > 1 else "")
         + ("" if est.verified else f"; estimate {est.basis}")
     )
     return TrainingPlan(
         method=est.method, device=device, tokens_per_micro_batch=est.tokens, longest_row=longest_row,
         micro_batches_per_step=math.ceil(per_gpu_step / est.tokens), num_gpus=num_gpus,
-        gradient_checkpointing=est.gradient_checkpointing, budget_bytes=budget_bytes,
+        gradient_checkpointing=est.gradient_checkpointing,
+        checkpointed_layers=est.checkpointed_layers if 0 < est.checkpointed_layers < shape.num_layers else None,
+        budget_bytes=budget_bytes,
         budget_source=budget_source, estimate=est, candidates=candidates, reason=reason,
     )
+
+
+def _leanest_fit(estimate, layers: int, budget_bytes: int, checkpointing: str) -> MemoryEstimate | None:
+    """At one micro-batch size: no checkpointing if that fits, else the fewest checkpointed layers that
+    fit ('on': all of them; 'off': none), or None. Memory falls as layers are checkpointed, so bisect."""
+    if checkpointing != "on" and (plain := estimate(0)).total <= budget_bytes:
+        return plain
+    if checkpointing == "off" or (everything := estimate(layers)).total > budget_bytes:
+        return None
+    if checkpointing == "on":
+        return everything
+    low, high = 1, layers  # estimate(high) fits
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if estimate(middle).total <= budget_bytes else (middle + 1, high)
+    return estimate(high)
+
+
+def _step_cost(est: MemoryEstimate, step_tokens: int, layers: int) -> float:
+    """A step's modelled cost in tokens of work (see MICRO_BATCH_OVERHEAD_TOKENS): the lowest is fastest;
+    on a tie, the larger micro-batch."""
+    micro_batches = math.ceil(step_tokens / est.tokens)
+    recomputed = RECOMPUTE_SHARE[est.method] * est.checkpointed_layers / layers
+    return micro_batches * MICRO_BATCH_OVERHEAD_TOKENS + step_tokens * (1 + recomputed) - est.tokens * 1e-6
+
+
+def _checkpointing(est: MemoryEstimate, layers: int) -> str:
+    if not est.checkpointed_layers:
+        return "off"
+    return "on" if est.checkpointed_layers == layers else f"on for {est.checkpointed_layers} of {layers} layers"
 
 
 def smallest_gpu(needed_bytes: int) -> str:
@@ -147,19 +198,21 @@ class Attempt(BaseModel):
     method: Method
     tokens_per_micro_batch: int
     gradient_checkpointing: bool
+    checkpointed_layers: int | None = None  # with checkpointing: the first this many layers (None: all)
 
 
 def step_down(attempt: Attempt, *, planned_tokens: int, longest_row: int, method_fixed: bool) -> Attempt | None:
     """The next, leaner way to train after `attempt` ran out of memory, or None when none is left.
 
     In order: halve the micro-batch (more of them per step: the same update), down to the longest
-    row; then gradient checkpointing, from the planned micro-batch again; then LoRA, then QLoRA
-    (unless the config forces its method), each again from the planned micro-batch.
+    row; then gradient checkpointing of every layer, from the planned micro-batch again; then LoRA,
+    then QLoRA (unless the config forces its method), each again from the planned micro-batch.
     """
     if attempt.tokens_per_micro_batch // 2 >= longest_row:
         return attempt.model_copy(update={"tokens_per_micro_batch": attempt.tokens_per_micro_batch // 2})
-    if not attempt.gradient_checkpointing:
-        return attempt.model_copy(update={"tokens_per_micro_batch": planned_tokens, "gradient_checkpointing": True})
+    if not attempt.gradient_checkpointing or attempt.checkpointed_layers is not None:
+        return attempt.model_copy(update={"tokens_per_micro_batch": planned_tokens, "gradient_checkpointing": True,
+                                          "checkpointed_layers": None})
     leaner = METHODS_BY_QUALITY.index(attempt.method) + 1
     if method_fixed or leaner == len(METHODS_BY_QUALITY):
         return None
@@ -168,12 +221,14 @@ def step_down(attempt: Attempt, *, planned_tokens: int, longest_row: int, method
 
 
 def token_capacities(longest_row: int, largest_step: int, max_rows: int | None = None) -> list[int]:
-    """Micro-batch sizes to try, in tokens, largest first: the whole step, then halves, down to the
-    longest row (packing never splits a row, so no micro-batch can be smaller)."""
+    """Micro-batch sizes to try, in tokens, largest first: the whole step, then smaller by a fourth of
+    an octave (x0.84) each, down to the longest row (packing never splits a row, so no micro-batch can
+    be smaller). Fine steps let a usual step, smaller than the largest, go in one micro-batch where
+    a halving would leave it two."""
     top = max(longest_row, largest_step if max_rows is None else min(largest_step, max_rows * longest_row))
     sizes = [top]
-    while sizes[-1] // 2 > longest_row:
-        sizes.append(sizes[-1] // 2)
+    while (smaller := int(top * 2 ** (-len(sizes) / 4))) > longest_row:
+        sizes.append(smaller)
     if sizes[-1] != longest_row:
         sizes.append(longest_row)
     return sizes
