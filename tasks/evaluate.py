@@ -61,15 +61,20 @@ def _score_base(config: FinetuneConfig, data: IngestResult, device: str, quantiz
     from tasks.engine.modeling import load_for_inference
 
     logger = get_run_logger()
-    key, identity = base_score_key(config.model, data.eval_path, _base_score_settings(config, device, quantized))
-    if config.evaluation.reuse_base_score and (cached := _cached_base_score(config.output, key)):
+    try:
+        key, identity = base_score_key(config.model, data.eval_path, _base_score_settings(config, device, quantized))
+    except OSError as error:  # no local folder to hash (the flow resolves Hub ids first): score without the cache
+        logger.warning("base: no score-cache key (%s); scoring the base", error)
+        key = identity = None
+    if key and config.evaluation.reuse_base_score and (cached := _cached_base_score(config.output, key)):
         logger.info("base: score reused from %s (same model, eval rows, settings and scoring code): %s %.3f, "
                     "eval loss %.4f", cached.from_cache, cached.metric, cached.score, cached.loss)
         return cached
     model = load_for_inference(config.model, device, quantized=quantized, loading=config.model_loading)
     result = _score(config, data, device, label, model)
     try:
-        write_base_score(config.output, key, identity, result.model_dump(mode="json"))
+        if key:
+            write_base_score(config.output, key, identity, result.model_dump(mode="json"))
     except Exception as error:  # the score is in hand; a store that refuses the copy only costs a later re-score
         logger.warning("base: could not store the score for later runs (%s)", error)
     return result

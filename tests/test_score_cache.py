@@ -86,6 +86,8 @@ def test_the_key_follows_content_not_paths(tiny_model, tmp_path):
     assert base_score_key(str(tiny_model), str(eval_rows), SETTINGS)[0] != key  # one more eval row
     assert base_score_key(str(tiny_model), str(DEMO_DATA / "eval.jsonl"), SETTINGS | {"device": "cuda"})[0] != key
     assert identity["code"] and identity["libraries"]["torch"]
+    with pytest.raises(NotADirectoryError):  # a name that is not a folder has no content to key on
+        base_score_key("HuggingFaceTB/SmolLM2-135M-Instruct", str(eval_rows), SETTINGS)
 
 
 def test_the_scoring_code_is_part_of_the_key(tiny_model, monkeypatch, tmp_path):

@@ -44,6 +44,8 @@ def base_score_key(model_dir: str, eval_split: str, settings: dict) -> tuple[str
 def model_content(folder: Path) -> str:
     """A sha256 over every file's relative path and content. A file in the Hugging Face cache is a link to a
     blob named by its hash, and that name is used instead of hashing gigabytes of weights again."""
+    if not folder.is_dir():  # an empty hash would give every such "model" the same key
+        raise NotADirectoryError(f"{folder}: not a local model folder, its content cannot be hashed")
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         digest.update(f"{path.relative_to(folder).as_posix()}\0{_content_id(path)}\n".encode())
