@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.config import FinetuneConfig
 from tasks.data.tokenization import encoded_split, load_tokenizer
 from tasks.results import EvalResult, IngestResult, PlanResult, RunInfo, TrainResult
+from tasks.store.score_cache import base_score_key, base_score_uri, read_base_score, write_base_score
 from tasks.store.weight_safety import SAFE
 
 
@@ -24,8 +25,8 @@ def evaluate(config: FinetuneConfig, data: IngestResult, planned: PlanResult, la
     quantized = (trained.method if trained else planned.plan.method).quantized  # after any memory step-down
     device = planned.plan.device
     if trained is None:
-        model = load_for_inference(config.model, device, quantized=quantized, loading=config.model_loading)
-    elif trained.method.trains_adapter:
+        return _score_base(config, data, device, quantized, label)
+    if trained.method.trains_adapter:
         model = load_for_inference(config.model, device, adapter=trained.checkpoint_dir, quantized=quantized,
                                    loading=config.model_loading)
     else:
@@ -52,6 +53,49 @@ def evaluate_published(config: FinetuneConfig, data: IngestResult, planned: Plan
     model = _load_published(local, manifest, planned.plan.device, config.model_loading)
     result = _score(config, data, planned.plan.device, "published", model)
     return result.model_copy(update={"run_id": run_id})
+
+
+def _score_base(config: FinetuneConfig, data: IngestResult, device: str, quantized: bool, label: str) -> EvalResult:
+    """The base model's score, read from the score cache when an earlier run under the same output scored the
+    same base on the same rows the same way; else scored here and stored for the next run."""
+    from tasks.engine.modeling import load_for_inference
+
+    logger = get_run_logger()
+    try:
+        key, identity = base_score_key(config.model, data.eval_path, _base_score_settings(config, device, quantized))
+    except OSError as error:  # no local folder to hash (the flow resolves Hub ids first): score without the cache
+        logger.warning("base: no score-cache key (%s); scoring the base", error)
+        key = identity = None
+    if key and config.evaluation.reuse_base_score and (cached := _cached_base_score(config.output, key)):
+        logger.info("base: score reused from %s (same model, eval rows, settings and scoring code): %s %.3f, "
+                    "eval loss %.4f", cached.from_cache, cached.metric, cached.score, cached.loss)
+        return cached
+    model = load_for_inference(config.model, device, quantized=quantized, loading=config.model_loading)
+    result = _score(config, data, device, label, model)
+    try:
+        if key:
+            write_base_score(config.output, key, identity, result.model_dump(mode="json"))
+    except Exception as error:  # the score is in hand; a store that refuses the copy only costs a later re-score
+        logger.warning("base: could not store the score for later runs (%s)", error)
+    return result
+
+
+def _base_score_settings(config: FinetuneConfig, device: str, quantized: bool) -> dict:
+    """What besides the model's files and the eval rows changes the base's score."""
+    return {"evaluation": config.evaluation.model_dump(mode="json", exclude={"reuse_base_score"}),
+            "max_seq_len": config.training.max_seq_len,  # eval rows are truncated to it
+            "device": device, "quantized": quantized, "loading": config.model_loading.model_dump(mode="json")}
+
+
+def _cached_base_score(output: str, key: str) -> EvalResult | None:
+    try:
+        entry = read_base_score(output, key)
+        if entry is None:
+            return None
+        return EvalResult.model_validate(entry["result"]).model_copy(update={"from_cache": base_score_uri(output, key)})
+    except Exception as error:  # unreadable or damaged: scoring again is always safe
+        get_run_logger().warning("base: stored score %s unusable, scoring again (%s)", base_score_uri(output, key), error)
+        return None
 
 
 def _load_published(folder: Path, manifest: dict, device: str, loading=None):

@@ -84,3 +84,4 @@ class EvalResult(BaseModel):
     generated_rows: int
     answers: list[dict]
     run_id: str | None = None  # for the published model: which run it is
+    from_cache: str | None = None  # the stored score it was read from (tasks/store/score_cache.py); None: scored here

@@ -19,6 +19,11 @@ if XDIST_WORKER := os.environ.get("PYTEST_XDIST_WORKER"):
     # the UI build that every Prefect server copies there), set before anything imports Prefect.
     os.environ["PREFECT_HOME"] = str(Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
                                      / f"xdist-{XDIST_WORKER}")
+    # And its share of the cores for torch's threads (inherited by the flow runs, workers and trainers it starts):
+    # left to itself, every process starts one OpenMP thread per core, and on a machine the parallel processes
+    # already fill, those threads spin waiting for one another instead of computing.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                     // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
 def demo_texts() -> list[str]:

@@ -32,6 +32,7 @@ def test_demo_learns_publishes_and_reloads(smollm2, bucket, tmp_path):
         update={"work_dir": str(tmp_path / "work")})
     result = finetune(config)
     print(result.summary)
+    assert "base model's scores were reused" not in result.summary  # nothing scored under this output before
     assert result.base_score <= 0.125 and result.tuned_score >= 0.75
     assert result.tuned_eval_loss < result.base_eval_loss / 10
 
@@ -89,4 +90,7 @@ def assert_a_worse_run_is_blocked(config, first, bucket):
     assert {"manifest.json", "loss_curve.png", "adapter/adapter_model.safetensors"} <= keys
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
     assert manifest["promotion"]["promote"] is False and manifest["evaluation"]["published"]["run_id"] == first.run_id
+    # Same base files, eval rows and evaluation settings as the first run: its base score is reused, not redone.
+    assert manifest["evaluation"]["base"]["from_cache"].startswith(f"s3://{bucket}/models/q7/score-cache/base/")
+    assert second.scores["base"] == first.scores["base"] and second.base_eval_loss == first.base_eval_loss
 

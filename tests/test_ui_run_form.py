@@ -57,7 +57,7 @@ def test_run_form_shows_the_typed_parameters(prefect_server, deployed):
             context.route("**/*", only_local)
             page = context.new_page()
             page.goto(url, wait_until="networkidle", timeout=120_000)
-            page.get_by_text("Local folder of a Hugging Face causal LM", exact=False).first.wait_for(timeout=60_000)
+            page.get_by_text("The causal LM to fine-tune", exact=False).first.wait_for(timeout=60_000)
             text = page.inner_text("body")
             page.screenshot(path=str(ARTIFACTS / "run-form.png"), full_page=True)
             (ARTIFACTS / "run-form.html").write_text(page.content())

@@ -75,6 +75,13 @@ def _training_notes(manifest: dict) -> str:
     return "\n\n".join(n for n in notes if n)
 
 
+def _reused_base_line(base: dict) -> str:
+    if not base.get("from_cache"):
+        return ""
+    return (f"The base model's scores were reused from `{base['from_cache']}`: an earlier run scored the same base "
+            "files on the same eval rows with the same settings and scoring code.")
+
+
 def summary_markdown(manifest: dict, output_uri: str, examples: int, promoted: bool | None = None) -> str:
     run, data, plan, training = manifest["run"], manifest["data"], manifest["plan"], manifest["training"]
     evaluation = manifest["evaluation"]
@@ -109,6 +116,7 @@ def summary_markdown(manifest: dict, output_uri: str, examples: int, promoted: b
         "## Evaluation (same held-out rows)",
         f"Headline and gate metric: **{metric}**; {tuned['eval_rows']} rows for eval loss, "
         f"{tuned['generated_rows']} generated answers per model (greedy).",
+        _reused_base_line(base),
         _metrics_markdown(manifest),
         "## Promotion gate",
         _gate_markdown(manifest),

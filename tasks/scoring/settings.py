@@ -25,6 +25,11 @@ class EvaluationSettings(BaseModel):
     )
     batch_size: int = Field(16, ge=1, description="Rows per batch for eval loss and generation.")
     examples_in_report: int = Field(4, ge=0, le=50, description="Base-vs-tuned answers shown in the report.")
+    reuse_base_score: bool = Field(
+        True, description="Reuse the base model's score from an earlier run under the same output when the base "
+        "model's files, the eval rows, these settings and the scoring code are all unchanged (kept in "
+        "<output>/score-cache/). Off: the base is scored in every run.",
+    )
 
     @model_validator(mode="after")
     def _include_the_headline_module(self) -> EvaluationSettings:
