@@ -36,6 +36,7 @@ from tasks.engine.checkpoints import load_checkpoint, save_best, save_checkpoint
 from tasks.engine.distributed import ONE_PROCESS, Parallel
 from tasks.engine.loss import linear_cross_entropy_sum
 from tasks.engine.packing import PackedRows, micro_batches, pack
+from tasks.engine.router_balance import add_balance_loss, router_outputs_wanted, step_balance_loss
 from tasks.planning.memory import FUSED_LOSS_MODEL_TYPES
 from tasks.planning.selector import Attempt, step_down
 from tasks.planning.settings import TrainingSettings
@@ -80,16 +81,20 @@ def summed_loss(model, packed: PackedRows, device: str) -> torch.Tensor:
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     head = model.get_output_embeddings()
     transform = _fused_loss_transform(model, head)
+    router = router_outputs_wanted(model)  # a mixture of experts: its balance loss (tasks/engine/router_balance.py)
     if transform is None:
         # a family whose logits the fused loss does not know how to make (or an adapted head): the
         # model's own head makes them, on answer positions only
         with _autocast(device):
-            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits[0]
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    with _autocast(device):
-        hidden = model.get_decoder()(**batch, use_cache=False).last_hidden_state[0]
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
-    return linear_cross_entropy_sum(hidden[keep], head.weight, targets[keep], compute, **transform)
+            outputs = model(**batch, use_cache=False, logits_to_keep=keep, **router)
+        loss = F.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
+    else:
+        with _autocast(device):
+            outputs = model.get_decoder()(**batch, use_cache=False, **router)
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        loss = linear_cross_entropy_sum(outputs.last_hidden_state[0][keep], head.weight, targets[keep], compute,
+                                        **transform)
+    return add_balance_loss(model, outputs, loss, packed.trainable_tokens) if router else loss
 
 
 def _rows_of(packed: PackedRows) -> list[PackedRows]:
@@ -260,6 +265,8 @@ def train(
             record = {"step": step, "train_loss": loss_sum / max(step_tokens, 1), "lr": scheduler.get_last_lr()[0],
                       "tokens": processed, "seconds": seconds, "tokens_per_s": processed / seconds,
                       "answer_tokens_per_s": step_tokens / seconds}
+            if (balance := step_balance_loss(model)) is not None:
+                record["router_balance_loss"] = balance
             if step % settings.eval_every == 0 or step == settings.max_steps:
                 record["eval_loss"] = mean_loss(model, eval_examples, token_capacity, device, parallel)
                 if stopping.improved(step, record["eval_loss"]):
@@ -390,9 +397,10 @@ def _report(log, bar, record: dict, max_steps: int, log_every: int) -> None:
     bar.update(1)
     bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
     if record["step"] % log_every == 0 or "eval_loss" in record:
-        log.info("step %d/%d train_loss %.4f%s lr %.2e %.0f tok/s (%.0f answer tok/s)", record["step"], max_steps,
+        log.info("step %d/%d train_loss %.4f%s%s lr %.2e %.0f tok/s (%.0f answer tok/s)", record["step"], max_steps,
                  record["train_loss"],
                  f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else "",
+                 f" router_balance_loss {record['router_balance_loss']:.3f}" if "router_balance_loss" in record else "",
                  record["lr"], record["tokens_per_s"], record["answer_tokens_per_s"])
 
 
