@@ -119,8 +119,11 @@ def _load_4bit(path: str, device: str, loading: ModelLoadingSettings = SAFE):
 MOE_LORA_TARGETS = r".*\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|shared_expert\.(gate_proj|up_proj|down_proj))"
 
 
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")  # the names families give it
+
+
 def is_mixture_of_experts(config) -> bool:
-    return any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts"))
+    return any(getattr(config, name, None) for name in EXPERT_COUNT_FIELDS)
 
 
 def attach_lora(model, lora: LoraSettings):

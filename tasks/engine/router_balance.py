@@ -15,13 +15,14 @@ import weakref
 
 import torch
 
+from tasks.engine.modeling import EXPERT_COUNT_FIELDS
+
 _READINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [(loss, tokens)] this step
 
 
 def experts_of(config) -> tuple[int, int] | None:
     """(experts, experts per token) of a mixture-of-experts config, else None."""
-    experts = next((getattr(config, n, None) for n in ("num_local_experts", "num_experts", "n_routed_experts")
-                    if getattr(config, n, None)), None)
+    experts = next((getattr(config, n) for n in EXPERT_COUNT_FIELDS if getattr(config, n, None)), None)
     return (experts, config.num_experts_per_tok) if experts and getattr(config, "num_experts_per_tok", None) else None
 
 

@@ -93,8 +93,8 @@ def select_plan(
 ) -> TrainingPlan:
     """`longest_row`: tokens of the longest (truncated) row; `largest_step`: tokens of the largest
     optimizer step (the `batch_size` longest rows), which memory is planned for; `typical_step`: the
-    tokens of an average step, which speed is planned for (default: the largest); `max_rows_per_micro_batch` caps a micro-batch
-    at that many longest rows; `num_gpus`: GPUs the run gets (each its own process: a step's rows
+    tokens of an average step, which speed is planned for (default: the largest);
+    `max_rows_per_micro_batch` caps a micro-batch at that many longest rows; `num_gpus`: GPUs the run gets (each its own process: a step's rows
     are split across them, and full fine-tuning is sharded, so it may fit on several but not one);
     `budget_bytes` is per GPU."""
     forced = MethodChoice(method).fixed()
