@@ -129,6 +129,10 @@ def _detect_format(source: SourceFile, given: str) -> tuple[str, str]:
         return given, "given by data_format"
     votes = Counter(_format_of(keys) for keys in sample)
     votes.pop(None, None)
+    if not votes and {"chosen", "rejected"} <= set(present):
+        raise DatasetError(f"{source.uri}: the rows are preference pairs (columns {found}); preference tuning "
+                           "(DPO, ORPO) is not wired into training yet (issue 21). To fine-tune on the preferred "
+                           "answers, write them as chat rows (messages: the prompt, then the chosen answer)")
     if not votes:
         expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in _SIGNATURES.items())
         raise DatasetError(f"{source.uri}: cannot tell the row format from the columns ({found}). "

@@ -49,6 +49,21 @@ RULES: dict[str, tuple[str, str]] = {
     "near_duplicate": ("duplicate of an earlier row when case and whitespace are ignored",
                        "remove the copy, or set data_checks.duplicates='allow'"),
     "leakage": ("eval row also in the training data", "remove it from one side, or set data_checks.leakage='allow'"),
+    # preference pairs (tasks/data/preference.py)
+    "not_text_or_messages": ("neither text nor a list of {role, content} messages",
+                             "give the value as text, or as a list of messages"),
+    "no_prompt": ("no prompt: 'prompt' is missing and chosen/rejected are not whole conversations",
+                  "give a 'prompt', or make chosen and rejected conversations that start with the user's message"),
+    "prompt_missing": ("this side has no user message: the prompt is missing from it",
+                       "start chosen and rejected with the same messages up to the user's question"),
+    "prompt_mismatch": ("chosen and rejected do not share the same prompt",
+                        "make both conversations start with the same messages up to the user's last question"),
+    "answer_shape": ("the answer is not one assistant message",
+                     "give chosen and rejected as text or as one assistant message (the prompt goes in 'prompt')"),
+    "same_answer": ("chosen and rejected are the same answer (whitespace ignored)",
+                    "give a different rejected answer, or remove the pair: it teaches nothing"),
+    "prompt_leakage": ("eval pair whose prompt is also a training prompt",
+                       "move the pairs of this prompt to one side, or set data_checks.leakage='allow'"),
 }
 
 
