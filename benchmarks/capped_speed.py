@@ -205,6 +205,16 @@ def _python(*command) -> None:
     subprocess.run([sys.executable, *map(str, command)], check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def _training_case(parser):
+    """What one of our training processes is given: the model, method, rows per step, data, output."""
+    parser.add_argument("--shape", default="llama-8b")
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--rows", type=int, default=ROWS_LIKE_UNSLOTH)
+    parser.add_argument("--data", default="chat")
+    parser.add_argument("--out", required=True)
+    return parser
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers(dest="command", required=True)
@@ -214,22 +224,12 @@ def main() -> None:
         command.add_argument("--methods", nargs="+", default=["lora", "qlora"])
         command.add_argument("--recipes", nargs="+", default=["ours", "unsloth"])
         command.add_argument("--out", required=True)
-    one = commands.add_parser("ours")
-    one.add_argument("--shape", default="llama-8b")
-    one.add_argument("--method", required=True)
-    one.add_argument("--rows", type=int, default=ROWS_LIKE_UNSLOTH)
-    one.add_argument("--data", default="chat")
+    one = _training_case(commands.add_parser("ours"))
     one.add_argument("--caps", type=float, nargs="+", default=list(CAPS_GIB))
     one.add_argument("--label", default="ours")
-    one.add_argument("--out", required=True)
-    grid = commands.add_parser("sweep")
-    grid.add_argument("--shape", default="llama-8b")
-    grid.add_argument("--method", required=True)
-    grid.add_argument("--rows", type=int, default=ROWS_LIKE_UNSLOTH)
-    grid.add_argument("--data", default="chat")
+    grid = _training_case(commands.add_parser("sweep"))
     grid.add_argument("--capacities", type=int, nargs="+", default=[2048, 8192, 16384])
     grid.add_argument("--layers", type=int, nargs="+", default=[0, 16, 32])
-    grid.add_argument("--out", required=True)
     table = commands.add_parser("summary")
     table.add_argument("results")
     args = parser.parse_args()

@@ -33,9 +33,10 @@ def file_entries(folder: Path) -> list[dict]:
     ]
 
 
-def library_versions() -> dict[str, str | None]:
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    """Python's version and each of `names`' installed version (None: not installed)."""
     versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
-from tasks.store.manifest import sha256_file
+from tasks.store.manifest import library_versions, sha256_file
 from tasks.store.objects import StorageNotFoundError, join_uri, read_object, write_object
 
 SCORE_CACHE = "score-cache"
@@ -36,7 +35,7 @@ def base_score_uri(output: str, key: str) -> str:
 def base_score_key(model_dir: str, eval_split: str, settings: dict) -> tuple[str, dict]:
     """(key, what it was made from). `settings`: everything else that changes the score (JSON-able)."""
     identity = {"schema": KEY_SCHEMA, "model": model_content(Path(model_dir)), "eval_data": sha256_file(Path(eval_split)),
-                "settings": settings, "code": scoring_code_version(), "libraries": library_versions()}
+                "settings": settings, "code": scoring_code_version(), "libraries": library_versions(SCORING_LIBRARIES)}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return key, identity
 
@@ -69,16 +68,6 @@ def scoring_code_version() -> str:
     for path in files:
         digest.update(f"{path.relative_to(TASKS).as_posix()}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
-
-
-def library_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in SCORING_LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def read_base_score(output: str, key: str) -> dict | None:
