@@ -141,12 +141,12 @@ def _plan(args: argparse.Namespace) -> None:
         model_dir = _model_files(args, Path(scratch))
         shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()),
                                        source=f"{args.model} config.json")
-        longest, largest_step, origin = _token_lengths(args, model_dir)
+        longest, largest_step, typical_step, origin = _token_lengths(args, model_dir)
     pools = [WorkPoolSpec(name=f"{gib:g} GiB", gpu_gib=gib, gpus=args.gpus) for gib in args.gpu_gib]
     try:
         pool, plan = select_work_pool(
             shape, pools, safety=args.safety, method=args.method, longest_row=longest, largest_step=largest_step,
-            max_rows_per_micro_batch=args.micro_batch_size, gradient_checkpointing=args.gradient_checkpointing,
+            typical_step=typical_step, max_rows_per_micro_batch=args.micro_batch_size, gradient_checkpointing=args.gradient_checkpointing,
             lora_r=args.lora_r, fused_kernels=not args.no_fused_kernels)
     except PlanError as error:
         raise CheckFailed(str(error)) from error
@@ -155,7 +155,9 @@ def _plan(args: argparse.Namespace) -> None:
           f"{args.safety:.0%} ({plan.budget_bytes / GIB:.2f} GiB per GPU)")
     print(f"{'method':<7}{'tokens/micro-batch':>20}{'grad ckpt':>11}{'estimated GiB':>15}  fits")
     for row in plan.table():
-        print(f"{row['method']:<7}{row['tokens_per_micro_batch']:>20,}{'on' if row['grad_checkpointing'] else 'off':>11}"
+        checkpointed = row["checkpointed_layers"]
+        ckpt = "off" if not checkpointed else "on" if checkpointed == shape.num_layers else f"{checkpointed} layers"
+        print(f"{row['method']:<7}{row['tokens_per_micro_batch']:>20,}{ckpt:>11}"
               f"{row['estimated_gib']:>15.2f}  {'yes' if row['fits'] else 'no'}{'  <- chosen' if row['chosen'] else ''}")
     print(f"plan: {plan.reason}; {plan.micro_batches_per_step} micro-batch(es) in the largest step")
 
@@ -188,13 +190,14 @@ def _model_files(args: argparse.Namespace, scratch: Path) -> Path:
     return folder
 
 
-def _token_lengths(args: argparse.Namespace, model_dir: Path) -> tuple[int, int, str]:
-    """(longest row, largest step) in tokens, and where they come from."""
+def _token_lengths(args: argparse.Namespace, model_dir: Path) -> tuple[int, int, int, str]:
+    """(longest row, largest step, typical step) in tokens, and where they come from."""
     if not args.data:
-        return (args.max_seq_len, args.batch_size * args.max_seq_len,
-                f"no --data: every row taken as {args.max_seq_len} tokens")
+        step = args.batch_size * args.max_seq_len
+        return args.max_seq_len, step, step, f"no --data: every row taken as {args.max_seq_len} tokens"
     from tasks.data.tokenization import encode_all, load_tokenizer
     from tasks.data.validation import read_dataset
+    from tasks.planning.selector import step_tokens
 
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise CheckFailed(f"{args.model}: no tokenizer files next to config.json, so --data cannot be measured "
@@ -202,7 +205,7 @@ def _token_lengths(args: argparse.Namespace, model_dir: Path) -> tuple[int, int,
     conversations = read_dataset(args.data, args.data_format).conversations
     lengths = sorted(len(e.input_ids) for e in encode_all(load_tokenizer(str(model_dir)), conversations,
                                                            args.max_seq_len))
-    return (lengths[-1], sum(lengths[-args.batch_size:]),
+    return (lengths[-1], *step_tokens(lengths, args.batch_size),
             f"{len(lengths)} rows of {args.data}, median {lengths[len(lengths) // 2]} tokens, "
             f"longest {lengths[-1]} (max-seq-len {args.max_seq_len})")
 

@@ -14,7 +14,7 @@ from tasks.data.dataset import read_conversations
 from tasks.data.schemas import DatasetError
 from tasks.data.tokenization import encoded_split, length_stats, load_tokenizer
 from tasks.planning.memory import GIB, ModelShape
-from tasks.planning.selector import GPU_SAFETY, select_plan
+from tasks.planning.selector import GPU_SAFETY, select_plan, step_tokens
 from tasks.results import IngestResult, PlanResult
 from tasks.store.weight_safety import require_safe_weights
 
@@ -58,12 +58,9 @@ def _check_lengths(config: FinetuneConfig, tokenizer, split_path: str, source: s
     rows, conversations = read_conversations(split_path)
     _, examples = encoded_split(config, split_path, conversations, tokenizer)
     stats = length_stats(examples, max_seq_len)
-    # The largest optimizer step the data can make: its batch_size longest rows.
-    lengths = sorted(min(len(e.input_ids), max_seq_len) for e in examples)
-    stats["tokens_largest_step"] = sum(lengths[-config.training.batch_size:])
-    # and an average one, which the plan's speed model weighs (tasks/planning/selector.py)
-    stats["tokens_typical_step"] = round(sum(lengths) / max(len(lengths), 1) * min(config.training.batch_size,
-                                                                                      len(lengths)))
+    # The largest optimizer step the data can make (its batch_size longest rows), and an average one
+    stats["tokens_largest_step"], stats["tokens_typical_step"] = step_tokens(
+        [min(len(e.input_ids), max_seq_len) for e in examples], config.training.batch_size)
     if stats["trainable_tokens"] == 0:
         raise DatasetError(f"{source}: no answer token survives truncation to {max_seq_len} tokens "
                            f"(longest row: {stats['tokens_max']}); raise training.max_seq_len")

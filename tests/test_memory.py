@@ -121,6 +121,13 @@ def test_token_capacities_step_down_by_quarter_octaves_to_the_longest_row():
     assert token_capacities(300, 200) == [300]  # one row per micro-batch is the least there is
 
 
+def test_a_step_is_planned_as_its_largest_and_its_typical_size():
+    from tasks.planning.selector import step_tokens
+
+    assert step_tokens([300, 100, 400, 200], 2) == (700, 500)  # the 2 longest; 2 rows of the mean, 250
+    assert step_tokens([300, 100], 8) == (400, 400)  # a step cannot hold more rows than there are
+
+
 def test_speed_is_planned_for_the_usual_step_and_memory_for_the_largest():
     """An average step of 8.6k tokens (27 chat rows) with a largest of 16k: the plan takes a micro-batch
     that holds the usual step whole, even if that means checkpointing layers, and its memory is

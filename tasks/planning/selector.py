@@ -220,6 +220,15 @@ def step_down(attempt: Attempt, *, planned_tokens: int, longest_row: int, method
                    gradient_checkpointing=True)
 
 
+def step_tokens(lengths: list[int], batch_size: int) -> tuple[int, int]:
+    """(largest, typical) tokens of an optimizer step over rows of these token `lengths`: the
+    `batch_size` longest rows, which memory is planned for; and `batch_size` rows of the mean length,
+    which speed is planned for."""
+    rows = min(batch_size, len(lengths))
+    largest = sum(sorted(lengths)[-rows:]) if rows else 0
+    return largest, round(sum(lengths) / max(len(lengths), 1) * rows)
+
+
 def token_capacities(longest_row: int, largest_step: int, max_rows: int | None = None) -> list[int]:
     """Micro-batch sizes to try, in tokens, largest first: the whole step, then smaller by a fourth of
     an octave (x0.84) each, down to the longest row (packing never splits a row, so no micro-batch can
