@@ -44,13 +44,13 @@ def plan_for_cap(shape: str, method: str, examples: list, rows: int, cap_gib: fl
     from gpu_memory import SHAPES as CONFIGS
 
     from tasks.planning.memory import GIB, ModelShape
-    from tasks.planning.selector import GPU_SAFETY, select_plan
+    from tasks.planning.selector import GPU_SAFETY, select_plan, step_tokens
 
-    lengths = sorted((len(e.input_ids) for e in examples), reverse=True)
+    lengths = [len(e.input_ids) for e in examples]
+    largest, typical = step_tokens(lengths, rows)
     return select_plan(ModelShape.from_config(CONFIGS[shape]), budget_bytes=int(GPU_SAFETY * cap_gib * GIB),
                        budget_source=f"{GPU_SAFETY:.0%} of a {cap_gib:g} GiB cap", device="cuda", method=method,
-                       longest_row=lengths[0], largest_step=sum(lengths[:rows]),
-                       typical_step=round(sum(lengths) / len(lengths) * rows))
+                       longest_row=max(lengths), largest_step=largest, typical_step=typical)
 
 
 def timed_training(model, examples: list, rows: int, capacity: int, steps: tuple[int, int] = (WARM_STEPS, TIMED_STEPS)):

@@ -59,7 +59,7 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
             logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed "
                         "tokens; gradient checkpointing %s; attention %s", attempt.method, plan.device,
                         f"{sizes['trainable']:,}", f"{sizes['total']:,}", attempt.tokens_per_micro_batch,
-                        _checkpointing(attempt), model.config._attn_implementation)
+                        attempt.checkpointing, model.config._attn_implementation)
             return model
 
         def run(model, attempt: Attempt, restarted: bool):
@@ -82,12 +82,6 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
                        gradient_checkpointing=attempt.gradient_checkpointing,
                        checkpointed_layers=attempt.checkpointed_layers, memory_step_downs=step_downs,
                        world_size=world_size, **dataclasses.asdict(outcome))
-
-
-def _checkpointing(attempt: Attempt) -> str:
-    if not attempt.gradient_checkpointing:
-        return "off"
-    return "on" if attempt.checkpointed_layers is None else f"on for the first {attempt.checkpointed_layers} layers"
 
 
 def processes_per_node(config: FinetuneConfig, plan) -> int:

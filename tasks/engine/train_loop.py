@@ -348,7 +348,7 @@ def _release(model) -> None:
 
 def _describe(attempt: Attempt) -> str:
     return (f"{attempt.method} at {attempt.tokens_per_micro_batch} tokens per micro-batch, gradient checkpointing "
-            f"{'on' if attempt.gradient_checkpointing else 'off'}")
+            f"{attempt.checkpointing}")
 
 
 def _out_of_memory_message(step_downs: list[dict], method_fixed: bool) -> str:

@@ -200,6 +200,13 @@ class Attempt(BaseModel):
     gradient_checkpointing: bool
     checkpointed_layers: int | None = None  # with checkpointing: the first this many layers (None: all)
 
+    @property
+    def checkpointing(self) -> str:
+        """In words, for logs and errors: off, on, or on for the first k layers."""
+        if not self.gradient_checkpointing:
+            return "off"
+        return "on" if self.checkpointed_layers is None else f"on for the first {self.checkpointed_layers} layers"
+
 
 def step_down(attempt: Attempt, *, planned_tokens: int, longest_row: int, method_fixed: bool) -> Attempt | None:
     """The next, leaner way to train after `attempt` ran out of memory, or None when none is left.
