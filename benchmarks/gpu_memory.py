@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
@@ -47,6 +48,36 @@ SHAPES = {  # public configs' shapes; random weights
                      tie_word_embeddings=True),
     "phi3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False),
+    # The families issue 16 added (published configs; the two mixtures of experts with fewer layers, so
+    # that full-size expert blocks fit beside the other points).
+    "gemma2-2b": dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+                      sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                      query_pre_attn_scalar=256, tie_word_embeddings=True),
+    "gemma3-1b": dict(model_type="gemma3_text", hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                      sliding_window=512, tie_word_embeddings=True),
+    "olmo2-1b": dict(model_type="olmo2", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=16, num_key_value_heads=16, vocab_size=100352, tie_word_embeddings=False),
+    "granite-2b": dict(model_type="granite", hidden_size=2048, intermediate_size=8192, num_hidden_layers=40,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=49155, tie_word_embeddings=True,
+                       embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+                       attention_multiplier=0.015625),
+    "smollm3-3b": dict(model_type="smollm3", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=4, vocab_size=128256, tie_word_embeddings=True),
+    "command-r7b": dict(model_type="cohere2", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=256000,
+                        sliding_window=4096, logit_scale=0.25, tie_word_embeddings=True),
+    "glm4-9b": dict(model_type="glm4", hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+                    num_attention_heads=32, num_key_value_heads=2, head_dim=128, vocab_size=151552,
+                    attention_bias=True, tie_word_embeddings=False),
+    "mixtral-8x7b-4l": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
+                            num_experts_per_tok=2, tie_word_embeddings=False),
+    "qwen3-30b-a3b-6l": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                             moe_intermediate_size=768, num_hidden_layers=6, num_attention_heads=32,
+                             num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128,
+                             num_experts_per_tok=8, tie_word_embeddings=False),
 }
 SEQ = 2048
 POINTS = {  # set -> (shape, method, gradient checkpointing, rows of SEQ tokens per micro-batch)
@@ -67,6 +98,15 @@ POINTS = {  # set -> (shape, method, gradient checkpointing, rows of SEQ tokens 
         ("qwen3-1.7b", "qlora", False, 4), ("gemma-2b", "qlora", True, 8), ("phi3-mini", "full", True, 1),
         ("mistral-7b", "lora", True, 8), ("llama-8b", "lora", False, 1), ("qwen2.5-0.5b", "full", False, 16),
         ("llama-1b", "lora", False, 16), ("llama-8b", "qlora", True, 16),
+    ],
+    # Issue 16's families, first measured on 2026-12-01.
+    "new-families": [
+        ("gemma2-2b", "lora", False, 4), ("gemma2-2b", "full", True, 2), ("gemma3-1b", "full", False, 2),
+        ("gemma3-1b", "qlora", True, 4), ("olmo2-1b", "full", False, 2), ("olmo2-1b", "lora", True, 4),
+        ("granite-2b", "lora", False, 4), ("granite-2b", "qlora", True, 4), ("smollm3-3b", "lora", True, 4),
+        ("smollm3-3b", "full", True, 2), ("command-r7b", "qlora", False, 2), ("glm4-9b", "lora", True, 4),
+        ("mixtral-8x7b-4l", "lora", False, 2), ("mixtral-8x7b-4l", "qlora", True, 2),
+        ("qwen3-30b-a3b-6l", "lora", True, 2), ("qwen3-30b-a3b-6l", "qlora", False, 2),
     ],
     # Run where liger-kernel is not installed: the unfused RMSNorm, RoPE and SwiGLU of transformers.
     "unfused": [("qwen2.5-0.5b", "lora", False, 4), ("llama-1b", "full", False, 4), ("llama-1b", "qlora", False, 4),
@@ -133,9 +173,8 @@ def measure(args) -> None:
     environment = {"gpu": torch.cuda.get_device_name(), "gpu_bytes": torch.cuda.mem_get_info()[1],
                    "torch": torch.__version__}
     print(json.dumps(environment), flush=True)
-    for shape, method, checkpointing, rows in POINTS[args.set]:
-        if args.shapes and shape not in args.shapes:
-            continue
+    points = [p for p in POINTS[args.set] if not args.shapes or p[0] in args.shapes]
+    for index, (shape, method, checkpointing, rows) in enumerate(points):
         point = {"shape": shape, "config": SHAPES[shape], "method": method, "grad_ckpt": checkpointing,
                  "tokens": rows * SEQ, "lora": LORA, **environment}
         started = time.time()
@@ -148,6 +187,8 @@ def measure(args) -> None:
         with open(args.out, "a") as out:
             out.write(json.dumps(point) + "\n")
         torch.cuda.empty_cache()
+        if all(later[0] != shape for later in points[index + 1:]):  # 8-9B checkpoints: keep the disk free
+            shutil.rmtree(Path(args.scratch) / f"anchor-{shape}", ignore_errors=True)
 
 
 def estimate_for(point: dict):

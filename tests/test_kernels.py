@@ -3,7 +3,7 @@ import types
 
 import torch
 
-from tasks.engine.kernels import patches_kept_to_cuda, use_fused_kernels
+from tasks.engine.kernels import kernel_options, patches_kept_to_cuda, use_fused_kernels
 
 
 class Norm(torch.nn.Module):
@@ -45,3 +45,22 @@ def test_on_cpu_no_kernel_is_applied(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert use_fused_kernels(model, "cpu") == "none (CPU)"
+
+
+def test_a_kernel_liger_leaves_off_for_a_family_is_not_asked_for():
+    """Liger's apply function for GLM-4 defaults rope=False and raises if rope=True is passed; its
+    defaults say what it has. The loss kernels stay off whatever the default (tasks/engine/loss.py)."""
+    def apply_liger_kernel_to_glm4(rope=False, cross_entropy=False, fused_linear_cross_entropy=True,
+                                   rms_norm=True, swiglu=True, model=None):
+        if rope:
+            raise NotImplementedError("liger_rotary_pos_emb is not available for Glm4 models.")
+
+    def apply_liger_kernel_to_llama(rope=True, cross_entropy=False, fused_linear_cross_entropy=True,
+                                    rms_norm=True, swiglu=True, model=None):
+        pass
+
+    glm4 = kernel_options(apply_liger_kernel_to_glm4)
+    apply_liger_kernel_to_glm4(**glm4)
+    assert glm4 == {"rope": False, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                    "fused_linear_cross_entropy": False}
+    assert kernel_options(apply_liger_kernel_to_llama)["rope"] is True

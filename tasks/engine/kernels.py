@@ -40,12 +40,19 @@ def use_fused_kernels(model, device: str) -> str:
     apply = functions.get(model.config.model_type)
     if apply is None:
         return f"none (Liger has no kernels for {model.config.model_type})"
-    accepted = inspect.signature(apply).parameters
-    options = {k: v for k, v in FUSED.items() if k in accepted}
+    options = kernel_options(apply)
     modeling = sys.modules[type(getattr(model, model.base_model_prefix, model)).__module__]
     with patches_kept_to_cuda(modeling):
         apply(model=model, **options)
     return "liger: " + ", ".join(k for k, v in options.items() if v)
+
+
+def kernel_options(apply) -> dict[str, bool]:
+    """The FUSED kernels to ask of one of Liger's `apply_liger_kernel_to_*` functions. A kernel it turns
+    off by default for a family is one it lacks there (GLM-4's RoPE raises NotImplementedError when asked
+    for, found on the H200): ask only for what its defaults allow."""
+    accepted = inspect.signature(apply).parameters
+    return {k: v and accepted[k].default is not False for k, v in FUSED.items() if k in accepted}
 
 
 @contextlib.contextmanager
