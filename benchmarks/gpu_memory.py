@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_memory.py measure --out results.jsonl   # on a CUDA machine
     python benchmarks/gpu_memory.py table results.jsonl           # anywhere: estimate vs measured
+    python benchmarks/gpu_memory.py probe --out probe.jsonl       # on a CUDA machine: the probe's estimate too
 
 `measure` trains each point for a few optimizer steps through the same code the train task runs
 (tasks/modeling.load_for_training, tasks/trainer.train), on random-weight models built from
@@ -11,6 +12,12 @@ on the GPU at its peak (allocator reservation + CUDA context; an out-of-memory e
 number), the allocator's peak allocation, and the static memory after training (weights and
 optimizer state). `table` recomputes the estimate of every point from its config with the estimator
 as it is now and prints the error; measurements stay valid as long as the trainer does not change.
+
+`probe` does what `measure` does and, before each point, runs the memory probe a plan uses for a family
+without a formula (tasks/engine/memory_probe.py: the method's model, forward and backward at the
+rows' length and twice it, with no layer and with every layer checkpointed; once per shape and method).
+The probe's result is stored with the point, and `table` adds its estimate (tasks/planning/measured.py)
+beside the formula's: the check that a measured plan lands within 10% of the trainer's peak.
 """
 from __future__ import annotations
 
@@ -67,6 +74,13 @@ POINTS = {  # set -> (shape, method, gradient checkpointing, rows of SEQ tokens 
         ("qwen3-1.7b", "qlora", False, 4), ("gemma-2b", "qlora", True, 8), ("phi3-mini", "full", True, 1),
         ("mistral-7b", "lora", True, 8), ("llama-8b", "lora", False, 1), ("qwen2.5-0.5b", "full", False, 16),
         ("llama-1b", "lora", False, 16), ("llama-8b", "qlora", True, 16),
+    ],
+    # The probe's check (`probe`): every method, with and without checkpointing, micro-batches from the
+    # probe's own sizes (2 and 4 rows) up to 8 times them.
+    "probe": [
+        ("qwen2.5-0.5b", "lora", False, 8), ("qwen2.5-0.5b", "full", True, 4), ("llama-1b", "full", False, 2),
+        ("llama-1b", "qlora", True, 16), ("qwen3-1.7b", "lora", True, 4), ("gemma-2b", "lora", False, 4),
+        ("phi3-mini", "qlora", False, 2), ("mistral-7b", "lora", True, 8), ("llama-8b", "qlora", False, 4),
     ],
     # Run where liger-kernel is not installed: the unfused RMSNorm, RoPE and SwiGLU of transformers.
     "unfused": [("qwen2.5-0.5b", "lora", False, 4), ("llama-1b", "full", False, 4), ("llama-1b", "qlora", False, 4),
@@ -150,6 +164,50 @@ def measure(args) -> None:
         torch.cuda.empty_cache()
 
 
+def probe(args) -> None:
+    """`measure`, with the memory probe of each shape and method run first and stored with its points."""
+    import torch
+
+    from tasks.config import LoraSettings
+    from tasks.engine.memory_probe import probe_memory
+    from tasks.engine.modeling import use_expandable_segments
+
+    use_expandable_segments("cuda")
+    environment = {"gpu": torch.cuda.get_device_name(), "gpu_bytes": torch.cuda.mem_get_info()[1],
+                   "torch": torch.__version__}
+    print(json.dumps(environment), flush=True)
+    probes = {}
+    for shape, method, checkpointing, rows in POINTS[args.set]:
+        if args.shapes and shape not in args.shapes:
+            continue
+        path = checkpoint_for(shape, Path(args.scratch))
+        if (shape, method) not in probes:
+            result = probe_memory(str(path), method, LoraSettings(**LORA), longest_row=SEQ)
+            probes[shape, method] = result.model_dump(mode="json") if result else None
+        point = {"shape": shape, "config": SHAPES[shape], "method": method, "grad_ckpt": checkpointing,
+                 "tokens": rows * SEQ, "lora": LORA, **environment, "probe": probes[shape, method]}
+        started = time.time()
+        try:
+            point |= measure_point(shape, path, method, checkpointing, rows)
+        except torch.cuda.OutOfMemoryError as error:
+            point["error"] = f"OutOfMemoryError: {str(error).splitlines()[0][:200]}"
+        point["wall_s"] = round(time.time() - started, 1)
+        print(json.dumps(point), flush=True)
+        with open(args.out, "a") as out:
+            out.write(json.dumps(point) + "\n")
+        torch.cuda.empty_cache()
+
+
+def probe_estimate_for(point: dict):
+    """The plan's estimate of a point from the probe stored with it (None when there is none)."""
+    from tasks.planning.measured import MethodProbe, measured_estimate
+
+    if not point.get("probe"):
+        return None
+    result = MethodProbe(**point["probe"])
+    return measured_estimate(result, point["tokens"], result.layers if point["grad_ckpt"] else 0)
+
+
 def estimate_for(point: dict):
     return estimate_memory(ModelShape.from_config(point["config"]), point["method"], "cuda", point["tokens"],
                            point["grad_ckpt"], point["lora"]["r"], "all-linear", point["fused_kernels"])
@@ -173,9 +231,30 @@ def table(args) -> None:
         print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {_kernels(p)} | {p['tokens']:,} | "
               f"{p['measured_bytes'] / GIB:.2f} | {estimate.gib:.2f} | {error:+.1%} | "
               f"{p['allocated_peak_bytes'] / GIB:.2f} |")
+    _summary(errors)
+    if any(p.get("probe") for p in points):
+        _probe_table([p for p in points if "error" not in p and p.get("probe")])
+
+
+def _probe_table(points: list[dict]) -> None:
+    """The probe's estimate of each point beside the formula's, against the trainer's peak."""
+    print("\n| shape | method | grad ckpt | tokens | measured GiB | probe GiB | probe error | formula error | probe s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    errors = []
+    for p in points:
+        probed, formula = probe_estimate_for(p), estimate_for(p)
+        error = probed.total / p["measured_bytes"] - 1
+        errors.append(error)
+        print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {p['tokens']:,} | "
+              f"{p['measured_bytes'] / GIB:.2f} | {probed.gib:.2f} | {error:+.1%} | "
+              f"{formula.total / p['measured_bytes'] - 1:+.1%} | {p['probe']['seconds']:.0f} |")
+    _summary(errors, "probe-based estimates")
+
+
+def _summary(errors: list[float], what: str = "points measured") -> None:
     if errors:
         worst = max(errors, key=abs)
-        print(f"\n{len(errors)} points measured: median |error| {statistics.median(map(abs, errors)):.1%}, "
+        print(f"\n{len(errors)} {what}: median |error| {statistics.median(map(abs, errors)):.1%}, "
               f"worst {worst:+.1%}, most under-estimated {min(errors):+.1%}; "
               f"within +-10%: {sum(abs(e) <= 0.10 for e in errors)}/{len(errors)}")
 
@@ -193,6 +272,12 @@ def main() -> None:
     run.add_argument("--shapes", nargs="*", choices=sorted(SHAPES))
     run.add_argument("--scratch", default=tempfile.gettempdir())
     run.set_defaults(handler=measure)
+    probing = commands.add_parser("probe", help="measure, with the memory probe's estimate of every point")
+    probing.add_argument("--out", required=True)
+    probing.add_argument("--set", default="probe", choices=sorted(POINTS))
+    probing.add_argument("--shapes", nargs="*", choices=sorted(SHAPES))
+    probing.add_argument("--scratch", default=tempfile.gettempdir())
+    probing.set_defaults(handler=probe)
     show = commands.add_parser("table", help="estimate vs measured, with the estimator as it is now")
     show.add_argument("results")
     show.set_defaults(handler=table)
