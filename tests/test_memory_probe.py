@@ -172,7 +172,7 @@ def test_the_probe_predicts_the_trainers_peak_on_a_gpu(tmp_path, method):
 
     config = AutoConfig.for_model("starcoder2", hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
                                   num_attention_heads=8, num_key_value_heads=4, vocab_size=8192,
-                                  max_position_embeddings=4096)
+                                  max_position_embeddings=4096, sliding_window=None, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
     path, lora = str(tmp_path / "model"), LoraSettings(r=16, dropout=0.05)
@@ -201,3 +201,30 @@ def test_the_probe_predicts_the_trainers_peak_on_a_gpu(tmp_path, method):
                                 method=method, device="cuda", budget_source="test", longest_row=512,
                                 largest_step=tokens)
     assert plan.estimate.kind == "measured (probe)" and "measured (probe) on" in plan.reason
+
+
+@pytest.mark.gpu
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_api")
+def test_the_flow_on_a_gpu_measures_a_family_without_a_formula(tiny_model, tmp_path):
+    """The plan stage on a GPU worker probes a family without a formula; the manifest says the plan was measured."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from flows.finetune import finetune
+    from tasks.data.tokenization import load_tokenizer
+    from test_model_families import family_config
+
+    folder = tmp_path / "starcoder2"
+    tokenizer = load_tokenizer(str(tiny_model))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(family_config("starcoder2", tokenizer)).save_pretrained(folder)
+    result = finetune(tiny_config(folder, tmp_path, method="lora"))
+    manifest = json.loads((tmp_path / "out" / "runs" / result.run_id / "manifest.json").read_text())
+    assert manifest["plan"]["estimate"]["kind"] == manifest["memory"]["estimate"] == "measured (probe)"
+    assert "estimate measured (probe) on" in manifest["plan"]["reason"]
+    assert result.tuned_eval_loss < result.base_eval_loss

@@ -20,7 +20,7 @@ import torch
 from tasks.data.tokenization import Example
 from tasks.engine.kernels import fused_kernels_available
 from tasks.engine.modeling import load_for_training
-from tasks.engine.train_loop import accumulate_gradients
+from tasks.engine.train_loop import _release, accumulate_gradients
 from tasks.planning.measured import MethodProbe, ProbePoint, probe_token_counts
 from tasks.planning.methods import Method
 from tasks.planning.settings import LoraSettings
@@ -59,8 +59,9 @@ def probe_memory(path: str, method: Method | str, lora: LoraSettings, loading: M
             checkpoint_input_bytes=_checkpoint_input_bytes(model, method),
             square_bytes_per_layer=_square_bytes(model), plain=points[False], checkpointed=points[True],
             fused_kernels=fused_kernels_available(model.config.model_type, "cuda"),
-            attention=model.config._attn_implementation, seconds=round(time.perf_counter() - started, 1))
+            attention=str(model.config._attn_implementation), seconds=round(time.perf_counter() - started, 1))
     except torch.OutOfMemoryError as error:
+        _release(model)  # the error's traceback keeps the model reachable: empty its tensors now
         log.warning("memory probe of %s ran out of GPU memory (%s); its estimate stays conservative", method,
                     str(error).splitlines()[0][:200])
         return None
