@@ -6,8 +6,7 @@ model of a family without a formula, against the trainer's own peak at a third t
 """
 import pytest
 
-from tasks.planning.measured import (MethodProbe, ProbePoint, checkpointed_line, fit_line, measured_estimate,
-                                     probe_token_counts)
+from tasks.planning.measured import MethodProbe, ProbePoint, checkpointed_line, fit_line, measured_estimate
 from tasks.planning.memory import GIB, ModelShape, estimate_memory, overhead_bytes
 from tasks.planning.methods import Method
 from tasks.planning.selector import PlanError, select_measured_plan, select_plan
@@ -20,7 +19,7 @@ MYSTERY = {"model_type": "mystery", "architectures": ["MysteryForCausalLM"], "hi
            "vocab_size": 128256, "tie_word_embeddings": True}
 
 
-def true_step_bytes(tokens: int, checkpointed: int, square: int = 0) -> float:
+def true_step_bytes(tokens: int, checkpointed: int, square: int = 0, chunk: tuple[int, int] = (0, 0)) -> float:
     """A made-up model that keeps what checkpointed_line assumes: the truth the probe should recover."""
     if checkpointed == 0:
         per_token, fixed, scored = LAYERS * PER_LAYER + REST, FIXED_PLAIN, LAYERS
@@ -28,7 +27,7 @@ def true_step_bytes(tokens: int, checkpointed: int, square: int = 0) -> float:
         per_token = (LAYERS - checkpointed) * PER_LAYER + checkpointed * CHECKPOINT_INPUT + PER_LAYER + REST
         fixed = FIXED_CHECKPOINTED + (FIXED_PLAIN - FIXED_CHECKPOINTED) * (LAYERS - checkpointed) / (LAYERS - 1)
         scored = LAYERS - checkpointed + 2
-    return fixed + per_token * tokens + square * scored * tokens ** 2
+    return fixed + per_token * tokens + square * scored * tokens ** 2 + chunk[1] * min(tokens, chunk[0])
 
 
 def probe_of(step_bytes=true_step_bytes, method="lora", layers=LAYERS, counts=(1024, 2048), **fields) -> MethodProbe:
@@ -66,11 +65,22 @@ def test_eager_attentions_square_term_is_kept_out_of_the_line():
                                                                      rel=1e-6)
 
 
+def test_the_fused_losss_chunk_is_not_extrapolated():
+    """The fused loss keeps a chunk of logits of at most 4194 tokens (a 32k vocabulary): measured at 1024 and
+    2048 tokens it grows with them, but a micro-batch of 16k tokens holds no more of it than one of 4194."""
+    chunk = (4194, 32000 * 6)
+    probe = probe_of(lambda t, k: true_step_bytes(t, k, chunk=chunk), loss_chunk_tokens=chunk[0],
+                     loss_chunk_bytes_per_token=chunk[1])
+    for checkpointed in (0, 3, LAYERS):
+        assert probe.step_bytes(16384, checkpointed) == pytest.approx(
+            true_step_bytes(16384, checkpointed, chunk=chunk), rel=1e-6)
+    unaware = probe_of(lambda t, k: true_step_bytes(t, k, chunk=chunk))
+    assert unaware.step_bytes(16384, 0) > 1.5 * true_step_bytes(16384, 0, chunk=chunk)  # what the term prevents
+
+
 def test_a_probe_needs_two_token_counts():
     with pytest.raises(ValueError, match=r"plain: a probe needs points at two different token counts"):
         probe_of(counts=(1024, 1024))
-    assert probe_token_counts(300) == (1024, 2048)
-    assert probe_token_counts(4096) == (4096, 8192)  # a row is never split: the longest row sets the smaller
     assert checkpointed_line(fit_line([(1, 10), (2, 20)]), fit_line([(1, 4), (2, 6)]), 1, 1, 0) == (2, 2)
 
 

@@ -20,8 +20,9 @@ import torch
 from tasks.data.tokenization import Example
 from tasks.engine.kernels import fused_kernels_available
 from tasks.engine.modeling import load_for_training
-from tasks.engine.train_loop import _release, accumulate_gradients
-from tasks.planning.measured import MethodProbe, ProbePoint, probe_token_counts
+from tasks.engine.loss import chunk_rows
+from tasks.engine.train_loop import _fused_loss_transform, _release, accumulate_gradients
+from tasks.planning.measured import PROBE_TOKENS, MethodProbe, ProbePoint
 from tasks.planning.methods import Method
 from tasks.planning.settings import LoraSettings
 from tasks.store.weight_safety import SAFE, ModelLoadingSettings
@@ -30,12 +31,12 @@ logger = logging.getLogger(__name__)
 
 
 def probe_memory(path: str, method: Method | str, lora: LoraSettings, loading: ModelLoadingSettings = SAFE,
-                 longest_row: int = 1024, token_counts: tuple[int, int] | None = None,
+                 longest_row: int = PROBE_TOKENS[0], token_counts: tuple[int, int] = PROBE_TOKENS,
                  log: logging.Logger | logging.LoggerAdapter = logger) -> MethodProbe | None:
-    """What training `path` with `method` keeps on this GPU, measured; None when the probe itself runs
-    out of memory (the plan then keeps the conservative estimate for this method)."""
+    """What training `path` with `method` keeps on this GPU, measured on rows of up to `longest_row`
+    tokens packed to `token_counts`; None when the probe itself runs out of memory (the plan then
+    keeps the conservative estimate for this method)."""
     method = Method(method)
-    token_counts = token_counts or probe_token_counts(longest_row)
     started, model = time.perf_counter(), None
     _free()
     before = torch.cuda.memory_allocated()
@@ -57,7 +58,8 @@ def probe_memory(path: str, method: Method | str, lora: LoraSettings, loading: M
             method=method, gpu=torch.cuda.get_device_name(), layers=len(layers), weights_bytes=weights,
             optimizer_bytes=2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
             checkpoint_input_bytes=_checkpoint_input_bytes(model, method),
-            square_bytes_per_layer=_square_bytes(model), plain=points[False], checkpointed=points[True],
+            square_bytes_per_layer=_square_bytes(model), **_loss_chunk(model),
+            plain=points[False], checkpointed=points[True],
             fused_kernels=fused_kernels_available(model.config.model_type, "cuda"),
             attention=str(model.config._attn_implementation), seconds=round(time.perf_counter() - started, 1))
     except torch.OutOfMemoryError as error:
@@ -114,6 +116,17 @@ def _square_bytes(model) -> int:
     if model.config._attn_implementation != "eager":
         return 0
     return model.config.get_text_config().num_attention_heads * (2 + 4)
+
+
+def _loss_chunk(model) -> dict:
+    """The fused loss's chunk (tasks/engine/loss.py): fp32 logits and their bf16 gradient for each of up to
+    chunk_rows tokens, and a soft cap's fp32 slope; none when the model's own head makes the logits."""
+    transform = _fused_loss_transform(model, model.get_output_embeddings())
+    if transform is None:
+        return {}
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return {"loss_chunk_tokens": chunk_rows(vocab),
+            "loss_chunk_bytes_per_token": vocab * (6 + (4 if transform["softcap"] is not None else 0))}
 
 
 def _free() -> None:

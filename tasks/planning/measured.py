@@ -17,7 +17,10 @@ from pydantic import BaseModel, Field, model_validator
 from tasks.planning.memory import MemoryEstimate, overhead_bytes
 from tasks.planning.methods import Method
 
-PROBE_TOKENS = 1024  # the smaller of the two token counts (the larger is twice it); rows longer than it set it
+# The two micro-batch sizes a probe measures. Rows longer than the smaller are cut to it: with varlen
+# attention a token keeps the same whatever its row's length, and eager attention's square term is the
+# micro-batch's (see square_bytes_per_layer), so short rows measure what long ones would, in seconds.
+PROBE_TOKENS = (1024, 2048)
 
 
 class ProbePoint(BaseModel):
@@ -41,6 +44,10 @@ class MethodProbe(BaseModel):
     # Eager attention (soft-capped logits) keeps a tokens x tokens score matrix per head: bytes per
     # token squared of one plain layer, from the formula (memory.eager_attention_bytes); 0 for varlen attention.
     square_bytes_per_layer: int = 0
+    # The fused loss (tasks/engine/loss.py) works on a chunk of at most `loss_chunk_tokens` tokens' logits:
+    # bytes per token up to that many, then none more (a line through two smaller sizes would extrapolate it).
+    loss_chunk_tokens: int = 0
+    loss_chunk_bytes_per_token: int = 0
     plain: list[ProbePoint]  # no layer checkpointed
     checkpointed: list[ProbePoint]  # every layer checkpointed
     fused_kernels: bool = False
@@ -59,8 +66,12 @@ class MethodProbe(BaseModel):
         """The fitted line of the plain or the all-checkpointed runs, eager attention's square term taken out."""
         scored = 2 if checkpointed else self.layers  # as memory.estimate_memory counts them
         points = self.checkpointed if checkpointed else self.plain
-        return fit_line([(p.tokens, p.step_bytes - self.square_bytes_per_layer * scored * p.tokens ** 2)
-                         for p in points])
+        return fit_line([(p.tokens, p.step_bytes - self._known_bytes(p.tokens, scored)) for p in points])
+
+    def _known_bytes(self, tokens: int, scored_layers: int) -> int:
+        """What the line leaves out, known in form: eager attention's square term and the loss's chunk."""
+        return (self.square_bytes_per_layer * scored_layers * tokens ** 2
+                + self.loss_chunk_bytes_per_token * min(tokens, self.loss_chunk_tokens))
 
     def step_bytes(self, tokens: int, checkpointed: int) -> int:
         """Peak bytes of forward + backward over `tokens` packed tokens with the first `checkpointed`
@@ -68,7 +79,7 @@ class MethodProbe(BaseModel):
         plain, everything = self.line(False), self.line(True)
         fixed, per_token = checkpointed_line(plain, everything, self.layers, checkpointed, self.checkpoint_input_bytes)
         scored = self.layers - checkpointed + (2 if checkpointed else 0)
-        return round(fixed + per_token * tokens + self.square_bytes_per_layer * scored * tokens ** 2)
+        return round(fixed + per_token * tokens + self._known_bytes(tokens, scored))
 
     def describe(self) -> str:
         plain, everything = self.line(False), self.line(True)
@@ -109,12 +120,6 @@ def checkpointed_line(plain: Line, everything: Line, layers: int, checkpointed: 
                     everything.per_token)  # never less than recomputing every layer
     fixed = everything.fixed + (plain.fixed - everything.fixed) * (layers - checkpointed) / (layers - 1)
     return Line(fixed=fixed, per_token=per_token)
-
-
-def probe_token_counts(longest_row: int) -> tuple[int, int]:
-    """The two micro-batch sizes a probe measures: PROBE_TOKENS (or the longest row, when longer) and twice it."""
-    smaller = max(PROBE_TOKENS, longest_row)
-    return smaller, 2 * smaller
 
 
 def measured_estimate(probe: MethodProbe, tokens: int, checkpointed: int, num_gpus: int = 1) -> MemoryEstimate:
