@@ -6,7 +6,11 @@ every layer checkpointed, reading the allocator's peak each time. A step's memor
 tokens (varlen attention keeps per-token state), so two points make a line: the bytes a step needs
 whatever its size (gradients, autocast's weight copies, the loss's working chunk) and the bytes per
 token (activations). Here those lines become an estimate for any micro-batch size and any number
-of checkpointed layers, in place of the conservative formula. Pure: no torch, no Prefect.
+of checkpointed layers, in place of the conservative formula. Two terms that are not linear keep the
+formula's form: eager attention's score matrices (the square of the micro-batch) and the fused loss's
+chunk (bounded). Not modelled: the boolean block-diagonal mask of the SDPA fallback (a family with
+sliding windows on a PyTorch whose varlen attention takes none), one byte per token squared.
+Pure: no torch, no Prefect.
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ class MethodProbe(BaseModel):
         return self
 
     def line(self, checkpointed: bool) -> Line:
-        """The fitted line of the plain or the all-checkpointed runs, eager attention's square term taken out."""
+        """The fitted line of the plain or the all-checkpointed runs, the terms known in form taken out."""
         scored = 2 if checkpointed else self.layers  # as memory.estimate_memory counts them
         points = self.checkpointed if checkpointed else self.plain
         return fit_line([(p.tokens, p.step_bytes - self._known_bytes(p.tokens, scored)) for p in points])
