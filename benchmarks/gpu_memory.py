@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_memory.py measure --out results.jsonl   # on a CUDA machine
     python benchmarks/gpu_memory.py table results.jsonl           # anywhere: estimate vs measured
+    python benchmarks/gpu_memory.py probe --out probe.jsonl       # on a CUDA machine: the probe's estimate too
 
 `measure` trains each point for a few optimizer steps through the same code the train task runs
 (tasks/modeling.load_for_training, tasks/trainer.train), on random-weight models built from
@@ -11,6 +12,12 @@ on the GPU at its peak (allocator reservation + CUDA context; an out-of-memory e
 number), the allocator's peak allocation, and the static memory after training (weights and
 optimizer state). `table` recomputes the estimate of every point from its config with the estimator
 as it is now and prints the error; measurements stay valid as long as the trainer does not change.
+
+`probe` does what `measure` does and, before each point, runs the memory probe a plan uses for a family
+without a formula (tasks/engine/memory_probe.py: the method's model, forward and backward at the
+rows' length and twice it, with no layer and with every layer checkpointed; once per shape and method).
+The probe's result is stored with the point, and `table` adds its estimate (tasks/planning/measured.py)
+beside the formula's: the check that a measured plan lands within 10% of the trainer's peak.
 """
 from __future__ import annotations
 
@@ -108,6 +115,13 @@ POINTS = {  # set -> (shape, method, gradient checkpointing, rows of SEQ tokens 
         ("mixtral-8x7b-4l", "lora", False, 2), ("mixtral-8x7b-4l", "qlora", True, 2),
         ("qwen3-30b-a3b-6l", "lora", True, 2), ("qwen3-30b-a3b-6l", "qlora", False, 2),
     ],
+    # The probe's check (`probe`): every method, with and without checkpointing, micro-batches from the
+    # probe's own sizes (2 and 4 rows) up to 8 times them.
+    "probe": [
+        ("qwen2.5-0.5b", "lora", False, 8), ("qwen2.5-0.5b", "full", True, 4), ("llama-1b", "full", False, 2),
+        ("llama-1b", "qlora", True, 16), ("qwen3-1.7b", "lora", True, 4), ("gemma-2b", "lora", False, 4),
+        ("phi3-mini", "qlora", False, 2), ("mistral-7b", "lora", True, 8), ("llama-8b", "qlora", False, 4),
+    ],
     # Run where liger-kernel is not installed: the unfused RMSNorm, RoPE and SwiGLU of transformers.
     "unfused": [("qwen2.5-0.5b", "lora", False, 4), ("llama-1b", "full", False, 4), ("llama-1b", "qlora", False, 4),
                 ("llama-8b", "lora", True, 2)],
@@ -165,6 +179,8 @@ def measure_point(shape: str, path: Path, method: str, checkpointing: bool, rows
 
 
 def measure(args) -> None:
+    """Train every point of the set; with `probe` (the `probe` command), run the memory probe of each
+    shape and method first (once) and store its result with the point."""
     import torch
 
     from tasks.engine.modeling import use_expandable_segments
@@ -174,12 +190,18 @@ def measure(args) -> None:
                    "torch": torch.__version__}
     print(json.dumps(environment), flush=True)
     points = [p for p in POINTS[args.set] if not args.shapes or p[0] in args.shapes]
+    probes = {}
     for index, (shape, method, checkpointing, rows) in enumerate(points):
+        path = checkpoint_for(shape, Path(args.scratch))
         point = {"shape": shape, "config": SHAPES[shape], "method": method, "grad_ckpt": checkpointing,
                  "tokens": rows * SEQ, "lora": LORA, **environment}
+        if args.probe:
+            if (shape, method) not in probes:
+                probes[shape, method] = _probe(path, method)
+            point["probe"] = probes[shape, method]
         started = time.time()
         try:
-            point |= measure_point(shape, checkpoint_for(shape, Path(args.scratch)), method, checkpointing, rows)
+            point |= measure_point(shape, path, method, checkpointing, rows)
         except torch.cuda.OutOfMemoryError as error:
             point["error"] = f"OutOfMemoryError: {str(error).splitlines()[0][:200]}"
         point["wall_s"] = round(time.time() - started, 1)
@@ -188,7 +210,26 @@ def measure(args) -> None:
             out.write(json.dumps(point) + "\n")
         torch.cuda.empty_cache()
         if all(later[0] != shape for later in points[index + 1:]):  # 8-9B checkpoints: keep the disk free
-            shutil.rmtree(Path(args.scratch) / f"anchor-{shape}", ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _probe(path: Path, method: str) -> dict | None:
+    """The memory probe a plan runs for a family without a formula (tasks/engine/memory_probe.py)."""
+    from tasks.config import LoraSettings
+    from tasks.engine.memory_probe import probe_memory
+
+    result = probe_memory(str(path), method, LoraSettings(**LORA), longest_row=SEQ)
+    return result.model_dump(mode="json") if result else None
+
+
+def probe_estimate_for(point: dict):
+    """The plan's estimate of a point from the probe stored with it (None when there is none)."""
+    from tasks.planning.measured import MethodProbe, measured_estimate
+
+    if not point.get("probe"):
+        return None
+    result = MethodProbe(**point["probe"])
+    return measured_estimate(result, point["tokens"], result.layers if point["grad_ckpt"] else 0)
 
 
 def estimate_for(point: dict):
@@ -214,9 +255,30 @@ def table(args) -> None:
         print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {_kernels(p)} | {p['tokens']:,} | "
               f"{p['measured_bytes'] / GIB:.2f} | {estimate.gib:.2f} | {error:+.1%} | "
               f"{p['allocated_peak_bytes'] / GIB:.2f} |")
+    _summary(errors)
+    if any(p.get("probe") for p in points):
+        _probe_table([p for p in points if "error" not in p and p.get("probe")])
+
+
+def _probe_table(points: list[dict]) -> None:
+    """The probe's estimate of each point beside the formula's, against the trainer's peak."""
+    print("\n| shape | method | grad ckpt | tokens | measured GiB | probe GiB | probe error | formula error | probe s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    errors = []
+    for p in points:
+        probed, formula = probe_estimate_for(p), estimate_for(p)
+        error = probed.total / p["measured_bytes"] - 1
+        errors.append(error)
+        print(f"| {p['shape']} | {p['method']} | {'yes' if p['grad_ckpt'] else 'no'} | {p['tokens']:,} | "
+              f"{p['measured_bytes'] / GIB:.2f} | {probed.gib:.2f} | {error:+.1%} | "
+              f"{formula.total / p['measured_bytes'] - 1:+.1%} | {p['probe']['seconds']:.0f} |")
+    _summary(errors, "probe-based estimates")
+
+
+def _summary(errors: list[float], what: str = "points measured") -> None:
     if errors:
         worst = max(errors, key=abs)
-        print(f"\n{len(errors)} points measured: median |error| {statistics.median(map(abs, errors)):.1%}, "
+        print(f"\n{len(errors)} {what}: median |error| {statistics.median(map(abs, errors)):.1%}, "
               f"worst {worst:+.1%}, most under-estimated {min(errors):+.1%}; "
               f"within +-10%: {sum(abs(e) <= 0.10 for e in errors)}/{len(errors)}")
 
@@ -233,7 +295,13 @@ def main() -> None:
     run.add_argument("--set", default="main", choices=sorted(POINTS))
     run.add_argument("--shapes", nargs="*", choices=sorted(SHAPES))
     run.add_argument("--scratch", default=tempfile.gettempdir())
-    run.set_defaults(handler=measure)
+    run.set_defaults(handler=measure, probe=False)
+    probing = commands.add_parser("probe", help="measure, with the memory probe's estimate of every point")
+    probing.add_argument("--out", required=True)
+    probing.add_argument("--set", default="probe", choices=sorted(POINTS))
+    probing.add_argument("--shapes", nargs="*", choices=sorted(SHAPES))
+    probing.add_argument("--scratch", default=tempfile.gettempdir())
+    probing.set_defaults(handler=measure, probe=True)
     show = commands.add_parser("table", help="estimate vs measured, with the estimator as it is now")
     show.add_argument("results")
     show.set_defaults(handler=table)

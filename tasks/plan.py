@@ -14,7 +14,7 @@ from tasks.data.dataset import read_conversations
 from tasks.data.schemas import DatasetError
 from tasks.data.tokenization import encoded_split, length_stats, load_tokenizer
 from tasks.planning.memory import GIB, ModelShape
-from tasks.planning.selector import GPU_SAFETY, select_plan, step_tokens
+from tasks.planning.selector import GPU_SAFETY, select_measured_plan, select_plan, step_tokens
 from tasks.results import IngestResult, PlanResult
 from tasks.store.weight_safety import require_safe_weights
 
@@ -39,14 +39,25 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     budget, source = _memory_budget(config, device)
     if device == "cpu" and gpus > 1:  # each process holds its own copy in the same RAM
         budget, source = budget // gpus, f"{source}, shared by {gpus} processes"
-    plan = select_plan(
-        shape, budget_bytes=budget, budget_source=source, device=device, method=config.method,
-        longest_row=min(settings.max_seq_len, stats["tokens_max"]), largest_step=stats["tokens_largest_step"],
+    longest_row = min(settings.max_seq_len, stats["tokens_max"])
+    plan_kwargs = dict(
+        budget_bytes=budget, budget_source=source, device=device, method=config.method,
+        longest_row=longest_row, largest_step=stats["tokens_largest_step"],
         typical_step=stats["tokens_typical_step"],
         max_rows_per_micro_batch=settings.micro_batch_size, gradient_checkpointing=settings.gradient_checkpointing,
         lora_r=config.lora.r, lora_targets=config.lora.target_list(),
         fused_kernels=fused_kernels_available(shape.model_type, device), num_gpus=gpus,
     )
+    if device == "cuda" and not shape.verified:
+        # No formula for this family: measure it on this GPU (seconds) rather than plan conservatively.
+        from tasks.engine.memory_probe import probe_memory
+
+        def measure(method):
+            return probe_memory(config.model, method, config.lora, config.model_loading, longest_row, log=logger)
+
+        plan = select_measured_plan(shape, measure, **plan_kwargs)
+    else:
+        plan = select_plan(shape, **plan_kwargs)
     logger.info("plan: %s", plan.reason)
     create_table_artifact(plan.table(), key="finetune-plan", description=f"Memory plan. {plan.reason}")
     return PlanResult(plan=plan, token_stats=stats, model_parameters=shape.parameters, model_type=shape.model_type)

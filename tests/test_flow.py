@@ -109,6 +109,7 @@ def test_summary_artifact_is_written(tiny_model, tmp_path):
     latest = max(artifacts, key=lambda a: a.created)
     assert result.run_id in latest.data and "| base |" in latest.data and "| tuned |" in latest.data
     assert "`loss_curve.png`" in latest.data and "## Promotion gate" in latest.data
+    assert "| estimate |" in latest.data and "| formula |" in latest.data  # how the plan's estimate was made
 
 
 def latest_artifact(key: str):

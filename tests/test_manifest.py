@@ -15,7 +15,8 @@ def test_verify_files_catches_tampering(tmp_path):
 def test_memory_estimate_is_recorded_next_to_the_measured_peak():
     from tasks.store.manifest import memory_comparison
 
-    recorded = memory_comparison({"estimate": {"total": 200}}, {"peak_memory_bytes": 150, "peak_memory_kind": "cuda"})
-    assert recorded == {"estimated_bytes": 200, "measured_bytes": 150, "measured_kind": "cuda",
+    recorded = memory_comparison({"estimate": {"total": 200, "kind": "measured (probe)"}},
+                                 {"peak_memory_bytes": 150, "peak_memory_kind": "cuda"})
+    assert recorded == {"estimated_bytes": 200, "estimate": "measured (probe)", "measured_bytes": 150, "measured_kind": "cuda",
                         "measured_over_estimated": 0.75, "step_downs": []}
     assert memory_comparison({}, {})["measured_over_estimated"] is None  # no estimate: no made-up ratio

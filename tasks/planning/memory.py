@@ -312,7 +312,15 @@ class MemoryEstimate(BaseModel):
     logits: int
     overhead: int
     verified: bool = True  # False: no formula for the model's family; a conservative estimate (see basis)
-    basis: str = ""  # how the estimate was made (ModelShape.basis)
+    measured: bool = False  # True: made from a probe on the GPU (tasks/planning/measured.py), not a formula
+    basis: str = ""  # how the estimate was made (ModelShape.basis, or the probe's figures)
+
+    @computed_field  # plan tables and manifests say it in words
+    @property
+    def kind(self) -> str:
+        if self.measured:
+            return "measured (probe)"
+        return "formula" if self.verified else "conservative (unverified)"
 
     @computed_field  # included in model_dump(), so manifests and reports carry it
     @property
@@ -404,16 +412,21 @@ def estimate_memory(
             trainable = 8 * params // num_gpus
         else:  # DDP: the all-reduce buckets hold the adapters' gradients once more
             trainable += 4 * adapters
-    allocated = weights + trainable + activations + logits
-    fragmentation = FRAGMENTATION[device]
-    if device == "cuda" and method == Method.FULL and checkpointed:
-        fragmentation += CHECKPOINTED_FULL_FRAGMENTATION
     return MemoryEstimate(
         method=method, device=device, tokens=tokens, gradient_checkpointing=bool(checkpointed),
         checkpointed_layers=checkpointed, fused_kernels=fused, weights=weights, trainable_state=trainable, activations=activations, logits=logits,
-        overhead=RUNTIME_OVERHEAD[device] + int(fragmentation * allocated), verified=shape.verified,
-        basis=shape.basis,
+        overhead=overhead_bytes(device, method, checkpointed, weights + trainable + activations + logits),
+        verified=shape.verified, basis=shape.basis,
     )
+
+
+def overhead_bytes(device: str, method: Method, checkpointed: int, allocated: int) -> int:
+    """What the process holds beyond the allocator's allocations: the runtime (CUDA context, or Python
+    and its libraries) and the allocator's slack, a share of the `allocated` bytes."""
+    fragmentation = FRAGMENTATION[device]
+    if device == "cuda" and method == Method.FULL and checkpointed:
+        fragmentation += CHECKPOINTED_FULL_FRAGMENTATION
+    return RUNTIME_OVERHEAD[device] + int(fragmentation * allocated)
 
 
 def kept_for_backward(shape: ModelShape, method: Method | str, device: str, tokens: int, gradient_checkpointing: bool,

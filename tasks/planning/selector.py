@@ -15,9 +15,11 @@ Pure: no torch, no Prefect.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 from pydantic import BaseModel
 
+from tasks.planning.measured import MethodProbe, measured_estimate
 from tasks.planning.memory import GIB, MemoryEstimate, ModelShape, estimate_memory
 from tasks.planning.methods import Method, MethodChoice
 
@@ -68,7 +70,7 @@ class TrainingPlan(BaseModel):
                 "budget_gib": round(self.budget_bytes / GIB, 2),
                 "fits": c.fits,
                 "chosen": c.estimate.method == self.method,
-                "estimate": "formula" if c.estimate.verified else "conservative (unverified)",
+                "estimate": c.estimate.kind,  # formula, measured (probe) or conservative (unverified)
             }
             for c in self.candidates
         ]
@@ -90,19 +92,24 @@ def select_plan(
     lora_targets: list[str] | str = "all-linear",
     fused_kernels: bool | None = None,
     num_gpus: int = 1,
+    probes: Mapping[Method, MethodProbe] | None = None,
 ) -> TrainingPlan:
     """`longest_row`: tokens of the longest (truncated) row; `largest_step`: tokens of the largest
     optimizer step (the `batch_size` longest rows), which memory is planned for; `typical_step`: the
     tokens of an average step, which speed is planned for (default: the largest);
     `max_rows_per_micro_batch` caps a micro-batch at that many longest rows; `num_gpus`: GPUs the run gets (each its own process: a step's rows
     are split across them, and full fine-tuning is sharded, so it may fit on several but not one);
-    `budget_bytes` is per GPU."""
+    `budget_bytes` is per GPU; `probes`: what a probe measured on the GPU for some methods
+    (tasks/planning/measured.py), whose estimates then replace the formula's (see select_measured_plan)."""
     forced = MethodChoice(method).fixed()
     per_gpu_step = -(-largest_step // num_gpus)
     usual_step = -(-min(typical_step or largest_step, largest_step) // num_gpus)
     capacities = token_capacities(longest_row, per_gpu_step, max_rows_per_micro_batch)
 
     def estimate(m: Method, tokens: int, checkpointed: int) -> MemoryEstimate:
+        probe = (probes or {}).get(m)
+        if probe is not None and (num_gpus == 1 or m.trains_adapter):
+            return measured_estimate(probe, tokens, min(checkpointed, probe.layers), num_gpus)
         return estimate_memory(shape, m, device, tokens, checkpointed > 0, lora_r, lora_targets, fused_kernels,
                                num_gpus, checkpointed_layers=checkpointed)
 
@@ -142,7 +149,7 @@ def select_plan(
         f"{budget}; estimated peak {est.gib:.2f} GiB with micro-batches of up to {est.tokens} packed tokens, "
         f"gradient checkpointing {_checkpointing(est, shape.num_layers)}"
         + (f"; {num_gpus} GPUs ({'DDP' if est.method.trains_adapter else 'FSDP2, sharded'})" if num_gpus > 1 else "")
-        + ("" if est.verified else f"; estimate {est.basis}")
+        + ("" if est.kind == "formula" else f"; estimate {est.basis}")
     )
     return TrainingPlan(
         method=est.method, device=device, tokens_per_micro_batch=est.tokens, longest_row=longest_row,
@@ -152,6 +159,40 @@ def select_plan(
         budget_bytes=budget_bytes,
         budget_source=budget_source, estimate=est, candidates=candidates, reason=reason,
     )
+
+
+def select_measured_plan(shape: ModelShape, measure: Callable[[Method], MethodProbe | None], **plan_kwargs) -> TrainingPlan:
+    """select_plan, with the estimate of a family without a formula measured on this GPU: `measure(method)`
+    probes a method (tasks/engine/memory_probe.py; None when it could not). Methods are probed best first,
+    each only if its weights and optimizer states alone fit the budget, until a measured one fits;
+    the others keep the conservative estimate (the plan table says which is which)."""
+    if shape.verified:
+        return select_plan(shape, **plan_kwargs)
+    forced = MethodChoice(plan_kwargs.get("method", MethodChoice.AUTO)).fixed()
+    probes: dict[Method, MethodProbe] = {}
+    for method in METHODS_BY_QUALITY:
+        sharded = plan_kwargs.get("num_gpus", 1) > 1 and not method.trains_adapter  # one process's probe cannot say
+        if forced not in (None, method) or sharded or not _may_fit(shape, method, plan_kwargs):
+            continue
+        if (probe := measure(method)) is None:
+            continue
+        probes[method] = probe
+        try:
+            plan = select_plan(shape, probes=probes, **plan_kwargs)
+        except PlanError:
+            continue
+        if plan.method == method:
+            return plan
+    return select_plan(shape, probes=probes, **plan_kwargs)
+
+
+def _may_fit(shape: ModelShape, method: Method, plan_kwargs: dict) -> bool:
+    """Whether a method's weights and optimizer states, as the formula counts them, fit the budget:
+    if not, no activations make it fit, and probing it would only load a model the GPU cannot train."""
+    least = estimate_memory(shape, method, plan_kwargs.get("device", "cuda"), 1, True,
+                            plan_kwargs.get("lora_r", 16), plan_kwargs.get("lora_targets", "all-linear"),
+                            num_gpus=plan_kwargs.get("num_gpus", 1))
+    return least.weights + least.trainable_state <= plan_kwargs["budget_bytes"]
 
 
 def _leanest_fit(estimate, layers: int, budget_bytes: int, checkpointing: str) -> MemoryEstimate | None:

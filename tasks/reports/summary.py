@@ -101,9 +101,10 @@ def summary_markdown(manifest: dict, output_uri: str, examples: int, promoted: b
         f"max {stats['tokens_max']} (max_seq_len {stats['max_seq_len']}, {stats['rows_truncated']} truncated).",
         "## Plan",
         plan["reason"],
-        _table(["method", "tokens per micro-batch", "grad ckpt", "estimated GiB", "fits", "chosen"],
+        _table(["method", "tokens per micro-batch", "grad ckpt", "estimated GiB", "estimate", "fits", "chosen"],
                [[c["estimate"]["method"], c["estimate"]["tokens"],
-                 c["estimate"]["gradient_checkpointing"], f"{c['estimate']['total'] / GIB:.2f}", c["fits"],
+                 c["estimate"]["gradient_checkpointing"], f"{c['estimate']['total'] / GIB:.2f}",
+                 c["estimate"].get("kind", "formula"), c["fits"],  # kind: formula, measured (probe), conservative
                  "yes" if c["estimate"]["method"] == plan["method"] else ""]
                 for c in plan["candidates"]]),
         "## Training",

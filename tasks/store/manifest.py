@@ -70,7 +70,8 @@ def memory_comparison(plan: dict, training: dict) -> dict:
     """The planner's peak-memory estimate next to the peak measured while training."""
     estimated = plan.get("estimate", {}).get("total")
     measured = training.get("peak_memory_bytes")
-    return {"estimated_bytes": estimated, "measured_bytes": measured, "measured_kind": training.get("peak_memory_kind"),
+    return {"estimated_bytes": estimated, "estimate": plan.get("estimate", {}).get("kind"),  # formula, measured (probe)
+            "measured_bytes": measured, "measured_kind": training.get("peak_memory_kind"),
             "measured_over_estimated": round(measured / estimated, 4) if estimated and measured else None,
             "step_downs": training.get("memory_step_downs", [])}
 
