@@ -39,8 +39,10 @@ def rows(language: str, count: int, blank: tuple[int, ...] = ()) -> str:
 @pytest.fixture
 def hub_dataset(tmp_path, monkeypatch):
     """The dataset repository in an offline Hub cache: config en (train 30 rows, row 5 blank; test 6) and fr."""
+    import datasets
+
     cache = offline_hub_cache(tmp_path / "hf-cache", monkeypatch)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))  # nothing may land in ~/.cache
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")  # not ~/.cache
     repo = tmp_path / "repo"
     for name, text in (("README.md", README), ("en/train.jsonl", rows("en", 30, blank=(4,))),
                        ("en/test.jsonl", rows("en", 6)), ("fr/train.jsonl", rows("fr", 12))):
@@ -59,6 +61,7 @@ def test_a_cached_split_is_read_offline_at_its_commit(hub_dataset, tmp_path):
         {"prompt": "[fr] question 3?", "completion": "[fr] answer 3."}
     assert hub.describe() | {"endpoint": None} == {"repo_id": REPO, "config": "fr", "split": "train",
                                                    "requested_revision": None, "commit": COMMIT, "endpoint": None}
+    assert not [p for p in (tmp_path / "datasets-cache").rglob("*") if p.is_file() and p.suffix != ".lock"]  # streamed
     # Named by its commit: a second run reads the copy without the Hub cache.
     (tmp_path / "hf-cache").rename(tmp_path / "gone")
     assert local_copy(hub, str(tmp_path / "work"), max_rows=1000) == path
