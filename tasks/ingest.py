@@ -51,7 +51,7 @@ def require_data_version(config: FinetuneConfig) -> None:
 def data_unchanged_reason(config: FinetuneConfig) -> str | None:
     """None when the data differs from what the newest published run trained on (or nothing is published)."""
     reason = unchanged_since_published(config)
-    get_run_logger().info(reason or f"{config.data}: new data since the last published run (or none published): training")
+    get_run_logger().info(reason or f"{config.data_label}: new data since the last published run (or none published): training")
     return reason
 
 

@@ -113,3 +113,24 @@ def test_a_hub_split_is_validated_quarantined_and_recorded_like_a_file(hub_datas
         ingest_only(strict, run)
     assert f"{URI} (default config, split train, commit {COMMIT}) line 5: got ' '" in str(error.value), str(error.value)
     assert "column 'completion'" in str(error.value) and "hub-datasets" not in str(error.value)
+
+
+def test_retraining_skips_a_hub_dataset_at_the_commit_already_trained_on(hub_dataset, tmp_path):
+    from tasks.config import FinetuneConfig
+    from tasks.data.freshness import unchanged_since_published
+
+    config = FinetuneConfig(model="m", data=[{"path": URI, "config": "fr", "weight": 1}], output=str(tmp_path / "out"))
+    folder = tmp_path / "out" / "runs" / "20261128-010000-aaaa"
+    folder.mkdir(parents=True)
+
+    def published(commit: str, split: str = "train") -> None:
+        source = {"uri": URI, "sha256": "x", "hub": {"repo_id": REPO, "config": "fr", "split": split, "commit": commit}}
+        mix = {"seed": config.training.seed, "sources": [{"path": URI, "weight": 1.0, "max_rows": None}]}
+        (folder / "manifest.json").write_text(json.dumps({"data": {"mix": mix, "sources": [source]}}))
+
+    published(COMMIT)
+    assert "20261128-010000-aaaa" in unchanged_since_published(config)
+    published("f" * 40)  # trained on an older commit of the dataset
+    assert unchanged_since_published(config) is None
+    published(COMMIT, split="test")  # the same commit, another split
+    assert unchanged_since_published(config) is None
