@@ -4,6 +4,8 @@ Validation is its own task, cached on the data's content (sha256, or the S3 ETag
 version and the settings that change a verdict, so re-running on the same data skips the checks
 and only re-reads the kept rows. Under `on_invalid: quarantine` bad rows are written, each with
 its reasons, to `<run>/quarantine/`, and `kept + quarantined = read` is checked for every source.
+A list of sources is validated source by source (each under the policy on its own), then mixed
+(tasks/data/mixing.py); a Hub dataset is first read into a local JSONL file (tasks/data/hub_datasets.py).
 """
 from __future__ import annotations
 
