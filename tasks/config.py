@@ -24,8 +24,8 @@ from tasks.store.weight_safety import ModelLoadingSettings
 
 # The settings of each part live with the part that uses them; imported here, they make up the run's config
 # (and `from tasks.config import TrainingSettings` keeps working).
-__all__ = ["DataFormat", "DataSettings", "DataSourceSpec", "EvaluationSettings", "FinetuneConfig", "HubSettings", "LoraSettings",
-           "Method", "MethodChoice", "ModelLoadingSettings", "PublishSettings", "TrainingSettings"]
+__all__ = ["DataFormat", "DataSettings", "DataSourceSpec", "EvaluationSettings", "FinetuneConfig", "HubSettings",
+           "LoraSettings", "Method", "MethodChoice", "ModelLoadingSettings", "PublishSettings", "TrainingSettings"]
 
 
 PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
@@ -41,7 +41,8 @@ def _location_problem(name: str, uri: str) -> str | None:
     if not uri.strip():
         return f"{name} is empty: give a local path, s3://bucket/key or hf://datasets/<org>/<name>"
     if is_hub_dataset(uri):
-        return hub_problem(uri) and f"{name}: {hub_problem(uri)}"
+        problem = hub_problem(uri)
+        return f"{name}: {problem}" if problem else None
     if is_s3_uri(uri) and not split_s3_uri(uri)[1]:
         return f"{name}={uri!r} names a bucket but no object: use s3://bucket/path/file.jsonl"
     if not uri.lower().endswith(DATA_SUFFIXES) and not _is_folder(uri):

@@ -94,7 +94,6 @@ class _Read:
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     logger = get_run_logger()
-    checks = config.data_checks
     specs = config.data_sources()
     reads = [_read(spec, config, None) for spec in specs]  # each source checked and accounted on its own
     held_out_read = None

@@ -71,7 +71,7 @@ def test_missing_datasets_configs_and_splits_say_what_to_do(hub_dataset, tmp_pat
     with pytest.raises(DatasetError) as error:
         resolve_split("hf://datasets/acme/not-downloaded", None, "train", "v1")
     assert "HF_HUB_OFFLINE is set" in str(error.value)
-    assert f"hf download acme/not-downloaded --repo-type dataset --revision v1" in str(error.value)
+    assert "hf download acme/not-downloaded --repo-type dataset --revision v1" in str(error.value)
     for config, split, words in (("de", "train", ["'de' not found", "['en', 'fr']", "set the source's config"]),
                                  ("en", "validation", ["validation", "['train', 'test']", "set the source's split"])):
         with pytest.raises(DatasetError) as error:

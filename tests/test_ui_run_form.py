@@ -76,7 +76,7 @@ def test_run_form_shows_the_typed_parameters(prefect_server, deployed):
             page.screenshot(path=str(ARTIFACTS / "run-form-data-list.png"), full_page=True)
             for expected in ("Path", "Hugging Face Hub dataset as hf://datasets/<org>/<name>", "Weight (Optional)",
                              "share of the weighted part of the mix", "Max Rows (Optional)", "Split (Optional)"):
-                assert expected.lower() in sources.lower(), f"{expected!r} not in the data list's form:\n{sources[:3000]}"
+                assert expected.lower() in sources.lower(), f"{expected!r} not in the list's form:\n{sources[:3000]}"
         finally:
             browser.close()
 
@@ -105,7 +105,8 @@ def test_server_rejects_an_invalid_parameter(prefect_server, deployed):
     for bad, words in (({**good, "method": "bogus"}, ("bogus", "auto")),
                        ({**good, "publish": {"max_regression": -0.5}}, ("-0.5", "minimum")),
                        ({**good, "training": {"learning_rte": 0.1}}, ("learning_rte",)),
-                       ({**good, "data": [{"path": "a.jsonl", "weight": 0}]}, ("config.data[0].weight", "minimum of 0"))):
+                       ({**good, "data": [{"path": "a.jsonl", "weight": 0}]},
+                        ("config.data[0].weight", "minimum of 0"))):
         answer = httpx.post(f"{prefect_server}/deployments/{dep}/create_flow_run",
                             json={"parameters": {"config": bad}}, timeout=30)
         assert answer.status_code == 409, answer.text

@@ -59,9 +59,9 @@ def _same_content(spec: DataSourceSpec, sources: list[dict], config) -> bool:
     """Whether the published run read this source with the same bytes (a Hub split: at the same commit)."""
     if is_hub_dataset(spec.path):
         split = spec.split or "train"
-        commits = {(s.get("hub") or {}).get("commit") for s in sources if s.get("uri") == spec.path
-                   and (s.get("hub") or {}).get("config") == spec.config and (s.get("hub") or {}).get("split") == split}
-        if not commits - {None}:
+        read = [s.get("hub") or {} for s in sources if s.get("uri") == spec.path]
+        commits = {h.get("commit") for h in read if h.get("config") == spec.config and h.get("split") == split}
+        if not commits - {None}:  # the published run did not read this config and split
             return False
         hub = getattr(config, "hub", None)
         now = resolve_split(spec.path, spec.config, split, spec.revision, hub.cache_dir if hub else None).commit

@@ -166,7 +166,8 @@ def _hub_errors(uri: str, revision: str | None, cache_dir: str | None):
                            "cannot read it; check the id, or give a token (hub.token_secret, or HF_TOKEN)") from None
     except LocalEntryNotFoundError:
         cache = cache_dir or constants.HF_HUB_CACHE
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the Hub ({constants.ENDPOINT}) cannot be reached"
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else f"the Hub ({constants.ENDPOINT}) cannot be reached")
         raise DatasetError(f"{name} is not in the Hugging Face cache {cache} and {why}. Download it once where the "
                            f"Hub is reachable, into the cache the workers share: "
                            f"`{download_command(repo_id, revision, cache)}`") from None
