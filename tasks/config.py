@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.data.settings import DataFormat, DataSettings
+from tasks.data.hub_datasets import hub_problem, is_hub_dataset
+from tasks.data.settings import DataFormat, DataSettings, DataSourceSpec
 from tasks.data.sources import DATA_SUFFIXES
 from tasks.planning.methods import Method, MethodChoice
 from tasks.planning.settings import LoraSettings, TrainingSettings
@@ -23,8 +24,8 @@ from tasks.store.weight_safety import ModelLoadingSettings
 
 # The settings of each part live with the part that uses them; imported here, they make up the run's config
 # (and `from tasks.config import TrainingSettings` keeps working).
-__all__ = ["DataFormat", "DataSettings", "EvaluationSettings", "FinetuneConfig", "HubSettings", "LoraSettings",
-           "Method", "MethodChoice", "ModelLoadingSettings", "PublishSettings", "TrainingSettings"]
+__all__ = ["DataFormat", "DataSettings", "DataSourceSpec", "EvaluationSettings", "FinetuneConfig", "HubSettings",
+           "LoraSettings", "Method", "MethodChoice", "ModelLoadingSettings", "PublishSettings", "TrainingSettings"]
 
 
 PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
@@ -33,6 +34,21 @@ PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
 def _is_folder(uri: str) -> bool:
     """A folder of data files (or a saved `datasets` folder), or an s3:// prefix ending in '/'."""
     return uri.endswith("/") or (not is_s3_uri(uri) and Path(uri).is_dir())
+
+
+def _location_problem(name: str, uri: str) -> str | None:
+    """What is wrong with a data location, with the fix; None when it can be read."""
+    if not uri.strip():
+        return f"{name} is empty: give a local path, s3://bucket/key or hf://datasets/<org>/<name>"
+    if is_hub_dataset(uri):
+        problem = hub_problem(uri)
+        return f"{name}: {problem}" if problem else None
+    if is_s3_uri(uri) and not split_s3_uri(uri)[1]:
+        return f"{name}={uri!r} names a bucket but no object: use s3://bucket/path/file.jsonl"
+    if not uri.lower().endswith(DATA_SUFFIXES) and not _is_folder(uri):
+        return (f"{name}={uri!r} has an unsupported suffix: use one of {', '.join(DATA_SUFFIXES)}, a folder / s3 "
+                "prefix ending in '/', or a Hub dataset hf://datasets/<org>/<name>")
+    return None
 
 
 class _Settings(BaseModel):
@@ -82,13 +98,18 @@ class FinetuneConfig(_Settings):
         "Empty: the repo's default branch; the commit it resolved to is recorded in the manifest and model card.",
     )
     hub: HubSettings = Field(default_factory=HubSettings)
-    data: str = Field(description="Training data: a local path or s3://bucket/key (.jsonl, .json, .csv, .parquet).")
+    data: str | list[DataSourceSpec] = Field(
+        description="Training data: a local path or s3://bucket/key (.jsonl, .json, .csv, .parquet), or a Hugging "
+        "Face Hub dataset as hf://datasets/<org>/<name> (its train split); or a list of sources to mix, each with "
+        "a weight or a row cap (max_rows), and for a Hub dataset its config, split and revision.",
+    )
     data_etag: str | None = Field(
         None, description="S3 ETag `data` must still have (event-triggered runs set it from the upload event): "
         "a run whose object was overwritten since stops before training, since the newer upload has its own run. "
         "Empty: not checked.",
     )
-    eval_data: str | None = Field(None, description="Held-out data; when empty, a split of `data` is used.")
+    eval_data: str | None = Field(None, description="Held-out data (a path, s3:// or hf://datasets/ URI); when "
+                                  "empty, a split of `data` (of the mix, for a list) is used.")
     data_format: DataFormat = Field(
         "auto", description="Row format; 'auto' detects it from the columns."
     )
@@ -121,19 +142,23 @@ class FinetuneConfig(_Settings):
     def _check_locations(self) -> FinetuneConfig:
         # Collect every problem, then raise once (pydantic reports them all together).
         problems = []
-        for name in ("data", "eval_data"):
-            uri = getattr(self, name)
-            if uri is None:
-                continue
-            if not uri.strip():
-                problems.append(f"{name} is empty: give a local path or s3://bucket/key")
-            elif is_s3_uri(uri) and not split_s3_uri(uri)[1]:
-                problems.append(f"{name}={uri!r} names a bucket but no object: use s3://bucket/path/file.jsonl")
-            elif not uri.lower().endswith(DATA_SUFFIXES) and not _is_folder(uri):
-                problems.append(f"{name}={uri!r} has an unsupported suffix: use one of {', '.join(DATA_SUFFIXES)}, "
-                                "or a folder / s3 prefix ending in '/'")
-        if self.data_etag is not None and not is_s3_uri(self.data):
-            problems.append(f"data_etag is set but data={self.data!r} is not an s3:// object: drop data_etag")
+        sources = self.data if isinstance(self.data, list) else []
+        named = [("data", self.data)] if isinstance(self.data, str) else \
+            [(f"data[{i}].path", s.path) for i, s in enumerate(sources)]
+        for name, uri in named + ([("eval_data", self.eval_data)] if self.eval_data is not None else []):
+            if problem := _location_problem(name, uri):
+                problems.append(problem)
+        if isinstance(self.data, list) and not self.data:
+            problems.append("data is an empty list: give at least one source (path and weight)")
+        seen = set()
+        for i, source in enumerate(sources):
+            key = (source.path, source.config, source.split)
+            if key in seen:
+                problems.append(f"data[{i}]: {source.path!r} is listed twice: keep one entry (its rows would be "
+                                "drawn twice)")
+            seen.add(key)
+        if self.data_etag is not None and not (isinstance(self.data, str) and is_s3_uri(self.data)):
+            problems.append(f"data_etag is set but data={self.data_label!r} is not an s3:// object: drop data_etag")
         if is_s3_uri(self.output) and not split_s3_uri(self.output)[0]:
             problems.append(f"output={self.output!r} has no bucket: use s3://bucket/prefix")
         if not self.model.strip():
@@ -144,6 +169,17 @@ class FinetuneConfig(_Settings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def data_sources(self) -> list[DataSourceSpec]:
+        """`data` as a list of sources: a single path is the whole of the mix (weight 1)."""
+        if isinstance(self.data, list):
+            return self.data
+        return [DataSourceSpec(path=self.data, weight=1.0)]
+
+    @property
+    def data_label(self) -> str:
+        """`data` in words, for messages: the path, or the mix's paths."""
+        return self.data if isinstance(self.data, str) else " + ".join(s.path for s in self.data)
 
     def with_local_model(self, model: ResolvedModel) -> FinetuneConfig:
         """This run with `model` read from the local folder it resolved to (a Hub id's snapshot in the cache);

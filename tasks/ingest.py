@@ -4,11 +4,16 @@ Validation is its own task, cached on the data's content (sha256, or the S3 ETag
 version and the settings that change a verdict, so re-running on the same data skips the checks
 and only re-reads the kept rows. Under `on_invalid: quarantine` bad rows are written, each with
 its reasons, to `<run>/quarantine/`, and `kept + quarantined = read` is checked for every source.
+A list of sources is validated source by source (each under the policy on its own), then mixed
+(tasks/data/mixing.py); a Hub dataset is first read into a local JSONL file (tasks/data/hub_datasets.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,10 +21,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import DataSettings, FinetuneConfig
+from tasks.config import DataSettings, DataSourceSpec, FinetuneConfig
 from tasks.data.dataset import Dataset, content_sha256, split_dataset, write_conversations, write_quarantine
 from tasks.data.freshness import DataChangedError, etag_mismatch, unchanged_since_published
-from tasks.data.schemas import SCHEMA_VERSION
+from tasks.data.hub_datasets import HubSplit, is_hub_dataset, local_copy, resolve_split
+from tasks.data.mixing import mix
+from tasks.data.schemas import SCHEMA_VERSION, DatasetError
 from tasks.data.sources import list_source_files
 from tasks.data.tokenization import encoded_split, length_report, require_few_truncated
 from tasks.data.validation import Verdict, check_source, enforce, materialise
@@ -46,7 +53,7 @@ def require_data_version(config: FinetuneConfig) -> None:
 def data_unchanged_reason(config: FinetuneConfig) -> str | None:
     """None when the data differs from what the newest published run trained on (or nothing is published)."""
     reason = unchanged_since_published(config)
-    get_run_logger().info(reason or f"{config.data}: new data since the last published run (or none published): training")
+    get_run_logger().info(reason or f"{config.data_label}: new data since the last published run (or none published): training")
     return reason
 
 
@@ -75,31 +82,49 @@ def validate_data(uri: str, content: str, data_format: str, checks: DataSettings
     return check_source(uri, data_format, checks, reference, content)
 
 
+@dataclass
+class _Read:
+    """One source as validated: its verdict, whether the cache answered, and for a Hub dataset the split read."""
+    path: str  # as the config names it
+    verdict: Verdict
+    validation: str  # "ran" or "cached"
+    hub: HubSplit | None = None
+
+
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     logger = get_run_logger()
-    checks = config.data_checks
-    verdicts = [_validate(config.data, config.data_format, checks, None)]
-    enforce(verdicts[0][0], checks)
-    if config.eval_data:
-        verdicts.append(_validate(config.eval_data, config.data_format, checks, verdicts[0][0].kept_hashes))
-        enforce(verdicts[1][0], checks)
-    datasets, quarantine_paths = _keep_and_quarantine([verdict for verdict, _ in verdicts], Path(run.run_dir))
-    folder = Path(run.run_dir) / "data"
+    specs = config.data_sources()
+    reads = [_read(spec, config, None) for spec in specs]  # each source checked and accounted on its own
+    held_out_read = None
+    if config.eval_data:  # leakage: an eval row found in any training source
+        reference = b"".join(read.verdict.kept_hashes for read in reads)
+        held_out_read = _read(DataSourceSpec(path=config.eval_data, weight=1.0), config, reference)
+    run_dir = Path(run.run_dir)
+    datasets, quarantine_paths = _keep_and_quarantine(reads, "train", run_dir)
+    mix_record = None
+    if isinstance(config.data, list):
+        train, mix_record = mix(datasets, specs, config.training.seed)
+        logger.info("mix of %d source(s), seed %d: %s", len(specs), config.training.seed,
+                    ", ".join(f"{s['path']} {s['rows_taken']} of {s['usable_rows']}" for s in mix_record["sources"]))
+    else:
+        train = datasets[0]
+    folder = run_dir / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    train = datasets[0]
-    if config.eval_data:
-        held_out, origin = datasets[1], "held-out file"
+    if held_out_read:
+        eval_sets, eval_quarantine = _keep_and_quarantine([held_out_read], "eval", run_dir)
+        held_out, origin = eval_sets[0], "held-out file"
+        quarantine_paths += eval_quarantine
     else:
         train, held_out = split_dataset(train, config.eval_fraction, config.training.seed)
-        origin = f"{config.eval_fraction:.0%} of data, seed {config.training.seed}"
+        origin = f"{config.eval_fraction:.0%} of {'the mix' if mix_record else 'data'}, seed {config.training.seed}"
     write_conversations(train, folder / "train.jsonl")
     write_conversations(held_out, folder / "eval.jsonl")
-    sources = [_source(verdict, state) for verdict, state in verdicts]
+    sources = [_source(read) for read in reads + ([held_out_read] if held_out_read else [])]
     result = IngestResult(
         train_path=str(folder / "train.jsonl"), eval_path=str(folder / "eval.jsonl"),
         train_rows=len(train), eval_rows=len(held_out), eval_origin=origin, sources=sources,
-        quarantine_paths=quarantine_paths,
+        quarantine_paths=quarantine_paths, mix=mix_record,
         token_lengths={split: _token_lengths(config, folder / f"{split}.jsonl", dataset.conversations)
                        for split, dataset in (("train", train), ("eval", held_out))},
     )
@@ -107,16 +132,48 @@ def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     return result
 
 
-def _keep_and_quarantine(verdicts: list[Verdict], run_dir: Path) -> tuple[list[Dataset], list[str]]:
-    """The kept rows of each source, and its bad rows written to <run>/quarantine/<split>.jsonl."""
+def _read(spec: DataSourceSpec, config: FinetuneConfig, reference: bytes | None) -> _Read:
+    """Validate one source (a Hub split is first copied to a local JSONL file) and apply the policy to it."""
+    checks = config.data_checks
+    if not is_hub_dataset(spec.path):
+        verdict, validation = _validate(spec.path, config.data_format, checks, reference)
+        enforce(verdict, checks)
+        return _Read(spec.path, verdict, validation)
+    hub = resolve_split(spec.path, spec.config, spec.split or "train", spec.revision, config.hub.cache_dir)
+    local = str(local_copy(hub, config.work_dir, checks.max_rows))
+    get_run_logger().info("%s: read into %s", hub.label, local)
+    with _named(local, hub.label):  # messages name the dataset, config, split and commit, and the row
+        verdict, validation = _validate(local, config.data_format, checks, reference)
+        enforce(verdict, checks)
+    return _Read(spec.path, verdict, validation, hub)
+
+
+@contextmanager
+def _named(local: str, label: str):
+    try:
+        yield
+    except DatasetError as error:
+        raise DatasetError(str(error).replace(local, label)) from error
+
+
+def _keep_and_quarantine(reads: list[_Read], split: str, run_dir: Path) -> tuple[list[Dataset], list[str]]:
+    """The kept rows of each source, and its bad rows written to <run>/quarantine/<split>.jsonl (one file per
+    source of a mix: <split>-<n>-<name>.jsonl)."""
     datasets, paths = [], []
-    for split, verdict in zip(("train", "eval"), verdicts):
-        dataset, records = materialise(verdict)
+    for number, read in enumerate(reads, start=1):
+        dataset, records = materialise(read.verdict)
         datasets.append(dataset)
+        if read.hub:  # the record names the Hub split (line N = row N of the split), not the local copy
+            records = [{**record, "file": read.hub.label} for record in records]
         if records:
-            paths.append(str(run_dir / "quarantine" / f"{split}.jsonl"))
+            name = split if len(reads) == 1 else f"{split}-{number}-{_slug(read.path)}"
+            paths.append(str(run_dir / "quarantine" / f"{name}.jsonl"))
             write_quarantine(records, Path(paths[-1]))
     return datasets, paths
+
+
+def _slug(path: str) -> str:
+    return re.sub(r"[^\w.-]", "_", path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0])[:40] or "source"
 
 
 def _validate(uri: str, data_format: str, checks: DataSettings, reference: bytes | None) -> tuple[Verdict, str]:
@@ -134,10 +191,12 @@ def _token_lengths(config: FinetuneConfig, split_file: Path, conversations: list
     return report
 
 
-def _source(verdict: Verdict, validation: str) -> DataSource:
-    return DataSource(uri=verdict.source, sha256=verdict.sha256, rows=verdict.kept, data_format=verdict.data_format,
+def _source(read: _Read) -> DataSource:
+    verdict = read.verdict
+    return DataSource(uri=read.path, sha256=verdict.sha256, rows=verdict.kept, data_format=verdict.data_format,
                       format_evidence=verdict.format_evidence, read=verdict.read, quarantined=verdict.quarantined,
-                      problems=verdict.rule_counts, validation=validation)
+                      problems=verdict.rule_counts, validation=read.validation,
+                      hub=read.hub.describe() if read.hub else None)
 
 
 def _report(result: IngestResult, logger) -> None:

@@ -29,8 +29,8 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     require_safe_weights(config.model, config.model_loading)
     tokenizer = load_tokenizer(config.model, config.model_loading)
     settings = config.training
-    stats = _check_lengths(config, tokenizer, data.train_path, config.data, logger)
-    _check_lengths(config, tokenizer, data.eval_path, config.eval_data or config.data, logger)
+    stats = _check_lengths(config, tokenizer, data.train_path, config.data_label, logger)
+    _check_lengths(config, tokenizer, data.eval_path, config.eval_data or config.data_label, logger)
     from tasks.engine.hardware import pick_device
     from tasks.engine.kernels import fused_kernels_available  # torch loads here, not when the flow is imported
 

@@ -26,6 +26,7 @@ class DataSource(BaseModel):
     quarantined: int = 0
     problems: dict[str, int] = {}  # rule -> rows that broke it
     validation: str = "ran"  # or "cached"
+    hub: dict | None = None  # a Hugging Face Hub dataset: repo_id, config, split, requested_revision, commit, endpoint
 
 
 class IngestResult(BaseModel):
@@ -36,6 +37,7 @@ class IngestResult(BaseModel):
     sources: list[DataSource]
     eval_origin: str  # "held-out file" or how the split was made
     quarantine_paths: list[str] = []  # one JSONL per source with bad rows: row, reasons, data
+    mix: dict | None = None  # `data` as a list: each source's weight or cap, usable rows and rows taken (tasks.data.mixing)
     token_lengths: dict[str, dict] = {}  # split -> histogram, share truncated, tokens lost (tasks.data.tokenization)
 
 

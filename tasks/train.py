@@ -147,7 +147,8 @@ def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, plann
                                                    "early_stopping_patience", "early_stopping_min_delta"})
     identity = training_fingerprint(model=config.model, data=[s.sha256 for s in data.sources],
                                     method=planned.plan.method, lora=config.lora.model_dump(), training=settings,
-                                    eval_origin=data.eval_origin)
+                                    eval_origin=data.eval_origin,
+                                    **({"mix": data.mix} if data.mix else {}))  # other weights: other rows
     local = Path(run.run_dir) / "checkpoints"
     resume_from = found = None
     for uri in candidate_checkpoints(config.output, run_key, identity if config.resume else None):

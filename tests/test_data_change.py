@@ -114,3 +114,24 @@ def test_a_run_for_an_overwritten_object_stops_before_it_starts(tiny_model, buck
     state = finetune(config, return_state=True)
     assert state.is_failed() and "overwritten after the event" in str(state.result(raise_on_failure=False))
     assert not (tmp_path / "work").exists()  # nothing started: no run folder, no model loaded
+
+
+def test_a_mix_is_unchanged_only_with_the_same_sources_weights_and_seed(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    shutil.copy(DEMO_DATA / "train.jsonl", a)
+    shutil.copy(DEMO_DATA / "eval.jsonl", b)
+    data = [{"path": str(a), "weight": 2.0}, {"path": str(b), "max_rows": 5}]
+    config = FinetuneConfig(model="m", data=data, output=str(tmp_path / "out"))
+    folder = tmp_path / "out" / "runs" / "20261128-010000-aaaa"
+    folder.mkdir(parents=True)
+    mix = {"seed": config.training.seed, "sources": [{"path": str(a), "weight": 2.0, "max_rows": None},
+                                                     {"path": str(b), "weight": None, "max_rows": 5}]}
+    (folder / "manifest.json").write_text(json.dumps({"data": {"mix": mix, "sources": [
+        {"uri": str(a), "sha256": sha256_file(a)}, {"uri": str(b), "sha256": sha256_file(b)}]}}))
+    assert "20261128-010000-aaaa" in unchanged_since_published(config)
+    reweighted = FinetuneConfig(model="m", data=[{**data[0], "weight": 1.0}, data[1]], output=str(tmp_path / "out"))
+    assert unchanged_since_published(reweighted) is None  # other weights: other training rows
+    reseeded = config.model_copy(update={"training": config.training.model_copy(update={"seed": 1234})})
+    assert unchanged_since_published(reseeded) is None
+    b.write_text(b.read_text() + b.read_text().splitlines()[0] + "\n")
+    assert unchanged_since_published(config) is None  # one source's bytes changed

@@ -240,3 +240,25 @@ def test_quarantined_rows_are_published_next_to_the_model(tiny_model, tmp_path):
     assert len(published) == 1
     (record,) = [json.loads(line) for line in open(run_dir / published[0]["path"])]
     assert record["line"] == 6 and record["reasons"] == ["not_blank messages: message 1 (assistant) has empty content"]
+
+
+def test_a_run_on_a_list_of_sources_records_the_mix_in_the_manifest(tiny_model, tmp_path):
+    extra = tmp_path / "extra.jsonl"  # a second source, in another row format than the demo's chat rows
+    extra.write_text("".join(json.dumps({"prompt": f"Extra question {i}?", "completion": f"Extra answer {i}."}) + "\n"
+                             for i in range(30)))
+    train = str(DEMO_DATA / "train.jsonl")
+    config = tiny_config(tiny_model, tmp_path, method="lora", eval_data=None,
+                         data=[{"path": train, "weight": 1}, {"path": str(extra), "max_rows": 12}])
+    result = finetune(config.model_copy(update={"training": config.training.model_copy(update={"max_steps": 2})}))
+    manifest = json.loads((tmp_path / "out" / "runs" / result.run_id / "manifest.json").read_text())
+    demo_rows = sum(1 for line in open(train) if line.strip())
+    mixed = manifest["data"]["mix"]
+    assert mixed["seed"] == config.training.seed and mixed["rows"] == demo_rows + 12
+    assert [(s["path"], s["weight"], s["max_rows"], s["rows_taken"]) for s in mixed["sources"]] == [
+        (train, 1.0, None, demo_rows), (str(extra), None, 12, 12)]
+    assert [(s["uri"], s["read"], s["quarantined"]) for s in manifest["data"]["sources"]] == [
+        (train, demo_rows, 0), (str(extra), 30, 0)]
+    assert manifest["data"]["train_rows"] + manifest["data"]["eval_rows"] == demo_rows + 12
+    assert "of the mix" in manifest["data"]["eval_origin"]
+    assert manifest["config"]["data"][1] == {"path": str(extra), "weight": None, "max_rows": 12, "config": None,
+                                             "split": None, "revision": None}

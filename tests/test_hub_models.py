@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import DEMO_DATA, ROOT, tiny_config
-from hub_cache import COMMIT, add_to_hub_cache
+from hub_cache import COMMIT, add_to_hub_cache, offline_hub_cache
 from tasks.store.hub import HubModelUnavailable, is_hub_id, resolve_model
 
 REPO = "tiny-org/tiny-chat"
@@ -19,15 +19,7 @@ REPO = "tiny-org/tiny-chat"
 def hub_cache(tmp_path, monkeypatch):
     """An empty Hub cache, and the Hub out of reach as HF_HUB_OFFLINE=1 makes it. huggingface_hub reads the
     variables when it is imported, so its constants are set too for this (already importing) process."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
+    return offline_hub_cache(tmp_path / "hf-cache", monkeypatch)
 
 
 def offline_env(cache) -> dict:

@@ -126,3 +126,45 @@ def test_token_lengths_are_reported_and_heavy_truncation_fails(tiny_model, tmp_p
                         "max_truncated_fraction": 0.5}, training={"max_seq_len": 16})
     with pytest.raises(DatasetError, match=r"train.jsonl: 100.0% of rows are longer than training.max_seq_len=16 tokens"):
         ingest_only(short, run_info(tmp_path, "short"))
+
+
+def other_rows(path, count: int, blank: tuple[int, ...] = ()) -> str:
+    path.write_text("".join(json.dumps({"prompt": f"Other question {i}?", "completion": " " if i in blank else
+                                        f"Other answer {i}."}) + "\n" for i in range(count)))
+    return str(path)
+
+
+def test_each_source_of_a_mix_keeps_its_own_quarantine_and_the_mix_is_recorded(tiny_model, tmp_path):
+    a = write_rows(tmp_path / "a.jsonl", bad_every=10)  # 41 rows, 5 bad
+    b = other_rows(tmp_path / "b.jsonl", 20, blank=(7,))  # 20 rows, line 8 bad
+    eval_path = tmp_path / "eval.jsonl"  # line 1 is a row of b: leakage is checked against every source
+    eval_path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in
+                                 [("Other question 2?", "Other answer 2."), ("Held out?", "Yes."), ("New?", "No.")]))
+    config = tiny_config(tiny_model, tmp_path, data=[{"path": a, "weight": 3}, {"path": b, "max_rows": 10}],
+                         eval_data=str(eval_path),
+                         data_checks={"on_invalid": "quarantine", "max_quarantined_fraction": 0.4})
+    result = ingest_only(config, run_info(tmp_path))
+    assert [(s.uri, s.read, s.rows, s.quarantined, s.problems) for s in result.sources] == [
+        (a, 41, 36, 5, {"not_blank": 4, "near_duplicate": 1}), (b, 20, 19, 1, {"not_blank": 1}),
+        (str(eval_path), 3, 2, 1, {"leakage": 1})]
+    assert [p.rsplit("/", 1)[-1] for p in result.quarantine_paths] == ["train-1-a.jsonl", "train-2-b.jsonl",
+                                                                       "eval.jsonl"]
+    assert [json.loads(line)["line"] for line in open(result.quarantine_paths[1])] == [8]
+    assert result.mix["seed"] == config.training.seed and result.mix["rows"] == result.train_rows == 46
+    assert [(s["path"], s["weight"], s["max_rows"], s["usable_rows"], s["rows_taken"]) for s in result.mix["sources"]] \
+        == [(a, 3, None, 36, 36), (b, None, 10, 19, 10)]
+    trained = [json.loads(line) for line in open(result.train_path)]
+    assert sum(r["source"] == a for r in trained) == 36 and sum(r["source"] == b for r in trained) == 10
+    assert 8 not in [r["row"] for r in trained if r["source"] == b]  # b's quarantined row is never mixed in
+    again = ingest_only(config, run_info(tmp_path, "again"))  # the same seed: the same rows in the same order
+    assert open(again.train_path).read() == open(result.train_path).read()
+
+
+def test_a_source_over_its_bad_row_limit_fails_even_when_the_mix_is_mostly_good(tiny_model, tmp_path):
+    a = write_rows(tmp_path / "a.jsonl", bad_every=10)  # 5 of 41 bad: 12%
+    b = other_rows(tmp_path / "b.jsonl", 300)  # all good: the mix as a whole is 2% bad
+    config = tiny_config(tiny_model, tmp_path, data=[{"path": b, "weight": 1}, {"path": a, "weight": 1}],
+                         eval_data=None, data_checks={"on_invalid": "quarantine", "max_quarantined_fraction": 0.1})
+    with pytest.raises(DatasetError, match=rf"{a}: .*\n(.*\n)*5 of 41 rows are bad, more than "
+                                           r"data_checks.max_quarantined_fraction=0.1"):
+        ingest_only(config, run_info(tmp_path))

@@ -3,12 +3,14 @@
 Headless Chromium (Debian's `chromium`, driven by Playwright without `playwright install`) opens the
 local Prefect UI's run form for finetune/gpu registered from deployments/prefect.yaml. Every request
 that is not to 127.0.0.1 is blocked (the UI tries one analytics call even offline). The screenshot is
-saved to tests/artifacts/run-form.png (the whole form) and run-form-method.png (the method dropdown
-open), with the page's HTML in run-form.html (tests/artifacts/ is ignored by git), for a person to look at.
+saved to tests/artifacts/run-form.png (the whole form), run-form-method.png (the method dropdown
+open) and run-form-data-list.png (`data` switched to a list of sources, one added), with the page's
+HTML in run-form.html (tests/artifacts/ is ignored by git), for a person to look at.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from urllib.parse import urlparse
@@ -69,6 +71,12 @@ def test_run_form_shows_the_typed_parameters(prefect_server, deployed):
             method_dropdown = _method_options(page)
             page.screenshot(path=str(ARTIFACTS / "run-form-method.png"))  # the dropdown, open
             assert {"auto", "full", "lora", "qlora"} <= set(method_dropdown), method_dropdown
+            page.keyboard.press("Escape")
+            sources = _data_source_fields(page)
+            page.screenshot(path=str(ARTIFACTS / "run-form-data-list.png"), full_page=True)
+            for expected in ("Path", "Hugging Face Hub dataset as hf://datasets/<org>/<name>", "Weight (Optional)",
+                             "share of the weighted part of the mix", "Max Rows (Optional)", "Split (Optional)"):
+                assert expected.lower() in sources.lower(), f"{expected!r} not in the list's form:\n{sources[:3000]}"
         finally:
             browser.close()
 
@@ -81,13 +89,24 @@ def _method_options(page) -> list[str]:
     return [o.strip() for o in options.all_inner_texts()]
 
 
+def _data_source_fields(page) -> str:
+    """`data` is a path or a list of sources: switch it to the list (the form's only `list` tab), add a source
+    and return the form's text with that source's fields."""
+    page.get_by_role("tab", name="list", exact=True).click()
+    page.get_by_role("button", name=re.compile("add", re.IGNORECASE)).first.click()
+    page.get_by_text("share of the weighted part of the mix", exact=False).first.wait_for(timeout=30_000)
+    return page.inner_text("body")
+
+
 def test_server_rejects_an_invalid_parameter(prefect_server, deployed):
     """enforce_parameter_schema: a bad value is refused when the run is created, naming the field."""
     dep = deployment_id(prefect_server, "finetune/gpu")
     good = httpx.get(f"{prefect_server}/deployments/{dep}", timeout=30).json()["parameters"]["config"]
     for bad, words in (({**good, "method": "bogus"}, ("bogus", "auto")),
                        ({**good, "publish": {"max_regression": -0.5}}, ("-0.5", "minimum")),
-                       ({**good, "training": {"learning_rte": 0.1}}, ("learning_rte",))):
+                       ({**good, "training": {"learning_rte": 0.1}}, ("learning_rte",)),
+                       ({**good, "data": [{"path": "a.jsonl", "weight": 0}]},
+                        ("config.data[0].weight", "minimum of 0"))):
         answer = httpx.post(f"{prefect_server}/deployments/{dep}/create_flow_run",
                             json={"parameters": {"config": bad}}, timeout=30)
         assert answer.status_code == 409, answer.text

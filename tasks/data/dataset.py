@@ -202,6 +202,7 @@ class Dataset:
     conversations: list[Conversation] = field(repr=False)
     rows: list[int] = field(repr=False)  # source row number of each conversation
     scan: Scan | None = field(default=None, repr=False)
+    origins: list[str] | None = field(default=None, repr=False)  # a mix: the source (path) of each conversation
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -275,14 +276,19 @@ def _subset(dataset: Dataset, indices: list[int]) -> Dataset:
         format_evidence=dataset.format_evidence,
         conversations=[dataset.conversations[i] for i in indices],
         rows=[dataset.rows[i] for i in indices],
+        origins=[dataset.origins[i] for i in indices] if dataset.origins is not None else None,
     )
 
 
 def write_conversations(dataset: Dataset, path) -> None:
-    """Save a split as JSONL: one {"row", "messages"} object per line, row = source row number."""
+    """Save a split as JSONL: one {"row", "messages"} object per line, row = source row number (and, in a mix,
+    "source": the source it came from)."""
+    origins = dataset.origins or [None] * len(dataset)
     with open(path, "w", encoding="utf-8") as out:
-        for row, messages in zip(dataset.rows, dataset.conversations):
-            out.write(json.dumps({"row": row, "messages": messages}, ensure_ascii=False) + "\n")
+        for row, messages, origin in zip(dataset.rows, dataset.conversations, origins):
+            record = {"row": row, "messages": messages} if origin is None else \
+                {"source": origin, "row": row, "messages": messages}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def read_conversations(path) -> tuple[list[int], list[Conversation]]:

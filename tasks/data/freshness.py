@@ -1,7 +1,8 @@
 """Has the data changed? For scheduled retraining and for event-triggered runs. Pure.
 
 - `unchanged_since_published`: the newest published run under `output` (its manifest records the
-  sha256 of every data source) trained on exactly the data `config` names now -> a reason to skip.
+  sha256 of every data source, the commit of a Hub dataset, and a mix's weights) trained on exactly the
+  data `config` names now, mixed the same way -> a reason to skip.
   The newest published run, promoted or not: a run the gate blocked already tried this data.
 - `etag_mismatch`: an event-triggered run names the object's ETag at upload time; when the object
   was overwritten since, the newer upload has its own event and run, and this one must not train
@@ -13,6 +14,8 @@ import json
 from typing import Protocol
 
 from tasks.data.dataset import content_sha256
+from tasks.data.hub_datasets import is_hub_dataset, resolve_split
+from tasks.data.settings import DataSourceSpec
 from tasks.data.sources import list_source_files
 from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError, join_uri, list_children, read_object
 from tasks.store.registry import RUNS
@@ -20,10 +23,12 @@ from tasks.store.registry import RUNS
 
 class DataVersion(Protocol):
     """What these checks read of a run's config (tasks.config.FinetuneConfig has it)."""
-    data: str
+    data: str | list[DataSourceSpec]
     eval_data: str | None
     data_etag: str | None
     output: str
+
+    def data_sources(self) -> list[DataSourceSpec]: ...
 
 
 class DataChangedError(RuntimeError):
@@ -31,20 +36,48 @@ class DataChangedError(RuntimeError):
 
 
 def unchanged_since_published(config: DataVersion) -> str | None:
-    """Why retraining is pointless (the newest published run used this very data), or None to train."""
+    """Why retraining is pointless (the newest published run used this very data, mixed the same way), or None
+    to train."""
     newest = newest_published_manifest(config.output)
     if newest is None:
         return None
     run_id, manifest = newest
-    recorded = {s["uri"]: s.get("sha256") for s in manifest.get("data", {}).get("sources", [])}
-    for uri in filter(None, (config.data, config.eval_data)):
-        if uri not in recorded:
+    recorded = manifest.get("data", {})
+    if isinstance(config.data, list) and _mix_of(config) != _recorded_mix(recorded.get("mix")):
+        return None  # other weights, caps or seed: other training rows
+    eval_source = [DataSourceSpec(path=config.eval_data, weight=1.0)] if config.eval_data else []
+    for spec in config.data_sources() + eval_source:
+        if not _same_content(spec, recorded.get("sources", []), config):
             return None
-        if content_sha256(list_source_files(uri)) != recorded[uri]:
-            return None
+    names = ", ".join(s.path for s in config.data_sources() + eval_source)
     return (f"data unchanged since run {run_id} (published {manifest.get('created_at', '?')}): "
-            f"{', '.join(filter(None, (config.data, config.eval_data)))} have the sha256 its manifest records; "
+            f"{names} have the sha256 (Hub datasets: the commit) its manifest records; "
             "not retraining. Upload new data, or start finetune/gpu to train anyway")
+
+
+def _same_content(spec: DataSourceSpec, sources: list[dict], config) -> bool:
+    """Whether the published run read this source with the same bytes (a Hub split: at the same commit)."""
+    if is_hub_dataset(spec.path):
+        split = spec.split or "train"
+        read = [s.get("hub") or {} for s in sources if s.get("uri") == spec.path]
+        commits = {h.get("commit") for h in read if h.get("config") == spec.config and h.get("split") == split}
+        if not commits - {None}:  # the published run did not read this config and split
+            return False
+        hub = getattr(config, "hub", None)
+        now = resolve_split(spec.path, spec.config, split, spec.revision, hub.cache_dir if hub else None).commit
+        return now in commits
+    recorded = {s["uri"]: s.get("sha256") for s in sources}
+    return spec.path in recorded and content_sha256(list_source_files(spec.path)) == recorded[spec.path]
+
+
+def _mix_of(config) -> tuple:
+    return (config.training.seed, [(s.path, s.weight, s.max_rows) for s in config.data])
+
+
+def _recorded_mix(mix: dict | None) -> tuple | None:
+    if not mix:
+        return None
+    return (mix.get("seed"), [(s["path"], s["weight"], s["max_rows"]) for s in mix.get("sources", [])])
 
 
 def newest_published_manifest(output: str) -> tuple[str, dict] | None:
