@@ -28,32 +28,53 @@ class SeenObjects:
         return Variable.get(obj.dedupe_key, default=None) is not None
 
     def remember(self, obj: S3Object) -> None:
-        from prefect.variables import Variable
+        # The whole object, so that the reconciler (tasks/reconcile.py) can send its event again.
+        self._write(obj.dedupe_key, {"uri": obj.uri, "etag": obj.etag, "announced_at": _now(), "bucket": obj.bucket,
+                                     "key": obj.key, "size": obj.size, "event_time": obj.event_time,
+                                     "s3_event": obj.event_name})
 
-        Variable.set(obj.dedupe_key, {"uri": obj.uri, "etag": obj.etag, "announced_at": _now()}, overwrite=True,
-                     tags=[SEEN_TAG])
+    def mark_reannounced(self, name: str, record: dict) -> None:
+        """Count one more re-announcement of the record `name` (its value `record`), and when."""
+        self._write(name, record | {"reannounced": record.get("reannounced", 0) + 1, "reannounced_at": _now()})
+
+    def records(self) -> list[dict]:
+        """Every record tagged SEEN_TAG (name, value, created, updated), page after page."""
+        from prefect.client.orchestration import get_client
+
+        records, offset = {}, 0
+        with get_client(sync_client=True) as client:
+            while True:
+                # Newest first: a record written while paging shifts the older ones back, so one is read
+                # twice (kept once, by name), never skipped.
+                answer = client.request("POST", "/variables/filter", json={
+                    "variables": {"tags": {"all_": [SEEN_TAG]}}, "sort": "CREATED_DESC", "offset": offset,
+                    "limit": SEEN_PAGE})
+                answer.raise_for_status()
+                page = answer.json()
+                records |= {v["name"]: v for v in page}
+                if len(page) < SEEN_PAGE:
+                    return list(records.values())
+                offset += SEEN_PAGE
 
     def forget_before(self, cutoff: datetime) -> int:
         """Drop the records last written before `cutoff`; returns how many were dropped."""
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound
 
-        stale, offset, page_size = [], 0, SEEN_PAGE
+        stale = [v["name"] for v in self.records() if datetime.fromisoformat(v["updated"]) < cutoff]
         with get_client(sync_client=True) as client:
-            while True:
-                page = client.request("POST", "/variables/filter", json={
-                    "variables": {"tags": {"all_": [SEEN_TAG]}}, "sort": "CREATED_DESC", "offset": offset,
-                    "limit": page_size}).json()
-                stale += [v["name"] for v in page if datetime.fromisoformat(v["updated"]) < cutoff]
-                if len(page) < page_size:
-                    break
-                offset += page_size
             for name in stale:
                 try:
                     client.delete_variable_by_name(name)
                 except ObjectNotFound:  # another bridge dropped it first
                     pass
         return len(stale)
+
+    @staticmethod
+    def _write(name: str, value: dict) -> None:
+        from prefect.variables import Variable
+
+        Variable.set(name, value, overwrite=True, tags=[SEEN_TAG])
 
 
 def forget_expired(seen: SeenObjects | None = None) -> int:

@@ -1,0 +1,112 @@
+"""Which announced uploads have no flow run (tasks/reconcile.py), without a server: seen records, automations
+and flow runs in the shapes the Prefect API returns them. tests/test_reconcile_server_kill.py runs the whole
+reconciler against a server killed mid-burst."""
+import uuid
+from datetime import datetime, timedelta, timezone
+
+from tasks.data.s3_events import S3Object
+from tasks.reconcile import UploadTrigger, announced_from, plan, upload_triggers
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+ON_UPLOAD, OTHER = str(uuid.uuid4()), str(uuid.uuid4())
+TRIGGER = UploadTrigger(ON_UPLOAD, ("s3.object.created",), {"prefect.resource.id": "s3://b/datasets/incoming/*"})
+
+
+def record(key: str, etag: str, ago: timedelta = timedelta(hours=1), **extra) -> dict:
+    """A seen record as /variables/filter returns it (tasks/s3_announce.SeenObjects.remember wrote it)."""
+    obj = S3Object("b", key, etag, 12, "2026-12-01T10:00:00+00:00")
+    return {"name": obj.dedupe_key, "tags": ["s3-seen"], "value": {
+        "uri": obj.uri, "etag": etag, "announced_at": (NOW - ago).isoformat(), "bucket": "b", "key": key, "size": 12,
+        "event_time": obj.event_time, "s3_event": obj.event_name} | extra}
+
+
+def run(deployment_id: str, key: str, etag: str) -> dict:
+    """A flow run the on-upload trigger created: its config names the object and its etag."""
+    return {"deployment_id": deployment_id, "parameters": {"config": {
+        "model": "/models/m", "data": f"s3://b/{key}", "data_etag": etag, "output": "s3://b/models/incoming"}}}
+
+
+def keys(uploads) -> list[str]:
+    return sorted(u.obj.key for u in uploads)
+
+
+def test_only_uploads_with_no_run_past_the_grace_period_are_announced_again():
+    inc = "datasets/incoming/"
+    records = [
+        record(inc + "has-run.jsonl", "e1"),
+        record(inc + "lost.jsonl", "e2"),
+        record(inc + "just-sent.jsonl", "e3", ago=timedelta(seconds=30)),
+        record(inc + "overwritten.jsonl", "new"),  # its run is of the older bytes
+        record(inc + "other-deployment.jsonl", "e5"),  # a run, but of a deployment whose trigger did not cover it
+        record(inc + "split.jsonl", "e6"),  # its URI in one run, its etag in another
+        record(inc + "hopeless.jsonl", "e7", reannounced=3, reannounced_at=(NOW - timedelta(hours=1)).isoformat()),
+        record(inc + "copy-sent.jsonl", "e8", reannounced=1, reannounced_at=(NOW - timedelta(seconds=5)).isoformat()),
+        record("datasets/elsewhere/x.jsonl", "e9"),  # announced, but no trigger matches it: no run expected
+        {"name": "s3-reannounced-1234", "tags": ["s3-seen"], "value": {"failure": "1234", "reannounced_at": "x"}},
+    ]
+    runs = [run(ON_UPLOAD, inc + "has-run.jsonl", "e1"), run(ON_UPLOAD, inc + "overwritten.jsonl", "old"),
+            run(OTHER, inc + "other-deployment.jsonl", "e5"), run(ON_UPLOAD, inc + "split.jsonl", "zzz"),
+            run(ON_UPLOAD, inc + "not-it.jsonl", "e6"), {"deployment_id": None, "parameters": {}}]
+    announced = [a for r in records if (a := announced_from(r))]
+    assert len(announced) == len(records) - 1  # the failed-action marker is not an upload
+
+    result = plan(announced, [TRIGGER], runs, NOW, grace=timedelta(minutes=10), max_reannounce=3)
+
+    assert keys(result.reannounce) == [inc + n for n in ("lost.jsonl", "other-deployment.jsonl", "overwritten.jsonl",
+                                                         "split.jsonl")]
+    assert keys(result.waiting) == [inc + "copy-sent.jsonl", inc + "just-sent.jsonl"]
+    assert keys(result.gave_up) == [inc + "hopeless.jsonl"]
+    assert (result.with_run, result.no_trigger, result.partial) == (1, 1, [])
+    lost = next(u for u in result.reannounce if u.obj.key.endswith("lost.jsonl"))
+    # The copy is the original event: same id (Prefect's trigger drops an id it has seen), same payload.
+    assert lost.obj == S3Object("b", inc + "lost.jsonl", "e2", 12, "2026-12-01T10:00:00+00:00")
+    assert lost.obj.dedupe_key == lost.name
+
+
+def test_a_run_of_every_covering_deployment_is_needed_and_a_partial_one_is_not_announced_again():
+    second = UploadTrigger(OTHER, (), {"prefect.resource.id": ["s3://b/datasets/*", "s3://c/*"]})  # any event
+    announced = [announced_from(record("datasets/incoming/a.jsonl", "e1")),
+                 announced_from(record("datasets/incoming/b.jsonl", "e2"))]
+    runs = [run(ON_UPLOAD, "datasets/incoming/a.jsonl", "e1"), run(OTHER, "datasets/incoming/a.jsonl", "e1"),
+            run(OTHER, "datasets/incoming/b.jsonl", "e2")]
+    result = plan(announced, [TRIGGER, second], runs, NOW)
+    # Announcing b again would give OTHER its second run: reported, not sent.
+    assert (result.with_run, keys(result.partial), result.reannounce) == (1, ["datasets/incoming/b.jsonl"], [])
+
+
+def test_a_record_written_before_objects_were_kept_whole_is_read_from_its_uri():
+    old = {"name": "s3-seen-abc", "value": {"uri": "s3://b/datasets/incoming/deep/k.jsonl", "etag": "e",
+                                            "announced_at": "2026-11-30T10:00:00+00:00"}}
+    upload = announced_from(old)
+    assert (upload.obj.bucket, upload.obj.key, upload.obj.etag, upload.attempts) == ("b", "datasets/incoming/deep/k.jsonl",
+                                                                                   "e", 0)
+    assert announced_from({"name": "s3-seen-x", "value": "not a record"}) is None
+
+
+def automation(trigger: dict, actions: list[dict], enabled: bool = True):
+    from prefect.events.schemas.automations import Automation
+
+    return Automation.model_validate({"id": str(uuid.uuid4()), "name": "a", "enabled": enabled, "trigger": trigger,
+                                      "actions": actions})
+
+
+def test_upload_triggers_are_the_reactive_run_deployment_ones():
+    """As `prefect deploy` registers deployments/prefect.yaml's on-upload trigger, and automations that are not one."""
+    run_it = [{"type": "run-deployment", "source": "selected", "deployment_id": ON_UPLOAD, "parameters": {}}]
+    on_upload = {"type": "event", "posture": "Reactive", "expect": ["s3.object.created"], "threshold": 1, "within": 0,
+                 "match": {"prefect.resource.id": "s3://b/datasets/incoming/*"}}
+    automations = [
+        automation(on_upload, run_it),
+        automation(on_upload, run_it, enabled=False),
+        automation(on_upload | {"threshold": 5, "within": 60}, run_it),  # one run per five events
+        automation(on_upload | {"match_related": {"prefect.resource.role": "flow"}}, run_it),
+        automation({"type": "event", "posture": "Reactive", "expect": ["prefect.flow-run.Crashed"],
+                    "match": {"prefect.resource.id": "prefect.flow-run.*"}},
+                   [{"type": "change-flow-run-state", "state": "SCHEDULED"}]),
+        automation(on_upload, [{"type": "run-deployment", "source": "inferred"}]),
+    ]
+    triggers = upload_triggers(automations)
+    assert triggers == [TRIGGER]
+    assert triggers[0].covers(S3Object("b", "datasets/incoming/x.jsonl", "e"))
+    assert not triggers[0].covers(S3Object("b", "datasets/other/x.jsonl", "e"))
+    assert not UploadTrigger(ON_UPLOAD, ("s3.object.removed",), {}).covers(S3Object("b", "k", "e"))
