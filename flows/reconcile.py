@@ -1,4 +1,4 @@
-"""Announce again the uploads that were announced but never got a flow run (tasks/reconcile.py).
+"""Announce again the uploads that were announced but never got a flow run (tasks/data/s3_reconcile.py).
 
 Deployed as `s3-reconcile/every-10-minutes` (deployments/prefect.yaml); `prefect-finetune reconcile` runs
 the same pass from a shell.
@@ -9,7 +9,10 @@ from datetime import timedelta
 
 from prefect import flow, get_run_logger
 
-from tasks.reconcile import GRACE, MAX_REANNOUNCE, reconcile
+from tasks.data.s3_reconcile import GRACE, MAX_REANNOUNCE
+from tasks.s3_announce import reconcile
+
+__all__ = ["reconcile", "reconcile_uploads"]  # `reconcile` for tasks/cli.py, which imports no stage itself
 
 
 @flow(name="s3-reconcile")

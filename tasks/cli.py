@@ -18,7 +18,7 @@ ingest task's checks on a dataset (and, with --model, its token lengths) without
 team's own CI: every bad row is named by file, row and field. `promote` points `latest.json` at a
 published run by hand (only a complete one: every file checked against its manifest); `rollback`
 points it back at the run it replaced (the replaced pointer is kept in `history/`). `reconcile` announces again
-the uploads that were announced but got no flow run (tasks/reconcile.py; PREFECT_API_URL names the server).
+the uploads that were announced but got no flow run (tasks/data/s3_reconcile.py; PREFECT_API_URL names the server).
 Exit status: 0 good (data usable), 1 a check failed, nothing fits or the data is not usable (reconcile: an upload
 still has no run after every copy), 2 the run, pointer, model or data does not exist.
 
@@ -311,7 +311,7 @@ def _rollback(args: argparse.Namespace) -> None:
 
 
 def _add_reconcile(subparsers) -> None:
-    from tasks.reconcile import GRACE, MAX_REANNOUNCE
+    from tasks.data.s3_reconcile import GRACE, MAX_REANNOUNCE
 
     parser = subparsers.add_parser("reconcile", help="announce again the uploads that never got a flow run")
     parser.add_argument("--grace", type=float, default=GRACE.total_seconds(),
@@ -327,7 +327,7 @@ def _reconcile(args: argparse.Namespace) -> None:
     import json
     from datetime import timedelta
 
-    from tasks.reconcile import reconcile
+    from flows.reconcile import reconcile  # the flow's own pass (a stage; the CLI imports none directly)
 
     result = reconcile(timedelta(seconds=args.grace), args.max_reannounce, dry_run=args.dry_run)
     if args.json:

@@ -1,11 +1,11 @@
-"""Which announced uploads have no flow run (tasks/reconcile.py), without a server: seen records, automations
+"""Which announced uploads have no flow run (tasks/data/s3_reconcile.py), without a server: seen records, automations
 and flow runs in the shapes the Prefect API returns them. tests/test_reconcile_server_kill.py runs the whole
 reconciler against a server killed mid-burst."""
 import uuid
 from datetime import datetime, timedelta, timezone
 
 from tasks.data.s3_events import S3Object
-from tasks.reconcile import UploadTrigger, announced_from, plan, upload_triggers
+from tasks.data.s3_reconcile import UploadTrigger, announced_from, plan, upload_triggers
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 ON_UPLOAD, OTHER = str(uuid.uuid4()), str(uuid.uuid4())
@@ -83,11 +83,12 @@ def test_a_record_written_before_objects_were_kept_whole_is_read_from_its_uri():
     assert announced_from({"name": "s3-seen-x", "value": "not a record"}) is None
 
 
-def automation(trigger: dict, actions: list[dict], enabled: bool = True):
+def automation(trigger: dict, actions: list[dict], enabled: bool = True) -> dict:
+    """As /automations/filter answers: Prefect's own model, with every default it fills in."""
     from prefect.events.schemas.automations import Automation
 
     return Automation.model_validate({"id": str(uuid.uuid4()), "name": "a", "enabled": enabled, "trigger": trigger,
-                                      "actions": actions})
+                                      "actions": actions}).model_dump(mode="json")
 
 
 def test_upload_triggers_are_the_reactive_run_deployment_ones():
@@ -110,3 +111,7 @@ def test_upload_triggers_are_the_reactive_run_deployment_ones():
     assert triggers[0].covers(S3Object("b", "datasets/incoming/x.jsonl", "e"))
     assert not triggers[0].covers(S3Object("b", "datasets/other/x.jsonl", "e"))
     assert not UploadTrigger(ON_UPLOAD, ("s3.object.removed",), {}).covers(S3Object("b", "k", "e"))
+    assert UploadTrigger(ON_UPLOAD, ("s3.object.*",), {}).covers(S3Object("b", "k", "e"))  # no match: any resource
+    not_tmp = UploadTrigger(ON_UPLOAD, (), {"prefect.resource.id": "!s3://b/tmp/*", "s3.bucket": ["a", "b"]})
+    assert not_tmp.covers(S3Object("b", "x.jsonl", "e")) and not not_tmp.covers(S3Object("b", "tmp/x.jsonl", "e"))
+    assert not not_tmp.covers(S3Object("c", "x.jsonl", "e"))

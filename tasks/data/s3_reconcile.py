@@ -1,14 +1,15 @@
-"""The reconciler: announced uploads that never got a flow run are announced again.
+"""Which announced uploads never got a flow run. Pure: seen records, automations and flow runs in, as the
+Prefect API returns them (JSON); the reading and the sending are tasks/s3_announce.reconcile.
 
 The Prefect server keeps an accepted event, its trigger and the trigger's action in memory until the
 run is created. A server that dies in between (SIGKILL, OOM, a node lost) loses them, and nothing in
 Prefect sends them again; the bridge has already deleted the SQS message and recorded the upload as
-announced. So, from what is durable on both sides:
+announced. So the reconciler compares what is durable on both sides:
 
 - the announced uploads: the `s3-seen-...` Variables (tasks/s3_announce.SeenObjects), each holding
   the object (bucket, key, etag, ...);
-- the deployments whose trigger an `s3.object.created` event of that object fires (read from the
-  server's automations, matched with Prefect's own label matching);
+- the deployments whose trigger an `s3.object.created` event of that object fires (the server's
+  automations, matched by Prefect's label rules);
 - those deployments' flow runs, whose parameters name the object's URI and etag (the on-upload
   trigger renders `config.data` and `config.data_etag` from the event).
 
@@ -17,22 +18,18 @@ same event id as the original. Prefect's trigger service drops an event id it ev
 30 minutes (prefect.server.events.ordering: in memory, so empty after a restart), so a copy of an event
 that is still on its way to a run is dropped, and a copy of one the dead server lost fires its trigger
 once. On top, an upload is left alone for GRACE after it was (re-)announced, so a run about to be
-created is not chased, and is announced again at most MAX_REANNOUNCE times (a record with no run after
-that is reported, not sent again for ever).
+created is not chased, and it is announced again at most MAX_REANNOUNCE times (one still without a run
+after that is reported, not sent again for ever).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from tasks.data.s3_events import EVENT_NAME, S3Object
 
 GRACE = timedelta(minutes=10)  # < the trigger service's 30-minute memory of event ids, see above
 MAX_REANNOUNCE = 3
-RUNS_PAGE = 200  # the API's largest page
-# Runs are read from this long before the oldest announcement: a run's expected start is when its trigger
-# fired, which can be a little before the bridge recorded the upload (it records after the API accepted).
-RUNS_SLACK = timedelta(days=1)
 SEEN_PREFIX = "s3-seen-"
 
 
@@ -42,6 +39,10 @@ class Announced:
     name: str
     record: dict
     obj: S3Object
+
+    @property
+    def announced_at(self) -> datetime:
+        return datetime.fromisoformat(self.record["announced_at"])
 
     @property
     def last_sent(self) -> datetime:
@@ -75,41 +76,50 @@ class UploadTrigger:
     match: dict
 
     def covers(self, obj: S3Object) -> bool:
-        from prefect.events.schemas.events import Resource, ResourceSpecification, matches
-
-        if self.expect and not any(matches(pattern, EVENT_NAME) for pattern in self.expect):
+        if self.expect and not any(label_matches(pattern, EVENT_NAME) for pattern in self.expect):
             return False
-        return ResourceSpecification(self.match).includes([Resource(obj.resource())])
+        resource = obj.resource()
+        return all(any(label_matches(p, resource.get(label)) for p in ([want] if isinstance(want, str) else want))
+                   for label, want in self.match.items())
 
 
-def upload_triggers(automations: list) -> list[UploadTrigger]:
-    """The one-run-per-event triggers among `automations` (prefect.events.schemas.automations.Automation):
-    enabled, reactive, threshold 1, no `after`, and no `match_related` (an upload event has no related
-    resources, so such a trigger never fires for one), each with its run-deployment actions."""
-    from prefect.events.schemas.automations import EventTrigger, Posture
+def label_matches(expected: str, value: str | None) -> bool:
+    """Prefect's rule for a label or event name (prefect.events.schemas.events.matches): a trailing `*` matches
+    any rest, a leading `!` negates."""
+    if value is None:
+        return False
+    negate = expected.startswith("!")
+    expected = expected.removeprefix("!")
+    found = value.startswith(expected[:-1]) if expected.endswith("*") else value == expected
+    return found != negate
 
+
+def upload_triggers(automations: list[dict]) -> list[UploadTrigger]:
+    """The one-run-per-event triggers among `automations` (as /automations/filter returns them): enabled,
+    reactive, threshold 1, no `after`, and no `match_related` (an upload event has no related resources, so
+    such a trigger never fires for one), each with its run-deployment actions of a selected deployment."""
     found = []
     for automation in automations:
-        trigger = automation.trigger
-        if not (automation.enabled and isinstance(trigger, EventTrigger) and trigger.posture == Posture.Reactive
-                and trigger.threshold == 1 and not trigger.after and _matches_anything(trigger.match_related)):
+        trigger = automation.get("trigger") or {}
+        related = trigger.get("match_related") or {}
+        if not (automation.get("enabled") and trigger.get("type") == "event" and trigger.get("posture") == "Reactive"
+                and trigger.get("threshold", 1) == 1 and not trigger.get("after")
+                and all(not spec for spec in (related if isinstance(related, list) else [related]))):
             continue
-        found += [UploadTrigger(str(action.deployment_id), tuple(sorted(trigger.expect)), dict(trigger.match.root))
-                  for action in automation.actions
-                  if action.type == "run-deployment" and getattr(action, "source", None) == "selected"]
+        found += [UploadTrigger(str(action["deployment_id"]), tuple(sorted(trigger.get("expect") or [])),
+                                dict(trigger.get("match") or {}))
+                  for action in automation.get("actions", [])
+                  if action.get("type") == "run-deployment" and action.get("source", "selected") == "selected"
+                  and action.get("deployment_id")]
     return found
-
-
-def _matches_anything(spec) -> bool:
-    return all(s.matches_every_resource() for s in (spec if isinstance(spec, list) else [spec]))
 
 
 @dataclass
 class Plan:
     """What one pass found, record by record."""
     reannounce: list[Announced] = field(default_factory=list)  # covered, no run, past the grace period
-    waiting: list[Announced] = field(default_factory=list)  # no run yet, but (re-)announced within GRACE
-    gave_up: list[Announced] = field(default_factory=list)  # no run after MAX_REANNOUNCE copies
+    waiting: list[Announced] = field(default_factory=list)  # no run yet, but (re-)announced within the grace period
+    gave_up: list[Announced] = field(default_factory=list)  # no run after the last copy allowed
     partial: list[Announced] = field(default_factory=list)  # a run of some covered deployments, not all
     with_run: int = 0
     no_trigger: int = 0  # announced, but no upload trigger matches it: no run expected
@@ -127,9 +137,8 @@ class Plan:
 
 def plan(announced: list[Announced], triggers: list[UploadTrigger], runs: list[dict], now: datetime,
          grace: timedelta = GRACE, max_reannounce: int = MAX_REANNOUNCE) -> Plan:
-    """Sort the seen records by what they need. `runs`: flow runs as the API returns them (deployment_id,
-    parameters); a run is the upload's when its deployment is covered and its parameters hold the
-    upload's URI and etag."""
+    """Sort the seen records by what they need. `runs`: flow runs (deployment_id, parameters); a run is the
+    upload's when its deployment is covered and its parameters hold the upload's URI and etag."""
     by_text: dict[tuple[str, str], list[set[str]]] = {}  # (deployment, a string) -> the runs' strings
     for run in runs:
         texts = set(_texts(run.get("parameters")))
@@ -163,51 +172,3 @@ def _texts(value) -> list[str]:
     if isinstance(value, dict):
         value = list(value.values())
     return [text for item in value for text in _texts(item)] if isinstance(value, list) else []
-
-
-def reconcile(grace: timedelta = GRACE, max_reannounce: int = MAX_REANNOUNCE, dry_run: bool = False,
-              seen=None) -> Plan:
-    """One pass against the Prefect API (PREFECT_API_URL): read, plan, and (unless `dry_run`) send the
-    events again, recording each copy in its seen record."""
-    from prefect.client.orchestration import get_client
-
-    from tasks.s3_announce import SeenObjects, emit_created
-
-    seen = seen or SeenObjects()
-    announced = [a for v in seen.records() if (a := announced_from(v))]
-    with get_client(sync_client=True) as client:
-        triggers = upload_triggers(_automations(client))
-        since = min((datetime.fromisoformat(a.record["announced_at"]) for a in announced), default=None)
-        runs = _runs(client, sorted({t.deployment_id for t in triggers}), since - RUNS_SLACK) \
-            if since and triggers else []
-    result = plan(announced, triggers, runs, datetime.now(timezone.utc), grace, max_reannounce)
-    if not dry_run:
-        for upload in result.reannounce:
-            emit_created(upload.obj)  # the original's id: see the module's docstring
-            seen.mark_reannounced(upload.name, upload.record)
-    return result
-
-
-def _automations(client) -> list:
-    automations, offset = [], 0
-    while page := client.read_automations(limit=RUNS_PAGE, offset=offset):
-        automations += page
-        offset += len(page)
-    return automations
-
-
-def _runs(client, deployment_ids: list[str], since: datetime) -> list[dict]:
-    """The flow runs of those deployments expected to start after `since`, every page. Oldest first: a run
-    created while paging lands on the last page instead of shifting the others."""
-    runs, offset = {}, 0
-    while True:
-        answer = client.request("POST", "/flow_runs/filter", json={
-            "flow_runs": {"deployment_id": {"any_": deployment_ids},
-                          "expected_start_time": {"after_": since.isoformat()}},
-            "sort": "EXPECTED_START_TIME_ASC", "limit": RUNS_PAGE, "offset": offset})
-        answer.raise_for_status()
-        page = answer.json()
-        runs |= {r["id"]: {"deployment_id": r["deployment_id"], "parameters": r["parameters"]} for r in page}
-        if len(page) < RUNS_PAGE:
-            return list(runs.values())
-        offset += RUNS_PAGE
