@@ -327,9 +327,21 @@ def _reconcile(args: argparse.Namespace) -> None:
     import json
     from datetime import timedelta
 
-    from flows.reconcile import reconcile  # the flow's own pass (a stage; the CLI imports none directly)
+    import httpx
+    from prefect.settings import PREFECT_API_URL
 
-    result = reconcile(timedelta(seconds=args.grace), args.max_reannounce, dry_run=args.dry_run)
+    from flows.reconcile import reconcile  # the flow's pass, through flows/: a stage never imports another stage
+
+    if args.grace < 0 or args.max_reannounce < 0:
+        raise CheckFailed(f"--grace {args.grace:g} --max-reannounce {args.max_reannounce}: neither may be negative")
+    if not PREFECT_API_URL.value():  # else Prefect would start a temporary server of its own and reconcile that
+        raise CheckFailed("PREFECT_API_URL is not set: set it (or your Prefect profile's) to the server's API, "
+                          "e.g. http://prefect.internal:4200/api")
+    try:
+        result = reconcile(timedelta(seconds=args.grace), args.max_reannounce, dry_run=args.dry_run)
+    except httpx.HTTPError as error:  # refused, timed out, or an error status after the client's retries
+        raise CheckFailed(f"the Prefect API at {PREFECT_API_URL.value()} did not answer: {error!r}; check "
+                          "PREFECT_API_URL and that the server is up") from None
     if args.json:
         print(json.dumps(result.counts() | {"reannounced_uris": [u.obj.uri for u in result.reannounce],
                                             "gave_up_uris": [u.obj.uri for u in result.gave_up + result.partial]}))

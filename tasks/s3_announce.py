@@ -171,6 +171,8 @@ def reconcile(grace: timedelta = GRACE, max_reannounce: int = MAX_REANNOUNCE, dr
     is counted in its seen record."""
     from prefect.client.orchestration import get_client
 
+    if grace < timedelta(0) or max_reannounce < 0:
+        raise ValueError(f"grace={grace}, max_reannounce={max_reannounce}: neither may be negative")
     seen = seen or SeenObjects()
     announced = [a for v in seen.records() if (a := announced_from(v))]
     with get_client(sync_client=True) as client:

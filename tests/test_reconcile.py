@@ -119,6 +119,22 @@ def test_upload_triggers_are_the_reactive_run_deployment_ones():
     assert not not_tmp.covers(S3Object("c", "x.jsonl", "e"))
 
 
+def test_cli_names_what_is_wrong_before_and_when_the_api_does_not_answer(capsys):
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from tasks.cli import main
+
+    assert main(["reconcile", "--grace", "-5"]) == 1
+    assert "neither may be negative" in capsys.readouterr().err
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["reconcile"]) == 1
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+    # Nothing listens on the discard port.
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 0}):
+        assert main(["reconcile", "--dry-run"]) == 1
+    assert "the Prefect API at http://127.0.0.1:9/api did not answer: ConnectError" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_a_pass_reads_every_page_of_records_automations_and_runs_from_a_real_api(prefect_api, monkeypatch):
     """tasks/s3_announce.reconcile (and the s3-reconcile flow) against a temporary Prefect server: the shapes the API really answers, paged
