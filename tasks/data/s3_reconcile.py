@@ -21,9 +21,10 @@ once. On top, an upload is left alone for GRACE after it was (re-)announced, so 
 created is not chased, and it is announced again at most MAX_REANNOUNCE times (one still without a run
 after that is reported, not sent again for ever).
 
-An action the server ran and that failed (a 503 from a locked SQLite) is tasks/s3_announce.reannounce_failed's
-to answer, within 30 s, with a copy of its own id: the trigger has seen the original, so the reconciler's
-same-id copy is dropped for 30 minutes, well past GRACE, and once that run exists nothing is sent at all.
+An action the server ran and that failed (a 503 from a locked SQLite) is answered by
+tasks/s3_announce.reannounce_failed within a minute (the bridge looks every 30 s, the sensor every
+poll), with a copy under a new id. The trigger has seen the original, so the reconciler's same-id copy
+is dropped for 30 minutes, well past GRACE; once the run exists, the reconciler sends nothing.
 """
 from __future__ import annotations
 
