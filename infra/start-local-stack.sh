@@ -36,7 +36,7 @@ PY
 echo "bucket my-bucket notifies $QUEUE_URL"
 infra/create-work-pools.sh
 # The deployments whose pools exist here (the router and its Kubernetes pools need KUBERNETES=1).
-prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --name gpu --name on-upload --name nightly --name poll
+prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --name gpu --name on-upload --name nightly --name poll --name every-10-minutes
 python infra/apply_automations.py deployments/automations.yaml
 POOL=gpu infra/start-worker.sh & pids+=($!)
 POOL=cpu infra/start-worker.sh & pids+=($!)

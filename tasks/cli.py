@@ -6,6 +6,7 @@
     prefect-finetune validate DATA [--eval-data PATH] [--format F] [--model PATH] [--json] [--on-invalid ...]
     prefect-finetune promote  OUTPUT RUN_ID [--reason TEXT]
     prefect-finetune rollback OUTPUT [--reason TEXT]
+    prefect-finetune reconcile [--grace SECONDS] [--max-reannounce N] [--dry-run] [--json]
 
 OUTPUT is what the flow published to (a local folder or s3://bucket/prefix). `download` fetches a
 run and checks every file against the sha256 in its manifest; `verify` does the same, then loads
@@ -16,8 +17,10 @@ alone is downloaded, plus the tokenizer with --data). `validate` runs the
 ingest task's checks on a dataset (and, with --model, its token lengths) without a run, for a data
 team's own CI: every bad row is named by file, row and field. `promote` points `latest.json` at a
 published run by hand (only a complete one: every file checked against its manifest); `rollback`
-points it back at the run it replaced (the replaced pointer is kept in `history/`). Exit status: 0 good (data usable), 1
-a check failed, nothing fits or the data is not usable, 2 the run, pointer, model or data does not exist.
+points it back at the run it replaced (the replaced pointer is kept in `history/`). `reconcile` announces again
+the uploads that were announced but got no flow run (tasks/data/s3_reconcile.py; PREFECT_API_URL names the server).
+Exit status: 0 good (data usable), 1 a check failed, nothing fits or the data is not usable (reconcile: an upload
+still has no run after every copy), 2 the run, pointer, model or data does not exist.
 
 Subcommands register themselves in `SUBCOMMANDS` (a function that adds its parser and sets
 `handler`), so another one (e.g. `plan`) is one more function in that list.
@@ -307,7 +310,51 @@ def _rollback(args: argparse.Namespace) -> None:
     _promote(args, latest["previous"]["run_id"])
 
 
-SUBCOMMANDS = [_add_download, _add_verify, _add_plan, _add_validate, _add_promote, _add_rollback]
+def _add_reconcile(subparsers) -> None:
+    from tasks.data.s3_reconcile import GRACE, MAX_REANNOUNCE
+
+    parser = subparsers.add_parser("reconcile", help="announce again the uploads that never got a flow run")
+    parser.add_argument("--grace", type=float, default=GRACE.total_seconds(),
+                        help="seconds an upload is left alone after it was announced (default %(default).0f)")
+    parser.add_argument("--max-reannounce", type=int, default=MAX_REANNOUNCE,
+                        help="announce one upload again at most this many times (default %(default)s)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be announced again, send nothing")
+    parser.add_argument("--json", action="store_true", help="print the counts and URIs as JSON")
+    parser.set_defaults(handler=_reconcile)
+
+
+def _reconcile(args: argparse.Namespace) -> None:
+    import json
+    from datetime import timedelta
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.reconcile import reconcile  # the flow's pass, through flows/: a stage never imports another stage
+
+    if args.grace < 0 or args.max_reannounce < 0:
+        raise CheckFailed(f"--grace {args.grace:g} --max-reannounce {args.max_reannounce}: neither may be negative")
+    if not PREFECT_API_URL.value():  # else Prefect would start a temporary server of its own and reconcile that
+        raise CheckFailed("PREFECT_API_URL is not set: set it (or your Prefect profile's) to the server's API, "
+                          "e.g. http://prefect.internal:4200/api")
+    try:
+        result = reconcile(timedelta(seconds=args.grace), args.max_reannounce, dry_run=args.dry_run)
+    except httpx.HTTPError as error:  # refused, timed out, or an error status after the client's retries
+        raise CheckFailed(f"the Prefect API at {PREFECT_API_URL.value()} did not answer: {error!r}; check "
+                          "PREFECT_API_URL and that the server is up") from None
+    if args.json:
+        print(json.dumps(result.counts() | {"reannounced_uris": [u.obj.uri for u in result.reannounce],
+                                            "gave_up_uris": [u.obj.uri for u in result.gave_up + result.partial]}))
+    else:
+        for upload in result.reannounce:
+            print(f"{'would announce' if args.dry_run else 'announced'} again: {upload.obj.uri} (etag {upload.obj.etag})")
+        print(result.summary())
+    if result.gave_up or result.partial:
+        raise CheckFailed("some uploads have no flow run after every copy, or runs of only some of their deployments: "
+                          + ", ".join(u.obj.uri for u in result.gave_up + result.partial))
+
+
+SUBCOMMANDS = [_add_download, _add_verify, _add_plan, _add_validate, _add_promote, _add_rollback, _add_reconcile]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Announce a new S3 object to Prefect: one `s3.object.created` event per (bucket, key, etag).
 
-The Prefect side of the S3 bridge (flows/s3_bridge.py) and sensor (flows/s3_sensor.py); the
-parsing, filtering and debouncing they share is pure, in tasks/data/s3_events.py.
+The Prefect side of the S3 bridge (flows/s3_bridge.py), sensor (flows/s3_sensor.py) and reconciler
+(flows/reconcile.py); the parsing, filtering, debouncing and matching they share are pure, in
+tasks/data/s3_events.py and tasks/data/s3_reconcile.py.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 from tasks.data.s3_events import EVENT_NAME, S3Object
+from tasks.data.s3_reconcile import GRACE, MAX_REANNOUNCE, Plan, announced_from, plan, upload_triggers
 
 
 SEEN_TAG = "s3-seen"
@@ -28,32 +30,53 @@ class SeenObjects:
         return Variable.get(obj.dedupe_key, default=None) is not None
 
     def remember(self, obj: S3Object) -> None:
-        from prefect.variables import Variable
+        # The whole object, so that the reconciler (`reconcile` below) can send its event again.
+        self._write(obj.dedupe_key, {"uri": obj.uri, "etag": obj.etag, "announced_at": _now(), "bucket": obj.bucket,
+                                     "key": obj.key, "size": obj.size, "event_time": obj.event_time,
+                                     "s3_event": obj.event_name})
 
-        Variable.set(obj.dedupe_key, {"uri": obj.uri, "etag": obj.etag, "announced_at": _now()}, overwrite=True,
-                     tags=[SEEN_TAG])
+    def mark_reannounced(self, name: str, record: dict) -> None:
+        """Count one more re-announcement of the record `name` (its value `record`), and when."""
+        self._write(name, record | {"reannounced": record.get("reannounced", 0) + 1, "reannounced_at": _now()})
+
+    def records(self) -> list[dict]:
+        """Every record tagged SEEN_TAG (name, value, created, updated), page after page."""
+        from prefect.client.orchestration import get_client
+
+        records, offset = {}, 0
+        with get_client(sync_client=True) as client:
+            while True:
+                # Newest first: a record written while paging shifts the older ones back, so one is read
+                # twice (kept once, by name), never skipped.
+                answer = client.request("POST", "/variables/filter", json={
+                    "variables": {"tags": {"all_": [SEEN_TAG]}}, "sort": "CREATED_DESC", "offset": offset,
+                    "limit": SEEN_PAGE})
+                answer.raise_for_status()
+                page = answer.json()
+                records |= {v["name"]: v for v in page}
+                if len(page) < SEEN_PAGE:
+                    return list(records.values())
+                offset += SEEN_PAGE
 
     def forget_before(self, cutoff: datetime) -> int:
         """Drop the records last written before `cutoff`; returns how many were dropped."""
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound
 
-        stale, offset, page_size = [], 0, SEEN_PAGE
+        stale = [v["name"] for v in self.records() if datetime.fromisoformat(v["updated"]) < cutoff]
         with get_client(sync_client=True) as client:
-            while True:
-                page = client.request("POST", "/variables/filter", json={
-                    "variables": {"tags": {"all_": [SEEN_TAG]}}, "sort": "CREATED_DESC", "offset": offset,
-                    "limit": page_size}).json()
-                stale += [v["name"] for v in page if datetime.fromisoformat(v["updated"]) < cutoff]
-                if len(page) < page_size:
-                    break
-                offset += page_size
             for name in stale:
                 try:
                     client.delete_variable_by_name(name)
                 except ObjectNotFound:  # another bridge dropped it first
                     pass
         return len(stale)
+
+    @staticmethod
+    def _write(name: str, value: dict) -> None:
+        from prefect.variables import Variable
+
+        Variable.set(name, value, overwrite=True, tags=[SEEN_TAG])
 
 
 def forget_expired(seen: SeenObjects | None = None) -> int:
@@ -133,6 +156,52 @@ def _events(client, event_filter: dict) -> list[dict]:
         if not page.get("next_page"):
             return events
         answer = client.request("GET", page["next_page"])  # an absolute URL with the server's page token
+
+
+API_PAGE = 200  # the API's largest page
+# Runs are read from this long before the oldest announcement: a run's expected start is when its trigger
+# fired, which can be a little before the bridge recorded the upload (it records once the API accepted).
+RUNS_SLACK = timedelta(days=1)
+
+
+def reconcile(grace: timedelta = GRACE, max_reannounce: int = MAX_REANNOUNCE, dry_run: bool = False,
+              seen: SeenObjects | None = None) -> Plan:
+    """Announce again the uploads that were announced and have no flow run (tasks/data/s3_reconcile.py says
+    which, and why a copy never doubles a run): one pass, every record, every page. Unless `dry_run`, each copy
+    is counted in its seen record."""
+    from prefect.client.orchestration import get_client
+
+    if grace < timedelta(0) or max_reannounce < 0:
+        raise ValueError(f"grace={grace}, max_reannounce={max_reannounce}: neither may be negative")
+    seen = seen or SeenObjects()
+    announced = [a for v in seen.records() if (a := announced_from(v))]
+    with get_client(sync_client=True) as client:
+        triggers = upload_triggers(_pages(client, "/automations/filter", {}))
+        since = min((a.announced_at for a in announced), default=None)
+        runs = _pages(client, "/flow_runs/filter", {
+            "flow_runs": {"deployment_id": {"any_": sorted({t.deployment_id for t in triggers})},
+                          "expected_start_time": {"after_": (since - RUNS_SLACK).isoformat()}},
+            # Oldest first: a run created while paging lands on the last page instead of shifting the others.
+            "sort": "EXPECTED_START_TIME_ASC"}) if since and triggers else []
+    result = plan(announced, triggers, runs, datetime.now(timezone.utc), grace, max_reannounce)
+    if not dry_run:
+        for upload in result.reannounce:
+            emit_created(upload.obj)  # the original's event id: Prefect's trigger drops it if it saw the original
+            seen.mark_reannounced(upload.name, upload.record)
+    return result
+
+
+def _pages(client, path: str, body: dict) -> list[dict]:
+    """Every row a /filter endpoint answers, page after page (each has an `id`; a row read twice is kept once)."""
+    rows, offset = {}, 0
+    while True:
+        answer = client.request("POST", path, json=body | {"limit": API_PAGE, "offset": offset})
+        answer.raise_for_status()
+        page = answer.json()
+        rows |= {row["id"]: row for row in page}
+        if len(page) < API_PAGE:
+            return list(rows.values())
+        offset += API_PAGE
 
 
 def _now() -> str:

@@ -178,8 +178,8 @@ def pytest_terminal_summary(terminalreporter, config):
 # tests/local_stack.py) share one process and so one stack. Scopes are handed out in this order, longest first,
 # so that the long ones start at once and the short ones fill in around them (--no-loadscope-reorder).
 SHARED_STACK = ("test_load.py", "test_triggered_runs.py", "test_ui_run_form.py")
-LONGEST_FIRST = (*SHARED_STACK, "test_e2e.py", "test_api_restart.py", "test_flow_run_crash.py", "test_flow.py",
-                 "test_distributed.py")
+LONGEST_FIRST = (*SHARED_STACK, "test_e2e.py", "test_api_restart.py", "test_reconcile_server_kill.py",
+                 "test_flow_run_crash.py", "test_flow.py", "test_distributed.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks

@@ -130,6 +130,32 @@ def start_prefect_server(name: str, port: int, db: Path, prefect_home: Path, log
     return server
 
 
+class RestartableServer:
+    """One Prefect server (port, SQLite file, home) that can be stopped and started again as itself."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port, self.starts = folder, free_port(), 0
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.process: Process | None = None
+
+    def start(self) -> None:
+        self.starts += 1
+        self.process = start_prefect_server(f"prefect-server-{self.starts}", self.port, self.folder / "prefect.db",
+                                            self.folder / "prefect-home", self.folder)
+
+    def stop(self, signum: int) -> None:
+        """`signum` to the server's process group (SIGKILL alone: a crash, no shutdown code runs)."""
+        self.process.stop(signals=(signum, signal.SIGINT) if signum != signal.SIGKILL else ())
+
+    def interrupt(self, signum: int, outage_s: float) -> float:
+        """Stop, stay down `outage_s`, start again; returns how long the API did not answer."""
+        down = time.monotonic()
+        self.stop(signum)
+        time.sleep(outage_s)
+        self.start()
+        return time.monotonic() - down
+
+
 @pytest.fixture(scope="session")
 def prefect_server(stack_dir):
     """`prefect server start` on 127.0.0.1 (SQLite in a temp dir); yields its API URL."""

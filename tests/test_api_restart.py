@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from conftest import DEMO_DATA
-from local_stack import ROOT, TINY_EVALUATION, TINY_TRAINING, Process, base_env, deploy, free_port, \
-    start_held_worker, start_prefect_server
+from local_stack import ROOT, TINY_EVALUATION, TINY_TRAINING, RestartableServer, base_env, deploy, \
+    start_held_worker
 from local_stack import wait_for as wait_showing_logs
 
 pytestmark = pytest.mark.integration
@@ -48,32 +48,6 @@ HOLD_STEP = 30
 # the gate compares with a published model; the cached `validate` runs are left out).
 FLOW_TASKS = ["ingest", "plan", "evaluate-base", "train", "evaluate-tuned", "gate", "package", "upload", "promote",
               "report"]
-
-
-class RestartableServer:
-    """One Prefect server (port, SQLite file, home) that can be stopped and started again as itself."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.port, self.starts = folder, free_port(), 0
-        self.api = f"http://127.0.0.1:{self.port}/api"
-        self.process: Process | None = None
-
-    def start(self) -> None:
-        self.starts += 1
-        self.process = start_prefect_server(f"prefect-server-{self.starts}", self.port, self.folder / "prefect.db",
-                                            self.folder / "prefect-home", self.folder)
-
-    def stop(self, signum: int) -> None:
-        """`signum` to the server's process group (SIGKILL alone: a crash, no shutdown code runs)."""
-        self.process.stop(signals=(signum, signal.SIGINT) if signum != signal.SIGKILL else ())
-
-    def interrupt(self, signum: int) -> float:
-        """Stop, stay down OUTAGE_S, start again; returns how long the API did not answer."""
-        down = time.monotonic()
-        self.stop(signum)
-        time.sleep(OUTAGE_S)
-        self.start()
-        return time.monotonic() - down
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +133,7 @@ def test_a_run_in_flight_survives_an_api_crash_and_a_long_outage(stack):
 
     # The crash, mid-training. Any checkpoint will do: training may already wait at HOLD_STEP.
     step = wait_for("training in flight", lambda: training_in_flight(api, flow_run.id), 300, stack)
-    crash = server.interrupt(signal.SIGKILL)
+    crash = server.interrupt(signal.SIGKILL, OUTAGE_S)
     api = client(server.api)
     # Still training (held at HOLD_STEP at the latest): an outage during a run, not after it.
     running = api.read_flow_run(flow_run.id)
