@@ -2,13 +2,16 @@
 
 Validation is its own task, cached on the data's content (sha256, or the S3 ETags), the schema
 version and the settings that change a verdict, so re-running on the same data skips the checks
-and only re-reads the kept rows. Under `on_invalid: quarantine` bad rows are written, each with
-its reasons, to `<run>/quarantine/`, and `kept + quarantined = read` is checked for every source.
+and only re-reads the kept rows. The cached verdict goes to `result_storage` (by default an S3 prefix
+beside an S3 output), so every worker reuses it, not only the one whose disk holds it. Under
+`on_invalid: quarantine` bad rows are written, each with its reasons, to `<run>/quarantine/`, and
+`kept + quarantined = read` is checked for every source.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,9 +27,10 @@ from tasks.data.sources import list_source_files
 from tasks.data.tokenization import encoded_split, length_report, require_few_truncated
 from tasks.data.validation import Verdict, check_source, enforce, materialise
 from tasks.results import DataSource, IngestResult, RunInfo
-from tasks.store.objects import is_s3_uri, retry_if_transient
+from tasks.store.objects import is_s3_uri, join_uri, retry_if_transient, split_s3_uri
 
 VERDICT_SETTINGS = ("max_row_bytes", "duplicates", "leakage")  # the settings that change which rows are bad
+RESULTS_FOLDER = "prefect-results"  # under an S3 output: the default result storage
 
 
 @task(name="check-data-version", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_if_transient,
@@ -79,10 +83,12 @@ def validate_data(uri: str, content: str, data_format: str, checks: DataSettings
 def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     logger = get_run_logger()
     checks = config.data_checks
-    verdicts = [_validate(config.data, config.data_format, checks, None)]
+    validate = _validator(config, logger)
+    verdicts = [_validate(validate, config.data, config.data_format, checks, None)]
     enforce(verdicts[0][0], checks)
     if config.eval_data:
-        verdicts.append(_validate(config.eval_data, config.data_format, checks, verdicts[0][0].kept_hashes))
+        verdicts.append(_validate(validate, config.eval_data, config.data_format, checks,
+                                  verdicts[0][0].kept_hashes))
         enforce(verdicts[1][0], checks)
     datasets, quarantine_paths = _keep_and_quarantine([verdict for verdict, _ in verdicts], Path(run.run_dir))
     folder = Path(run.run_dir) / "data"
@@ -119,9 +125,54 @@ def _keep_and_quarantine(verdicts: list[Verdict], run_dir: Path) -> tuple[list[D
     return datasets, paths
 
 
-def _validate(uri: str, data_format: str, checks: DataSettings, reference: bytes | None) -> tuple[Verdict, str]:
-    state = validate_data(uri, content_identity(uri, checks.max_file_bytes), data_format, checks, reference,
-                          return_state=True)
+def result_storage(config: FinetuneConfig):
+    """Where the validation verdict is cached: `config.result_storage`, else `<output>/prefect-results` for an S3
+    output; None (Prefect's local result storage) for a local output. A block slug is handed to Prefect as is."""
+    value = config.result_storage
+    if value is None and is_s3_uri(config.output):
+        value = join_uri(config.output, RESULTS_FOLDER)
+    if value is None:
+        return None
+    if is_s3_uri(value):
+        return _s3_result_storage(value)
+    if Path(value).expanduser().is_absolute():
+        return Path(value).expanduser()
+    return value  # 'block-type/name': Prefect loads the saved block
+
+
+def _s3_result_storage(uri: str) -> str:
+    """A saved prefect-aws S3Bucket block for `uri` (Prefect takes only saved blocks as a task's storage), named by
+    what it points at. It holds no keys: they come from the run's environment (boto3's chain, or what an
+    aws_credentials_* block put there: tasks/credentials.py), as for every other S3 call of the run."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    bucket, prefix = split_s3_uri(uri)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    # The endpoint and region are spelled out: prefect-aws caches clients by these fields, and a client made for
+    # another endpoint must not be reused.
+    endpoint, ca_bundle = os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_CA_BUNDLE")
+    name = "finetune-results-" + hashlib.sha256(f"{uri}|{endpoint}|{region}|{ca_bundle}".encode()).hexdigest()[:16]
+    block = S3Bucket(bucket_name=bucket, bucket_folder=prefix.strip("/"), credentials=AwsCredentials(
+        region_name=region, aws_client_parameters=AwsClientParameters(endpoint_url=endpoint,
+                                                                      verify_cert_path=ca_bundle)))
+    block.save(name, overwrite=True)  # the same content under the same name: concurrent runs agree
+    return f"s3-bucket/{name}"
+
+
+def _validator(config: FinetuneConfig, logger):
+    storage = result_storage(config)
+    if storage is None:
+        return validate_data
+    logger.info("validation results are cached in %s",
+                config.result_storage or join_uri(config.output, RESULTS_FOLDER))
+    return validate_data.with_options(result_storage=storage)
+
+
+def _validate(validate, uri: str, data_format: str, checks: DataSettings,
+              reference: bytes | None) -> tuple[Verdict, str]:
+    state = validate(uri, content_identity(uri, checks.max_file_bytes), data_format, checks, reference,
+                     return_state=True)
     return state.result(), "cached" if state.name == "Cached" else "ran"
 
 
