@@ -82,7 +82,7 @@ def test_the_run_page_shows_progress_the_loss_curve_and_the_links(prefect_server
 
                 page.goto(f"{ui}{prefix}/artifacts/artifact/{artifacts['finetune-training-progress']['id']}",
                           wait_until="networkidle", timeout=120_000)
-                page.get_by_text("100", exact=False).first.wait_for(timeout=60_000)
+                page.get_by_text("Progress: 100%").first.wait_for(timeout=60_000)
 
                 page.goto(f"{ui}{prefix}/artifacts/artifact/{artifacts['finetune-model-card']['id']}",
                           wait_until="networkidle", timeout=120_000)
