@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -161,11 +162,12 @@ def _s3_result_storage(uri: str) -> str:
 
 
 def _validator(config: FinetuneConfig, logger):
+    started = time.perf_counter()
     storage = result_storage(config)
     if storage is None:
         return validate_data
-    logger.info("validation results are cached in %s",
-                config.result_storage or join_uri(config.output, RESULTS_FOLDER))
+    logger.info("validation results are cached in %s (storage ready in %.2f s)",
+                config.result_storage or join_uri(config.output, RESULTS_FOLDER), time.perf_counter() - started)
     return validate_data.with_options(result_storage=storage)
 
 

@@ -194,3 +194,39 @@ def test_a_wrong_aws_block_fails_clearly_and_both_kinds_at_once_are_refused(s3_s
         use_s3_credentials(None, logging.getLogger("test"), "unsafe-block")
     with pytest.raises(ValueError, match="aws_credentials_secret and aws_credentials_block are both set"):
         tiny_config(tiny_model, tmp_path, aws_credentials_secret="a", aws_credentials_block="b")
+
+
+def test_an_unreachable_api_costs_the_progress_artifact_a_warning_never_the_training():
+    """The progress artifact against an API that refuses connections: one warning, and the training's calls
+    (a step, the close at the end) neither raise nor wait."""
+    import time
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from tasks.reports.settings import ArtifactSettings
+    from tasks.train import TrainingProgress
+
+    class Recorded(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    log, recorded = logging.getLogger("progress-test"), Recorded()
+    log.addHandler(recorded)
+    try:
+        with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 0}):
+            started = time.perf_counter()
+            progress = TrainingProgress(ArtifactSettings(progress_every_s=0.5), log)
+            progress(1, 4)
+            progress(4, 4)
+            progress.close()
+            elapsed = time.perf_counter() - started
+    finally:
+        log.removeHandler(recorded)
+    assert progress.artifact_id is None and progress.updates == 0
+    assert len(recorded.messages) == 1, recorded.messages
+    assert "finetune-training-progress could not be sent" in recorded.messages[0]
+    assert "training goes on" in recorded.messages[0] and elapsed < 30
