@@ -68,10 +68,11 @@ def test_the_run_page_shows_progress_the_loss_curve_and_the_links(prefect_server
                           timeout=120_000)
                 page.get_by_text("Artifacts", exact=True).first.click()
                 page.get_by_text("finetune-loss-curve").first.wait_for(timeout=60_000)
+                # the progress artifact's description on its card (the cards fill in as their queries answer)
+                page.get_by_text("training: 2 of 2 steps").first.wait_for(timeout=60_000)
                 tab = page.inner_text("body")
                 page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
                 assert all(key in tab for key in KEYS), tab[:2000]
-                assert "training: 2 of 2 steps" in tab  # the progress artifact's description on its card
 
                 page.goto(f"{ui}{prefix}/artifacts/artifact/{artifacts['finetune-loss-curve']['id']}",
                           wait_until="networkidle", timeout=120_000)
