@@ -35,7 +35,8 @@ class FinetuneResult(BaseModel):
 
 @flow(name="finetune", log_prints=True)
 def finetune(config: FinetuneConfig) -> FinetuneResult:
-    use_s3_credentials(config.aws_credentials_secret, get_run_logger())  # before the first S3 call
+    use_s3_credentials(config.aws_credentials_secret, get_run_logger(),
+                       config.aws_credentials_block)  # before S3
     require_data_version(config)  # event-triggered runs: the object is still the version announced
     run = start_run(config)
     tokenizer_only = fetch_model(config, weights=False)  # a Hub id: what ingest reads, before any weights

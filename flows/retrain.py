@@ -12,7 +12,8 @@ from tasks.ingest import data_unchanged_reason
 
 @flow(name="retrain", log_prints=True)
 def retrain(config: FinetuneConfig) -> FinetuneResult | None:
-    use_s3_credentials(config.aws_credentials_secret, get_run_logger())
+    use_s3_credentials(config.aws_credentials_secret, get_run_logger(),
+                       config.aws_credentials_block)
     unchanged = data_unchanged_reason(config)
     if unchanged:
         return Completed(message=unchanged)  # nothing to do is a success, not a failure

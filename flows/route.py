@@ -31,6 +31,7 @@ def start_on(deployment: str, config: FinetuneConfig) -> str:
 
 @flow(name="finetune-router")
 def route_finetune(config: FinetuneConfig, pools: list[WorkPoolSpec] = DEFAULT_POOLS) -> str:
-    use_s3_credentials(config.aws_credentials_secret, get_run_logger())  # the plan may read s3://
+    use_s3_credentials(config.aws_credentials_secret, get_run_logger(),
+                       config.aws_credentials_block)  # the plan may read s3://
     deployment = pick_pool(config, pools)
     return start_on(deployment, config)

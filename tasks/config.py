@@ -17,6 +17,7 @@ from tasks.data.settings import DataFormat, DataSettings, DataSourceSpec
 from tasks.data.sources import DATA_SUFFIXES
 from tasks.planning.methods import Method, MethodChoice
 from tasks.planning.settings import LoraSettings, TrainingSettings
+from tasks.reports.settings import ArtifactSettings
 from tasks.scoring.settings import EvaluationSettings
 from tasks.store.hub import HubSettings, ResolvedModel, model_problem
 from tasks.store.objects import is_s3_uri, split_s3_uri
@@ -24,8 +25,9 @@ from tasks.store.weight_safety import ModelLoadingSettings
 
 # The settings of each part live with the part that uses them; imported here, they make up the run's config
 # (and `from tasks.config import TrainingSettings` keeps working).
-__all__ = ["DataFormat", "DataSettings", "DataSourceSpec", "EvaluationSettings", "FinetuneConfig", "HubSettings",
-           "LoraSettings", "Method", "MethodChoice", "ModelLoadingSettings", "PublishSettings", "TrainingSettings"]
+__all__ = ["ArtifactSettings", "DataFormat", "DataSettings", "DataSourceSpec", "EvaluationSettings", "FinetuneConfig",
+           "HubSettings", "LoraSettings", "Method", "MethodChoice", "ModelLoadingSettings", "PublishSettings",
+           "TrainingSettings"]
 
 
 PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
@@ -49,6 +51,18 @@ def _location_problem(name: str, uri: str) -> str | None:
         return (f"{name}={uri!r} has an unsupported suffix: use one of {', '.join(DATA_SUFFIXES)}, a folder / s3 "
                 "prefix ending in '/', or a Hub dataset hf://datasets/<org>/<name>")
     return None
+
+
+def result_storage_problem(value: str) -> str | None:
+    """Why `value` is not an s3://bucket/prefix, an absolute folder or a 'block-type/name' slug, else None."""
+    if is_s3_uri(value):
+        return None if split_s3_uri(value)[0] else f"result_storage={value!r} has no bucket: use s3://bucket/prefix"
+    if Path(value).expanduser().is_absolute():
+        return None
+    if value.count("/") == 1 and all(part.strip() for part in value.split("/")):
+        return None
+    return (f"result_storage={value!r} is not an s3://bucket/prefix, an absolute folder or a storage block "
+            "'block-type/name' (e.g. 's3-bucket/results')")
 
 
 class _Settings(BaseModel):
@@ -127,6 +141,18 @@ class FinetuneConfig(_Settings):
         "aws_secret_access_key and, for temporary keys, aws_session_token. Empty: boto3's own chain "
         "(environment, instance or pod role, ~/.aws).",
     )
+    aws_credentials_block: str | None = Field(
+        None, description="Name of a prefect-aws AwsCredentials block: its keys (or profile), role to assume, "
+        "region and S3 endpoint are used for every S3 call of the run, the training processes included. "
+        "Use this or aws_credentials_secret, not both.",
+    )
+    result_storage: str | None = Field(
+        None, description="Where the cached data-validation result is kept, so any worker can reuse it: an "
+        "s3://bucket/prefix, an absolute local folder, or a Prefect storage block as 'block-type/name' (e.g. "
+        "'s3-bucket/results'). Empty: <output>/prefect-results when output is on S3, else Prefect's local "
+        "result storage.",
+    )
+    artifacts: ArtifactSettings = Field(default_factory=ArtifactSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     resume: bool = Field(
         False, description="Continue from the newest checkpoint in `output` of an earlier run with the same "
@@ -161,6 +187,10 @@ class FinetuneConfig(_Settings):
             problems.append(f"data_etag is set but data={self.data_label!r} is not an s3:// object: drop data_etag")
         if is_s3_uri(self.output) and not split_s3_uri(self.output)[0]:
             problems.append(f"output={self.output!r} has no bucket: use s3://bucket/prefix")
+        if self.aws_credentials_secret and self.aws_credentials_block:
+            problems.append("aws_credentials_secret and aws_credentials_block are both set: keep one")
+        if self.result_storage is not None and (problem := result_storage_problem(self.result_storage)):
+            problems.append(problem)
         if not self.model.strip():
             problems.append("model is empty: give a Hugging Face Hub id (org/name) or the folder of a Hugging Face "
                             "model")

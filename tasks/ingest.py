@@ -2,16 +2,20 @@
 
 Validation is its own task, cached on the data's content (sha256, or the S3 ETags), the schema
 version and the settings that change a verdict, so re-running on the same data skips the checks
-and only re-reads the kept rows. Under `on_invalid: quarantine` bad rows are written, each with
-its reasons, to `<run>/quarantine/`, and `kept + quarantined = read` is checked for every source.
-A list of sources is validated source by source (each under the policy on its own), then mixed
-(tasks/data/mixing.py); a Hub dataset is first read into a local JSONL file (tasks/data/hub_datasets.py).
+and only re-reads the kept rows. The cached verdict goes to `result_storage` (by default an S3 prefix
+beside an S3 output), so every worker reuses it, not only the one whose disk holds it. Under
+`on_invalid: quarantine` bad rows are written, each with its reasons, to `<run>/quarantine/`, and
+`kept + quarantined = read` is checked for every source. A list of sources is validated source by source
+(each under the policy on its own), then mixed (tasks/data/mixing.py); a Hub dataset is first read into a
+local JSONL file (tasks/data/hub_datasets.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,9 +35,10 @@ from tasks.data.sources import list_source_files
 from tasks.data.tokenization import encoded_split, length_report, require_few_truncated
 from tasks.data.validation import Verdict, check_source, enforce, materialise
 from tasks.results import DataSource, IngestResult, RunInfo
-from tasks.store.objects import is_s3_uri, retry_if_transient
+from tasks.store.objects import is_s3_uri, join_uri, retry_if_transient, split_s3_uri
 
 VERDICT_SETTINGS = ("max_row_bytes", "duplicates", "leakage")  # the settings that change which rows are bad
+RESULTS_FOLDER = "prefect-results"  # under an S3 output: the default result storage
 
 
 @task(name="check-data-version", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_if_transient,
@@ -95,11 +100,12 @@ class _Read:
 def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     logger = get_run_logger()
     specs = config.data_sources()
-    reads = [_read(spec, config, None) for spec in specs]  # each source checked and accounted on its own
+    validate = _validator(config, logger)
+    reads = [_read(spec, config, None, validate) for spec in specs]  # each source checked and accounted on its own
     held_out_read = None
     if config.eval_data:  # leakage: an eval row found in any training source
         reference = b"".join(read.verdict.kept_hashes for read in reads)
-        held_out_read = _read(DataSourceSpec(path=config.eval_data, weight=1.0), config, reference)
+        held_out_read = _read(DataSourceSpec(path=config.eval_data, weight=1.0), config, reference, validate)
     run_dir = Path(run.run_dir)
     datasets, quarantine_paths = _keep_and_quarantine(reads, "train", run_dir)
     mix_record = None
@@ -132,18 +138,18 @@ def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     return result
 
 
-def _read(spec: DataSourceSpec, config: FinetuneConfig, reference: bytes | None) -> _Read:
+def _read(spec: DataSourceSpec, config: FinetuneConfig, reference: bytes | None, validate) -> _Read:
     """Validate one source (a Hub split is first copied to a local JSONL file) and apply the policy to it."""
     checks = config.data_checks
     if not is_hub_dataset(spec.path):
-        verdict, validation = _validate(spec.path, config.data_format, checks, reference)
+        verdict, validation = _validate(validate, spec.path, config.data_format, checks, reference)
         enforce(verdict, checks)
         return _Read(spec.path, verdict, validation)
     hub = resolve_split(spec.path, spec.config, spec.split or "train", spec.revision, config.hub.cache_dir)
     local = str(local_copy(hub, config.work_dir, checks.max_rows))
     get_run_logger().info("%s: read into %s", hub.label, local)
     with _named(local, hub.label):  # messages name the dataset, config, split and commit, and the row
-        verdict, validation = _validate(local, config.data_format, checks, reference)
+        verdict, validation = _validate(validate, local, config.data_format, checks, reference)
         enforce(verdict, checks)
     return _Read(spec.path, verdict, validation, hub)
 
@@ -176,9 +182,55 @@ def _slug(path: str) -> str:
     return re.sub(r"[^\w.-]", "_", path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0])[:40] or "source"
 
 
-def _validate(uri: str, data_format: str, checks: DataSettings, reference: bytes | None) -> tuple[Verdict, str]:
-    state = validate_data(uri, content_identity(uri, checks.max_file_bytes), data_format, checks, reference,
-                          return_state=True)
+def result_storage(config: FinetuneConfig):
+    """Where the validation verdict is cached: `config.result_storage`, else `<output>/prefect-results` for an S3
+    output; None (Prefect's local result storage) for a local output. A block slug is handed to Prefect as is."""
+    value = config.result_storage
+    if value is None and is_s3_uri(config.output):
+        value = join_uri(config.output, RESULTS_FOLDER)
+    if value is None:
+        return None
+    if is_s3_uri(value):
+        return _s3_result_storage(value)
+    if Path(value).expanduser().is_absolute():
+        return Path(value).expanduser()
+    return value  # 'block-type/name': Prefect loads the saved block
+
+
+def _s3_result_storage(uri: str) -> str:
+    """A saved prefect-aws S3Bucket block for `uri` (Prefect takes only saved blocks as a task's storage), named by
+    what it points at. It holds no keys: they come from the run's environment (boto3's chain, or what an
+    aws_credentials_* block put there: tasks/credentials.py), as for every other S3 call of the run."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    bucket, prefix = split_s3_uri(uri)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    # The endpoint and region are spelled out: prefect-aws caches clients by these fields, and a client made for
+    # another endpoint must not be reused.
+    endpoint, ca_bundle = os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_CA_BUNDLE")
+    name = "finetune-results-" + hashlib.sha256(f"{uri}|{endpoint}|{region}|{ca_bundle}".encode()).hexdigest()[:16]
+    block = S3Bucket(bucket_name=bucket, bucket_folder=prefix.strip("/"), credentials=AwsCredentials(
+        region_name=region, aws_client_parameters=AwsClientParameters(endpoint_url=endpoint,
+                                                                      verify_cert_path=ca_bundle)))
+    block.save(name, overwrite=True)  # the same content under the same name: concurrent runs agree
+    return f"s3-bucket/{name}"
+
+
+def _validator(config: FinetuneConfig, logger):
+    started = time.perf_counter()
+    storage = result_storage(config)
+    if storage is None:
+        return validate_data
+    logger.info("validation results are cached in %s (storage ready in %.2f s)",
+                config.result_storage or join_uri(config.output, RESULTS_FOLDER), time.perf_counter() - started)
+    return validate_data.with_options(result_storage=storage)
+
+
+def _validate(validate, uri: str, data_format: str, checks: DataSettings,
+              reference: bytes | None) -> tuple[Verdict, str]:
+    state = validate(uri, content_identity(uri, checks.max_file_bytes), data_format, checks, reference,
+                     return_state=True)
     return state.result(), "cached" if state.name == "Cached" else "ran"
 
 

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import FinetuneConfig
 from tasks.data.dataset import read_conversations
-from tasks.reports.loss_curve import LOSS_CURVE_NAME, plot_loss_curve
-from tasks.reports.model_card import model_card
+from tasks.reports.loss_curve import LOSS_CURVE_NAME, loss_curve_markdown, plot_loss_curve
+from tasks.reports.model_card import base_model_license, model_card
 from tasks.reports.summary import headline, metrics_table_rows, summary_markdown
 from tasks.results import EvalResult, IngestResult, PlanResult, RunInfo, TrainResult
 from tasks.scoring.promotion import GateDecision, ModelScores, promotion_gate
 from tasks.store.hub import ResolvedModel
 from tasks.store.manifest import build_manifest, file_entries, sha256_file
-from tasks.store.objects import MANIFEST_NAME, etag_of, retry_if_transient
+from tasks.store.objects import MANIFEST_NAME, browser_url, etag_of, join_uri, retry_if_transient
 from tasks.store.registry import promote
 from tasks.store.transfer import upload_folder
 from tasks.store.weight_safety import recorded
@@ -70,9 +71,14 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     data_record = _describe_data(data, planned)
     evaluation = {"metric": base.metric, "metrics": config.evaluation.metrics, "base": base.model_dump(),
                   "tuned": tuned.model_dump(), "published": published.model_dump() if published else None}
-    plot_loss_curve(trained.history, staging / LOSS_CURVE_NAME, trained.best_step,
-                    f"{(model.repo_id if model and model.repo_id else config.model).rstrip('/').rsplit('/', 1)[-1]} "
-                    f"{trained.method}, run {run.run_id}")
+    title = (f"{(model.repo_id if model and model.repo_id else config.model).rstrip('/').rsplit('/', 1)[-1]} "
+             f"{trained.method}, run {run.run_id}")
+    plot_loss_curve(trained.history, staging / LOSS_CURVE_NAME, trained.best_step, title)
+    if config.artifacts.loss_curve:  # in the run's page; the PNG itself is published with the run
+        markdown = loss_curve_markdown((staging / LOSS_CURVE_NAME).read_bytes(), f"Loss curve: {title}",
+                                       join_uri(run.output_uri, LOSS_CURVE_NAME))
+        _best_effort("loss curve", create_markdown_artifact, markdown, key="finetune-loss-curve",
+                     description=f"Train and eval loss per step of run {run.run_id}; best step {trained.best_step}")
     training = trained.model_dump(exclude={"checkpoint_dir"})
     card = {"run_id": run.run_id, "base_model": base_model, "data": data_record, "method": trained.method,
             "training": training, "evaluation": evaluation, "publish_dtype": verification.get("saved_dtype", "")}
@@ -97,6 +103,7 @@ def _describe_base(config: FinetuneConfig, planned: PlanResult, model: ResolvedM
     return {"path": config.model, "revision": hub.get("commit") or _base_revision(config.model), **hub,
             "model_type": planned.model_type, "parameters": planned.model_parameters,
             "config_sha256": sha256_file(Path(config.model) / "config.json"),
+            "license": base_model_license(config.model),  # from the base model's card; {} when it states none
             "loading": recorded(config.model_loading)}  # whether code or pickles from the folder were allowed
 
 
@@ -183,4 +190,37 @@ def write_report(config: FinetuneConfig, manifest: dict, output_uri: str, promot
     create_markdown_artifact(markdown, key="finetune-summary", description=headline(manifest))
     create_table_artifact(metrics_table_rows(manifest), key="finetune-metrics",
                           description=f"Held-out scores of run {manifest['run']['run_id']}, same rows for every model")
+    if config.artifacts.links:
+        _link_artifacts(manifest, output_uri, config.artifacts.link_expiry_hours * 3600)
     return headline(manifest)
+
+
+def _link_artifacts(manifest: dict, output_uri: str, expires_s: int) -> None:
+    """Links to the published run (its manifest: every file with its checksum) and to the model card."""
+    run_id = manifest["run"]["run_id"]
+    targets = [("finetune-run", MANIFEST_NAME, f"Run {run_id}: manifest.json")]
+    listed = {f["path"] for f in manifest.get("files", [])}
+    cards = [path for path in ("merged/README.md", "adapter/README.md") if path in listed]  # the standalone first
+    if cards:
+        targets.append(("finetune-model-card", cards[0], f"Model card of run {run_id}: {cards[0]}"))
+    for key, path, text in targets:
+        uri = join_uri(output_uri, path)
+        _best_effort(key, lambda: _link(key, uri, text, expires_s))
+
+
+def _link(key: str, uri: str, text: str, expires_s: int) -> None:
+    url = browser_url(uri, expires_s)
+    if url is None:  # temporary S3 credentials: no presigned URL (it would carry the session token)
+        url, text = uri, f"{text} (not presigned: the run's S3 credentials are temporary)"
+    create_link_artifact(url, link_text=uri, key=key, description=text)
+
+
+def _best_effort(what: str, create, *args, **kwargs) -> None:
+    """An artifact the run can do without: a failure to make it is logged, not raised; its time is logged."""
+    started = time.perf_counter()
+    try:
+        create(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - the model is published whatever the UI shows
+        get_run_logger().warning("artifact %s not created (%s: %s)", what, type(error).__name__, str(error)[:200])
+        return
+    get_run_logger().info("artifact %s created in %.2f s", what, time.perf_counter() - started)

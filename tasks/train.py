@@ -4,10 +4,14 @@ than one GPU (or `training.num_gpus` > 1), training runs in one process per GPU,
 (tasks/engine/launch.py): DDP for adapters, FSDP2 for full fine-tuning (tasks/engine/distributed.py)."""
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import threading
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import FinetuneConfig
@@ -15,24 +19,21 @@ from tasks.data.tokenization import encoded_split, load_tokenizer
 from tasks.engine.launch import Nodes
 from tasks.planning.memory import GIB
 from tasks.planning.selector import Attempt
+from tasks.reports.settings import ArtifactSettings
 from tasks.results import IngestResult, PlanResult, RunInfo, TrainResult
 from tasks.store.checkpoint_uploads import (candidate_checkpoints, fetch_checkpoint, training_fingerprint,
                                            upload_checkpoint)
 from tasks.store.transfer import ChecksumMismatchError
 
 KEEP_IN_OUTPUT = 2  # newest checkpoints kept in the output per run
+PROGRESS_KEY = "finetune-training-progress"
+PROGRESS_CLOSE_TIMEOUT_S = 30  # the last update's wait at the end of training (an API outage must not hold the run)
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult) -> TrainResult:
-    # torch, transformers and peft load here, not at import: the flow module stays light for workers
-    # and deployment tooling.
-    from tasks.engine.hardware import seed
-    from tasks.engine.modeling import load_for_training, parameter_counts
-    from tasks.engine.train_loop import train, train_within_memory
-
     logger = get_run_logger()
-    plan, settings = planned.plan, config.training
+    plan = planned.plan
     tokenizer = load_tokenizer(config.model, config.model_loading)
     _, train_examples = encoded_split(config, data.train_path, tokenizer=tokenizer)
     _, eval_examples = encoded_split(config, data.eval_path, tokenizer=tokenizer)
@@ -41,37 +42,13 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     attempt = Attempt(method=plan.method, tokens_per_micro_batch=plan.tokens_per_micro_batch,
                       gradient_checkpointing=plan.gradient_checkpointing, checkpointed_layers=plan.checkpointed_layers)
     processes, nodes = processes_per_node(config, plan), Nodes.from_environment()
-    if processes * nodes.count > 1:
-        # No out-of-memory step-down across processes (yet): a process out of memory fails the task.
-        outcome, trainable, total, world_size = _train_in_processes(
-            config, run, plan, processes, nodes, train_examples, eval_examples, attempt.tokens_per_micro_batch,
-            checkpoints, best, logger)
-        step_downs = []
-    else:
-        world_size, sizes = 1, {}
-
-        def load(attempt: Attempt):
-            seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
-            model = load_for_training(config.model, attempt.method, plan.device, config.lora,
-                                      attempt.gradient_checkpointing, loading=config.model_loading,
-                                      checkpointed_layers=attempt.checkpointed_layers)
-            sizes["trainable"], sizes["total"] = parameter_counts(model)
-            logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed "
-                        "tokens; gradient checkpointing %s; attention %s", attempt.method, plan.device,
-                        f"{sizes['trainable']:,}", f"{sizes['total']:,}", attempt.tokens_per_micro_batch,
-                        attempt.checkpointing, model.config._attn_implementation)
-            return model
-
-        def run(model, attempt: Attempt, restarted: bool):
-            # A restart begins at step 0: the attempt that ran out of memory may have changed the model.
-            resumable = checkpoints if not restarted else dataclasses.replace(checkpoints, resume_from=None)
-            return train(model, train_examples, eval_examples, settings, attempt.tokens_per_micro_batch,
-                         plan.device, best, logger, resumable)
-
-        outcome, attempt, step_downs = train_within_memory(
-            load, run, attempt, planned_tokens=plan.tokens_per_micro_batch, longest_row=plan.longest_row,
-            method_fixed=config.method.fixed() is not None, log=logger)
-        trainable, total = sizes["trainable"], sizes["total"]
+    progress = TrainingProgress(config.artifacts, logger)
+    try:
+        outcome, attempt, step_downs, trainable, total, world_size = _train(
+            config, run, plan, attempt, processes, nodes, train_examples, eval_examples, checkpoints, best, logger,
+            progress)
+    finally:
+        progress.close()
     tokenizer.save_pretrained(best)
     logger.info("trained %d steps in %.1f s; best eval loss %.4f at step %d; peak memory %.2f GiB (%s), "
                 "estimated %.2f GiB", outcome.steps, outcome.seconds, outcome.best_eval_loss, outcome.best_step,
@@ -82,6 +59,48 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
                        gradient_checkpointing=attempt.gradient_checkpointing,
                        checkpointed_layers=attempt.checkpointed_layers, memory_step_downs=step_downs,
                        world_size=world_size, **dataclasses.asdict(outcome))
+
+
+def _train(config: FinetuneConfig, run: RunInfo, plan, attempt: Attempt, processes: int, nodes: Nodes,
+           train_examples, eval_examples, checkpoints, best: Path, logger, progress: TrainingProgress):
+    """Train in this process (stepping down on out-of-memory errors) or in torchrun processes."""
+    # torch, transformers and peft load here, not at import: the flow module stays light for workers
+    # and deployment tooling.
+    from tasks.engine.hardware import seed
+    from tasks.engine.modeling import load_for_training, parameter_counts
+    from tasks.engine.train_loop import train, train_within_memory
+
+    settings = config.training
+    if processes * nodes.count > 1:
+        # No out-of-memory step-down across processes (yet): a process out of memory fails the task.
+        outcome, trainable, total, world_size = _train_in_processes(
+            config, run, plan, processes, nodes, train_examples, eval_examples, attempt.tokens_per_micro_batch,
+            checkpoints, best, logger, progress)
+        return outcome, attempt, [], trainable, total, world_size
+    world_size, sizes = 1, {}
+
+    def load(attempt: Attempt):
+        seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
+        model = load_for_training(config.model, attempt.method, plan.device, config.lora,
+                                  attempt.gradient_checkpointing, loading=config.model_loading,
+                                  checkpointed_layers=attempt.checkpointed_layers)
+        sizes["trainable"], sizes["total"] = parameter_counts(model)
+        logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed "
+                    "tokens; gradient checkpointing %s; attention %s", attempt.method, plan.device,
+                    f"{sizes['trainable']:,}", f"{sizes['total']:,}", attempt.tokens_per_micro_batch,
+                    attempt.checkpointing, model.config._attn_implementation)
+        return model
+
+    def run_attempt(model, attempt: Attempt, restarted: bool):
+        # A restart begins at step 0: the attempt that ran out of memory may have changed the model.
+        resumable = checkpoints if not restarted else dataclasses.replace(checkpoints, resume_from=None)
+        return train(model, train_examples, eval_examples, settings, attempt.tokens_per_micro_batch,
+                     plan.device, best, logger, resumable, on_step=progress)
+
+    outcome, attempt, step_downs = train_within_memory(
+        load, run_attempt, attempt, planned_tokens=plan.tokens_per_micro_batch, longest_row=plan.longest_row,
+        method_fixed=config.method.fixed() is not None, log=logger)
+    return outcome, attempt, step_downs, sizes["trainable"], sizes["total"], world_size
 
 
 def processes_per_node(config: FinetuneConfig, plan) -> int:
@@ -100,7 +119,7 @@ def processes_per_node(config: FinetuneConfig, plan) -> int:
 
 
 def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: int, nodes, train_examples,
-                        eval_examples, capacity: int, checkpoints, best: Path, logger):
+                        eval_examples, capacity: int, checkpoints, best: Path, logger, progress=None):
     """Train in `processes` torchrun processes (per machine); only rank 0 writes the best model,
     checkpoints (and copies them to the output) and the result read back here."""
     from tasks.engine.hardware import release_cached_memory
@@ -125,7 +144,7 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
         upload={"output": config.output, "run_key": run.flow_run_id or run.run_id, "keep": KEEP_IN_OUTPUT},
     )
     release_cached_memory()  # the base model evaluate loaded in this process would sit on GPU 0
-    result = run_training_processes(job, folder / "job.json", processes, logger, nodes)
+    result = run_training_processes(job, folder / "job.json", processes, logger, nodes, on_progress=progress)
     logger.info("trained %s on %d processes (%s): %s of %s parameters trainable; micro-batches of up to %d packed "
                 "tokens per process; attention %s", plan.method, result["world_size"],
                 "DDP" if plan.method.trains_adapter else "FSDP2", f"{result['trainable_parameters']:,}",
@@ -171,3 +190,70 @@ def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, plann
         on_saved=lambda folder: upload_checkpoint(folder, config.output, run_key, KEEP_IN_OUTPUT),
     )
     return checkpoints, found
+
+
+class TrainingProgress:
+    """The run's progress artifact (steps done of the total), called as `progress(step, max_steps)` after each
+    step, here or from the torchrun processes' progress lines. A background thread sends the newest value at
+    most every `progress_every_s`, so training never waits on the Prefect API (whose client retries for
+    minutes through an outage), and an API error only costs the artifact, never the run."""
+
+    def __init__(self, settings: ArtifactSettings, logger):
+        self._every, self._log = settings.progress_every_s, logger
+        self._latest: tuple[int, int] | None = None
+        self._sent: tuple[int, int] | None = None
+        self._done, self._thread, self.artifact_id = threading.Event(), None, None
+        self.updates, self.api_seconds, self._warned = 0, 0.0, False
+        if not settings.progress:
+            return
+        started = time.perf_counter()
+        try:
+            self.artifact_id = create_progress_artifact(0.0, key=PROGRESS_KEY, description="training: starting")
+        except Exception as error:  # noqa: BLE001 - the UI's progress is not worth failing a run
+            self._warn(error)
+            return
+        self.api_seconds += time.perf_counter() - started
+        # Prefect's settings (the API URL among them) live in context variables: the thread needs this context.
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name="progress-artifact", daemon=True)
+        self._thread.start()
+
+    def __call__(self, step: int, total: int) -> None:
+        self._latest = (step, total)
+
+    def close(self) -> None:
+        """Send the last step and stop (waiting at most PROGRESS_CLOSE_TIMEOUT_S for the API)."""
+        if self._thread is None:
+            return
+        self._done.set()
+        self._thread.join(PROGRESS_CLOSE_TIMEOUT_S)
+        self._log.info("progress artifact: %d update(s), %.2f s in Prefect API calls (off the training thread)",
+                       self.updates, self.api_seconds)
+
+    def _run(self) -> None:
+        while True:
+            finished = self._done.wait(self._every)
+            self._send()
+            if finished:
+                return
+
+    def _send(self) -> None:
+        latest = self._latest
+        if latest is None or latest == self._sent:
+            return
+        step, total = latest
+        started = time.perf_counter()
+        try:
+            update_progress_artifact(self.artifact_id, 100.0 * step / max(total, 1),
+                                     description=f"training: {step} of {total} steps")
+        except Exception as error:  # noqa: BLE001 - as above: the next update may get through
+            self._warn(error)
+            return
+        self._sent, self.updates = latest, self.updates + 1
+        self.api_seconds += time.perf_counter() - started
+
+    def _warn(self, error: Exception) -> None:
+        if not self._warned:  # once: an API outage would otherwise log every few seconds
+            self._warned = True
+            self._log.warning("progress artifact %s could not be sent (%s: %s); training goes on", PROGRESS_KEY,
+                              type(error).__name__, str(error)[:200])

@@ -177,7 +177,7 @@ def pytest_terminal_summary(terminalreporter, config):
 # fixtures are built once), and the tests on the shared local stack (a `prefect server start`, moto, deployments:
 # tests/local_stack.py) share one process and so one stack. Scopes are handed out in this order, longest first,
 # so that the long ones start at once and the short ones fill in around them (--no-loadscope-reorder).
-SHARED_STACK = ("test_load.py", "test_triggered_runs.py", "test_ui_run_form.py")
+SHARED_STACK = ("test_load.py", "test_triggered_runs.py", "test_ui_run_form.py", "test_ui_artifacts.py")
 LONGEST_FIRST = (*SHARED_STACK, "test_e2e.py", "test_api_restart.py", "test_reconcile_server_kill.py",
                  "test_flow_run_crash.py", "test_flow.py", "test_distributed.py")
 

@@ -39,7 +39,7 @@ def one_process(model_dir, method, work: Path, capacity: int, resume_from: Path 
 
 
 def two_processes(model_dir, method, work: Path, capacity: int, resume_from: Path | None = None,
-                  gradient_checkpointing: bool = False, lora: dict = LORA, **settings):
+                  gradient_checkpointing: bool = False, lora: dict = LORA, on_progress=None, **settings):
     train_rows, eval_rows = examples(model_dir)
     job = TrainingJob(
         model=str(model_dir), method=method, device="cpu", lora=lora, training={**SETTINGS, **settings},
@@ -49,7 +49,7 @@ def two_processes(model_dir, method, work: Path, capacity: int, resume_from: Pat
         result=str(work / "result.json"),
         checkpoints={"folder": str(work / "checkpoints"), "every": 2, "keep": 10,
                      "resume_from": str(resume_from) if resume_from else None})
-    return run_training_processes(job, work / "job.json", 2, LOG)
+    return run_training_processes(job, work / "job.json", 2, LOG, on_progress=on_progress)
 
 
 def assert_same_weights(one: dict, two: dict, atol: float):
@@ -61,8 +61,10 @@ def assert_same_weights(one: dict, two: dict, atol: float):
 def test_ddp_lora_on_two_processes_matches_one_process(tiny_model, tmp_path):
     # capacity 2 rows: several micro-batches per process, and a process with fewer pads with weight 0
     single = one_process(tiny_model, "lora", tmp_path / "one", 2 * SEQ)
-    double = two_processes(tiny_model, "lora", tmp_path / "two", 2 * SEQ)
+    progress = []
+    double = two_processes(tiny_model, "lora", tmp_path / "two", 2 * SEQ, on_progress=lambda *p: progress.append(p))
     assert double["world_size"] == 2 and double["steps"] == single.steps == 4
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]  # rank 0's progress lines, once per step
     assert [r["train_loss"] for r in double["history"]] == pytest.approx(
         [r["train_loss"] for r in single.history], rel=1e-6)
     assert double["best_eval_loss"] == pytest.approx(single.best_eval_loss, rel=1e-6)

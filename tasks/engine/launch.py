@@ -23,12 +23,14 @@ import re
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.data.tokenization import Example
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PROGRESS_MARK = "[progress]"  # rank 0's `[progress] <step> <max_steps>` lines (worker.py): progress, not log
 RDZV_JOIN_TIMEOUT_S = 3600  # other nodes wait this long for the flow to reach training (FINETUNE_RDZV_JOIN_TIMEOUT)
 
 
@@ -123,8 +125,9 @@ def torchrun_command(job_file: Path, processes_per_node: int, nodes: Nodes = Nod
 
 
 def run_training_processes(job: TrainingJob, job_file: Path, processes_per_node: int, log,
-                           nodes: Nodes = Nodes()) -> dict:
-    """Run the job on `processes_per_node` processes (per node); rank 0's result, as a dict."""
+                           nodes: Nodes = Nodes(), on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run the job on `processes_per_node` processes (per node); rank 0's result, as a dict.
+    `on_progress(step, max_steps)` is called as rank 0 reports each step."""
     job.save(job_file)
     Path(job.result).unlink(missing_ok=True)
     command = torchrun_command(job_file, processes_per_node, nodes)
@@ -135,12 +138,21 @@ def run_training_processes(job: TrainingJob, job_file: Path, processes_per_node:
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           cwd=REPO_ROOT) as process:
         for line in process.stdout:
+            if line.startswith(PROGRESS_MARK):
+                _progress(line, on_progress)
+                continue
             tail.append(line.rstrip("\n"))
             if line.startswith("[rank"):  # the workers' own log lines (tasks/engine/worker.py)
                 log.info("%s", line.rstrip("\n"))
     if process.returncode != 0:
         raise TrainingProcessFailed(failure_report(list(tail), process.returncode))
     return json.loads(Path(job.result).read_text())
+
+
+def _progress(line: str, on_progress) -> None:
+    parts = line.split()
+    if on_progress is not None and len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        on_progress(int(parts[1]), int(parts[2]))
 
 
 def failure_report(lines: list[str], returncode: int) -> str:

@@ -217,9 +217,11 @@ def train(
     checkpoints: Checkpoints | None = None,
     progress: bool = True,
     parallel: Parallel = ONE_PROCESS,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainOutcome:
     """Train up to max_steps; the best model by eval loss is saved to `best_dir`. With several
-    processes, every one calls this with its `parallel` (tasks/distributed.join_process_group)."""
+    processes, every one calls this with its `parallel` (tasks/distributed.join_process_group).
+    `on_step(step, max_steps)` is called on the main process after each step (the run's progress)."""
     if parallel.distributed:  # before the optimizer: FSDP2 swaps in sharded parameters
         parallel.wrap(model, lambda m, packed: summed_loss(m, packed, device))
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -273,6 +275,8 @@ def train(
                     save_best(model, best_dir, step, parallel)
             history.append(record)
             _report(log, bar, record, settings.max_steps, log_every)
+            if on_step is not None and parallel.is_main:
+                on_step(step, settings.max_steps)
             if "eval_loss" in record:
                 _warn_if_overfitting(log, history)
             last = step == settings.max_steps or stopping.should_stop

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from tasks.engine.launch import PROGRESS_MARK
+
 
 def train_job(job, parallel, log: logging.Logger):
     """Load the model as the plan says, train it with `parallel`; returns (outcome, parameter counts)."""
@@ -42,8 +44,13 @@ def train_job(job, parallel, log: logging.Logger):
             if upload else None)
     outcome = train(model, read_examples(job.train_examples), read_examples(job.eval_examples), settings,
                     job.token_capacity, job.device, Path(job.best_dir), log, checkpoints, progress=False,
-                    parallel=parallel)
+                    parallel=parallel, on_step=_print_progress)
     return model, outcome, counts
+
+
+def _print_progress(step: int, total: int) -> None:
+    """One line per step on stdout for the train task, which reads it as progress (not as a log line)."""
+    print(f"{PROGRESS_MARK} {step} {total}", flush=True)
 
 
 @record  # torchrun then reports this process's traceback as the run's root cause

@@ -1,6 +1,7 @@
 """The loss-curve PNG saved next to the published model: train loss per step, eval loss per evaluation."""
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 LOSS_CURVE_NAME = "loss_curve.png"
@@ -35,3 +36,11 @@ def plot_loss_curve(history: list[dict], path: Path, best_step: int | None = Non
     finally:
         plt.close(figure)
     return path
+
+
+def loss_curve_markdown(png: bytes, title: str, location: str) -> str:
+    """The PNG inside markdown, as a data: URI. Both Prefect UIs render it on the artifact's page (checked in
+    Chromium: tests/test_ui_artifacts.py), and unlike an image artifact's URL it needs no link that expires
+    and no bucket the browser can reach."""
+    encoded = base64.b64encode(png).decode("ascii")
+    return f"## {title}\n\n![loss curve](data:image/png;base64,{encoded})\n\nThe same PNG: `{location}`."

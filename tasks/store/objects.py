@@ -191,6 +191,24 @@ def etag_of(uri: str) -> str | None:
     return found["ETag"].strip('"') if found else None
 
 
+def browser_url(uri: str, expires_s: int) -> str | None:
+    """A URL a person's browser can open: a presigned GET (SigV4, valid `expires_s`) for an S3 object; a
+    file:// URL for a local file (readable on that machine only). None for S3 under temporary credentials:
+    their session token would be written into the URL, and the URL into wherever it is shown."""
+    if not is_s3_uri(uri):
+        return Path(uri).resolve().as_uri()
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    credentials = session.get_credentials()
+    if credentials is None or credentials.get_frozen_credentials().token:
+        return None
+    bucket, key = split_s3_uri(uri)
+    client = session.client("s3", config=Config(signature_version="s3v4"))  # SigV2 URLs: refused by newer regions
+    return client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s)
+
+
 def write_object(uri: str, data: bytes, content_type: str = "application/json") -> None:
     """Write a small object whole: readers see the old or the new content, never half of it."""
     if is_s3_uri(uri):
