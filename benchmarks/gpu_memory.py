@@ -15,7 +15,9 @@ as it is now and prints the error; measurements stay valid as long as the traine
 
 `probe` does what `measure` does and, before each point, runs the memory probe a plan uses for a family
 without a formula (tasks/engine/memory_probe.py: the method's model, forward and backward at the
-rows' length and twice it, with no layer and with every layer checkpointed; once per shape and method).
+rows' length and twice it, with no layer and with every layer checkpointed, and larger checkpointed
+steps (measured.CHECKPOINTED_PROBE_TOKENS); once per shape and method). What the probe leaves allocated is
+recorded (before_probe_bytes, after_probe_bytes) and stops the run when it would inflate the point.
 The probe's result is stored with the point, and `table` adds its estimate (tasks/planning/measured.py)
 beside the formula's: the check that a measured plan lands within 10% of the trainer's peak.
 """
@@ -197,7 +199,7 @@ def measure(args) -> None:
                  "tokens": rows * SEQ, "lora": LORA, **environment}
         if args.probe:
             if (shape, method) not in probes:
-                probes[shape, method] = _probe(path, method)
+                probes[shape, method] = _probe(path, method, point)
             point["probe"] = probes[shape, method]
         started = time.time()
         try:
@@ -213,12 +215,27 @@ def measure(args) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _probe(path: Path, method: str) -> dict | None:
-    """The memory probe a plan runs for a family without a formula (tasks/engine/memory_probe.py)."""
+PROBE_LEFTOVER_BYTES = 256 * 2**20  # cuBLAS workspaces and the like, made once per process: not a leak
+
+
+def _probe(path: Path, method: str, point: dict) -> dict | None:
+    """The memory probe a plan runs for a family without a formula (tasks/engine/memory_probe.py). What
+    is allocated right after it (as the plan's training would find it: no collection of ours first) goes
+    into the point; a probe that leaves more than PROBE_LEFTOVER_BYTES stops the run (it would inflate
+    the point's measurement)."""
+    import torch
+
     from tasks.config import LoraSettings
     from tasks.engine.memory_probe import probe_memory
 
+    gc.collect()
+    torch.cuda.empty_cache()
+    point["before_probe_bytes"] = torch.cuda.memory_allocated()
     result = probe_memory(str(path), method, LoraSettings(**LORA), longest_row=SEQ)
+    point["after_probe_bytes"] = torch.cuda.memory_allocated()
+    left = point["after_probe_bytes"] - point["before_probe_bytes"]
+    if left > PROBE_LEFTOVER_BYTES:
+        raise RuntimeError(f"the probe of {path.name} {method} left {left / 2**30:.2f} GiB allocated")
     return result.model_dump(mode="json") if result else None
 
 

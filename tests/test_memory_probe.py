@@ -4,9 +4,14 @@ On CPU: the arithmetic from measured points to an estimate (tasks/planning/measu
 selector using a probe's result and saying so. On a GPU (marked `gpu`): the real probe on a small
 model of a family without a formula, against the trainer's own peak at a third token count.
 """
+import gc
+import types
+import weakref
+
 import pytest
 
-from tasks.planning.measured import MethodProbe, ProbePoint, checkpointed_line, fit_line, measured_estimate
+from tasks.planning.measured import (CHECKPOINTED_PROBE_TOKENS, PROBE_TOKENS, MethodProbe, ProbePoint,
+                                     checkpointed_line, fit_line, measured_estimate)
 from tasks.planning.memory import GIB, ModelShape, estimate_memory, overhead_bytes
 from tasks.planning.methods import Method
 from tasks.planning.selector import PlanError, select_measured_plan, select_plan
@@ -30,10 +35,16 @@ def true_step_bytes(tokens: int, checkpointed: int, square: int = 0, chunk: tupl
     return fixed + per_token * tokens + square * scored * tokens ** 2 + chunk[1] * min(tokens, chunk[0])
 
 
-def probe_of(step_bytes=true_step_bytes, method="lora", layers=LAYERS, counts=(1024, 2048), **fields) -> MethodProbe:
-    points = {k: [ProbePoint(tokens=t, step_bytes=round(step_bytes(t, k))) for t in counts] for k in (0, layers)}
+def probe_of(step_bytes=true_step_bytes, method="lora", layers=LAYERS, counts=(1024, 2048), recomputed=None,
+             checkpointed_counts=None, **fields) -> MethodProbe:
+    """A probe's result from a made-up model's `step_bytes(tokens, checkpointed layers)`; `recomputed(tokens)`:
+    its peak while a layer is recomputed (what the probe measures with one trained token a row)."""
+    points = {k: [ProbePoint(tokens=t, step_bytes=round(step_bytes(t, k))) for t in c]
+              for k, c in ((0, counts), (layers, checkpointed_counts or counts))}
     defaults = dict(method=method, gpu="test GPU", layers=layers, weights_bytes=3 * GIB, optimizer_bytes=80 * 2**20,
-                    checkpoint_input_bytes=CHECKPOINT_INPUT, plain=points[0], checkpointed=points[layers])
+                    checkpoint_input_bytes=CHECKPOINT_INPUT, plain=points[0], checkpointed=points[layers],
+                    recomputed=[ProbePoint(tokens=t, step_bytes=round(recomputed(t))) for t in counts] if recomputed
+                    else [])
     return MethodProbe(**{**defaults, **fields})
 
 
@@ -76,6 +87,77 @@ def test_the_fused_losss_chunk_is_not_extrapolated():
             true_step_bytes(16384, checkpointed, chunk=chunk), rel=1e-6)
     unaware = probe_of(lambda t, k: true_step_bytes(t, k, chunk=chunk))
     assert unaware.step_bytes(16384, 0) > 1.5 * true_step_bytes(16384, 0, chunk=chunk)  # what the term prevents
+
+
+def test_the_checkpointed_peak_is_the_larger_of_two_lines():
+    """With every layer checkpointed the peak is while the loss runs (the inputs and a fixed chunk of logits)
+    at small sizes, while backward recomputes a layer (more per token, no chunk) at large ones: the H200's
+    figures of Llama 1B QLoRA. A line through 1024 and 2048 tokens alone is far under at 32k; the runs with
+    one trained token a row measure the second line, the checkpointed runs at 8k and 16k tokens nearly."""
+    chunk = dict(loss_chunk_tokens=1046, loss_chunk_bytes_per_token=769_536)  # 805 MB from 1046 tokens on
+
+    def while_loss(tokens):
+        return 255_000_000 + 88_700 * tokens + 769_536 * min(tokens, 1046)
+
+    def while_recomputing(tokens):
+        return 190_000 * tokens
+
+    def peak(tokens, checkpointed):
+        if checkpointed == 0:
+            return 800_000_000 + 1_241_000 * tokens + 769_536 * min(tokens, 1046)
+        return max(while_loss(tokens), while_recomputing(tokens))
+
+    assert CHECKPOINTED_PROBE_TOKENS == (1024, 2048, 8192, 16384) and PROBE_TOKENS == (1024, 2048)
+    first = probe_of(peak, **chunk)  # what the first probe measured
+    assert first.step_bytes(32768, LAYERS) < 0.65 * peak(32768, LAYERS)
+    both = probe_of(peak, recomputed=while_recomputing, **chunk)
+    larger = probe_of(peak, checkpointed_counts=CHECKPOINTED_PROBE_TOKENS, **chunk)
+    probe = probe_of(peak, recomputed=while_recomputing, checkpointed_counts=CHECKPOINTED_PROBE_TOKENS, **chunk)
+    for tokens in (1024, 3000, 8192, 16384, 32768, 65536):
+        assert both.step_bytes(tokens, LAYERS) == pytest.approx(peak(tokens, LAYERS), rel=1e-6)
+        assert probe.step_bytes(tokens, LAYERS) == pytest.approx(peak(tokens, LAYERS), rel=1e-6)
+    assert larger.step_bytes(32768, LAYERS) == pytest.approx(peak(32768, LAYERS), rel=0.08)  # the kink between
+    assert probe.step_bytes(4096, 0) == pytest.approx(peak(4096, 0), rel=1e-6)
+    # k of the layers checkpointed: never less than with all of them
+    assert probe.step_bytes(16384, 3) >= probe.step_bytes(16384, LAYERS)
+    assert "checkpointed [1024, 2048, 8192, 16384], recomputed [1024, 2048]" in probe.describe()
+    assert "185.5 KiB with all 8" in probe.describe()  # the recomputed layer's bytes per token
+    with pytest.raises(ValueError, match="recomputed: a probe needs points at two different token counts"):
+        MethodProbe(**{**probe.model_dump(), "recomputed": [ProbePoint(tokens=1024, step_bytes=1)]})
+
+
+def test_nothing_of_the_probed_model_outlives_the_probe(tiny_model, monkeypatch):
+    """The plan stage trains in the same process right after the probe: once probe_memory returns, its model
+    and every parameter are freed, without waiting for Python's collector (disabled here). On the H200 the
+    decoder layers (in reference cycles: Liger binds their forwards) stayed allocated through the next
+    training (0.6-3.4 GiB): the probe collected while it still held them."""
+    import peft  # noqa: F401  imported first: an import's log records keep the importer's frames (and model)
+
+    from tasks.config import LoraSettings
+    from tasks.engine import memory_probe
+
+    loaded = []
+
+    def load_and_watch(*args, **kwargs):
+        model = load_for_training(*args, **kwargs)
+        for module in model.modules():  # what Liger does on CUDA: a forward bound to the instance (a cycle)
+            module.forward = types.MethodType(type(module).forward, module)
+        loaded.extend(weakref.ref(t) for t in (model, *model.parameters()))
+        return model
+
+    load_for_training = memory_probe.load_for_training
+    monkeypatch.setattr(memory_probe, "load_for_training", load_and_watch)
+    gc.collect()
+    gc.disable()
+    try:
+        probe = memory_probe.probe_memory(str(tiny_model), "lora", LoraSettings(r=8), longest_row=64,
+                                          token_counts=(64, 128), device="cpu", checkpointed_counts=(64, 128, 256))
+        alive = sum(ref() is not None for ref in loaded)
+    finally:
+        gc.enable()
+    assert probe is not None and [p.tokens for p in probe.checkpointed] == [64, 128, 256]
+    assert [p.tokens for p in probe.recomputed] == [64, 128]
+    assert len(loaded) > 10 and alive == 0, f"{alive} of the model and its {len(loaded) - 1} parameters still alive"
 
 
 def test_a_probe_needs_two_token_counts():
@@ -189,9 +271,13 @@ def test_the_probe_predicts_the_trainers_peak_on_a_gpu(tmp_path, method):
     shape = ModelShape.from_config(config.to_dict())
     assert not shape.verified
 
+    before = torch.cuda.memory_allocated()
     probe = probe_memory(path, method, lora, longest_row=512)
+    left = torch.cuda.memory_allocated() - before  # what the training next in the process would find
+    assert left < 64 * 2**20, f"the probe left {left / 2**20:.0f} MiB allocated"
     assert probe is not None and probe.seconds < 60
     assert [p.tokens for p in probe.plain] == [1024, 2048]
+    assert [p.tokens for p in probe.recomputed] == [1024, 2048]
     tokens, checkpointed = 3072, 0
     predicted = measured_estimate(probe, tokens, checkpointed)
 

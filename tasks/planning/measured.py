@@ -14,6 +14,7 @@ Pure: no torch, no Prefect.
 """
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import NamedTuple
 
 from pydantic import BaseModel, Field, model_validator
@@ -25,6 +26,15 @@ from tasks.planning.methods import Method
 # attention a token keeps the same whatever its row's length, and eager attention's square term is the
 # micro-batch's (see square_bytes_per_layer), so short rows measure what long ones would, in seconds.
 PROBE_TOKENS = (1024, 2048)
+# With every layer checkpointed a step keeps little per token, and its peak is the larger of two: while
+# the loss runs (the checkpointed inputs and the loss's fixed-size chunk of logits) and while backward
+# recomputes a layer (the inputs, that layer's activations and the gradients in flight: more per token,
+# no chunk). At PROBE_TOKENS the first is the larger, so a line through them misses the second's bytes
+# per token (H200, Llama 1B QLoRA: 88 KiB per token at 1-2k tokens, 170-190 between 8k and 32k; 23%
+# under at 32k). So the probe measures the second apart (MethodProbe.recomputed: one trained token a row,
+# so the loss's chunk is a few rows), and the checkpointed runs also at 8 and 16 times PROBE_TOKENS
+# (about the memory of the plain runs): the estimate is the largest of their lines (step_bytes).
+CHECKPOINTED_PROBE_TOKENS = (*PROBE_TOKENS, 8 * PROBE_TOKENS[0], 8 * PROBE_TOKENS[1])
 
 
 class ProbePoint(BaseModel):
@@ -54,55 +64,70 @@ class MethodProbe(BaseModel):
     loss_chunk_bytes_per_token: int = 0
     plain: list[ProbePoint]  # no layer checkpointed
     checkpointed: list[ProbePoint]  # every layer checkpointed
+    # every layer checkpointed, one trained token a row: the peak while backward recomputes a layer
+    recomputed: list[ProbePoint] = []
     fused_kernels: bool = False
     attention: str = ""
     seconds: float = 0.0
 
     @model_validator(mode="after")
     def _two_token_counts(self):
-        for name in ("plain", "checkpointed"):
-            if len({p.tokens for p in getattr(self, name)}) < 2:
+        for name in ("plain", "checkpointed", "recomputed"):
+            counts = {p.tokens for p in getattr(self, name)}
+            if len(counts) < 2 and (counts or name != "recomputed"):  # none recomputed: a probe from before them
                 raise ValueError(f"{name}: a probe needs points at two different token counts to fit a line, "
                                  f"got {[p.tokens for p in getattr(self, name)]}")
         return self
 
-    def line(self, checkpointed: bool) -> Line:
-        """The fitted line of the plain or the all-checkpointed runs, the terms known in form taken out."""
+    def lines(self, checkpointed: bool, chunk: bool = True) -> list[Line]:
+        """The plain, the all-checkpointed or (`chunk` False) the recomputed runs, the terms known in form
+        taken out: a line through each two neighbouring token counts. A step's peak is the larger of
+        lines (the moment of the peak changes with the size, see CHECKPOINTED_PROBE_TOKENS)."""
         scored = 2 if checkpointed else self.layers  # as memory.estimate_memory counts them
-        points = self.checkpointed if checkpointed else self.plain
-        return fit_line([(p.tokens, p.step_bytes - self._known_bytes(p.tokens, scored)) for p in points])
+        measured = (self.checkpointed if chunk else self.recomputed) if checkpointed else self.plain
+        points = [(p.tokens, p.step_bytes - self._known_bytes(p.tokens, scored, chunk)) for p in measured]
+        counts = sorted({tokens for tokens, _ in points})
+        return [fit_line([(t, y) for t, y in points if t in pair]) for pair in pairwise(counts)]
 
-    def _known_bytes(self, tokens: int, scored_layers: int) -> int:
-        """What the line leaves out, known in form: eager attention's square term and the loss's chunk."""
+    def _known_bytes(self, tokens: int, scored_layers: int, chunk: bool = True) -> int:
+        """What the line leaves out, known in form: eager attention's square term and the loss's chunk
+        (which the recomputed runs do not hold: the loss has long finished when a layer is recomputed)."""
         return (self.square_bytes_per_layer * scored_layers * tokens ** 2
-                + self.loss_chunk_bytes_per_token * min(tokens, self.loss_chunk_tokens))
+                + (self.loss_chunk_bytes_per_token * min(tokens, self.loss_chunk_tokens) if chunk else 0))
 
     def step_bytes(self, tokens: int, checkpointed: int) -> int:
         """Peak bytes of forward + backward over `tokens` packed tokens with the first `checkpointed`
-        layers recomputed, above the loaded model."""
-        plain, everything = self.line(False), self.line(True)
-        fixed, per_token = checkpointed_line(plain, everything, self.layers, checkpointed, self.checkpoint_input_bytes)
+        layers recomputed, above the loaded model: the largest of the lines, while the loss runs and
+        while a layer is recomputed."""
         scored = self.layers - checkpointed + (2 if checkpointed else 0)
-        return round(fixed + per_token * tokens + self._known_bytes(tokens, scored))
+        peaks = [fixed + per_token * tokens + self._known_bytes(tokens, scored, chunk)
+                 for chunk in (True, False) for plain in self.lines(False) for everything in self.lines(True, chunk)
+                 for fixed, per_token in [checkpointed_line(plain, everything, self.layers, checkpointed,
+                                                            self.checkpoint_input_bytes)]]
+        return round(max(0.0, *peaks))
 
     def describe(self) -> str:
-        plain, everything = self.line(False), self.line(True)
+        plain = self.lines(False)[-1]  # the largest sizes'
+        everything = max(self.lines(True) + self.lines(True, chunk=False), key=lambda line: line.per_token)
         return (f"measured (probe) on {self.gpu}: {plain.per_token / 1024:.1f} KiB per token with no layer "
                 f"checkpointed, {everything.per_token / 1024:.1f} KiB with all {self.layers}; loaded model "
                 f"{self.weights_bytes / 2**30:.2f} GiB (points at {sorted({p.tokens for p in self.plain})} tokens, "
+                f"checkpointed {sorted({p.tokens for p in self.checkpointed})}, recomputed "
+                f"{sorted({p.tokens for p in self.recomputed})}, "
                 f"{self.seconds:.0f} s)")
 
 
 def fit_line(points: list[tuple[int, float]]) -> Line:
     """The least-squares line through (tokens, bytes) points, raised to pass through or above every
-    one (a plan may not fall below a measurement); bytes per token are never negative."""
+    one (a plan may not fall below a measurement); bytes per token are never negative. Its fixed bytes
+    may be: a line of a peak that is the larger of two (MethodProbe.lines) starts below zero."""
     xs, ys = [x for x, _ in points], [y for _, y in points]
     if len(set(xs)) < 2:
         raise ValueError(f"a line needs points at two different token counts, got {xs}")
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x in xs)
     slope = max(slope, 0.0)
-    return Line(fixed=max(0.0, max(y - slope * x for x, y in points)), per_token=slope)
+    return Line(fixed=max(y - slope * x for x, y in points), per_token=slope)
 
 
 def checkpointed_line(plain: Line, everything: Line, layers: int, checkpointed: int, checkpoint_input: int) -> Line:
