@@ -26,18 +26,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import DataSettings, DataSourceSpec, FinetuneConfig
-from tasks.data.dataset import (
-    Dataset,
-    content_sha256,
-    split_dataset,
-    write_conversations,
-    write_quarantine,
-)
-from tasks.data.freshness import (
-    DataChangedError,
-    etag_mismatch,
-    unchanged_since_published,
-)
+from tasks.data.dataset import Dataset, content_sha256, split_dataset, write_conversations, write_quarantine
+from tasks.data.freshness import DataChangedError, etag_mismatch, unchanged_since_published
 from tasks.data.hub_datasets import HubSplit, is_hub_dataset, local_copy, resolve_split
 from tasks.data.mixing import mix
 from tasks.data.schemas import SCHEMA_VERSION, DatasetError
