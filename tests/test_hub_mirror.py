@@ -106,3 +106,16 @@ def test_the_mirror_pins_the_first_commit_of_a_branch_until_told_otherwise(fleet
 def test_a_mirror_setting_that_is_not_a_prefix_names_the_fix(tiny_model, tmp_path, mirror, expected):
     with pytest.raises(ValidationError, match=expected):
         tiny_config("Qwen/Qwen2.5-0.5B-Instruct", tmp_path, hub={"mirror": mirror})
+
+
+def test_routing_reads_the_config_of_the_commit_the_mirror_pins(fleet, tiny_model):
+    """A CPU routing worker with an empty cache and no Hub plans from the mirror's copy (config and tokenizer)."""
+    from tasks.planning.routing import read_model_shape
+    from tasks.store.hub import HubSettings
+
+    cache_a, cache_b, mirror = fleet
+    resolve_model(REPO, mirror=mirror)
+    shape = read_model_shape(REPO, hub=HubSettings(cache_dir=str(cache_b), mirror=mirror))
+    assert shape.model_type == "llama"
+    names = set(files_of(cache_b / "models--tiny-org--tiny-chat" / "snapshots" / COMMIT))
+    assert "config.json" in names and not any(n.endswith(".safetensors") for n in names)
