@@ -119,3 +119,26 @@ def test_routing_reads_the_config_of_the_commit_the_mirror_pins(fleet, tiny_mode
     assert shape.model_type == "llama"
     names = set(files_of(cache_b / "models--tiny-org--tiny-chat" / "snapshots" / COMMIT))
     assert "config.json" in names and not any(n.endswith(".safetensors") for n in names)
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_api")
+def test_the_flows_fetch_stage_takes_tokenizer_then_weights_of_one_commit_from_the_mirror(fleet):
+    """As flows/finetune.py calls it: config.json and the tokenizer first, then the same commit's weights."""
+    from prefect import flow
+
+    from tasks.base_model import fetch_model
+
+    cache_a, cache_b, mirror = fleet
+    resolve_model(REPO, mirror=mirror)
+
+    @flow
+    def fetch_twice(config):
+        first = fetch_model(config, weights=False)
+        return first, fetch_model(config, commit=first.commit)
+
+    config = tiny_config(REPO, cache_b.parent, hub={"cache_dir": str(cache_b), "mirror": mirror})
+    first, model = fetch_twice(config)
+    assert first.commit == model.commit == COMMIT and first.mirror == model.mirror
+    assert model.describe()["source"] == "mirror" and model.describe()["requested_revision"] is None
+    assert any(p.suffix == ".safetensors" for p in (cache_b / "models--tiny-org--tiny-chat" / "snapshots").rglob("*"))
