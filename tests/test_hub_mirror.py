@@ -1,6 +1,8 @@
 """`hub.mirror`: an S3 prefix as the fleet's copy of the Hub cache, against moto's S3 server over HTTP and offline
 Hub caches laid out as huggingface_hub lays them out (tests/hub_cache.py). Worker A's cache holds the model (as
 if A had downloaded it from the Hub); worker B's cache is empty, with the Hub out of reach (HF_HUB_OFFLINE=1)."""
+import json
+
 import boto3
 import pytest
 from pydantic import ValidationError
@@ -142,3 +144,17 @@ def test_the_flows_fetch_stage_takes_tokenizer_then_weights_of_one_commit_from_t
     assert first.commit == model.commit == COMMIT and first.mirror == model.mirror
     assert model.describe()["source"] == "mirror" and model.describe()["requested_revision"] is None
     assert any(p.suffix == ".safetensors" for p in (cache_b / "models--tiny-org--tiny-chat" / "snapshots").rglob("*"))
+
+
+def test_a_record_whose_path_leaves_the_cache_is_refused_before_anything_is_read(fleet, empty_bucket):
+    from tasks.store.objects import UnsafeKeyError
+
+    cache_a, cache_b, mirror = fleet
+    resolve_model(REPO, mirror=mirror)
+    key = f"{SNAPSHOTS}/{COMMIT}/manifest.json"
+    record = json.loads(boto3.client("s3").get_object(Bucket=empty_bucket, Key=key)["Body"].read())
+    record["files"][0]["path"] = "../../../escaped.json"
+    boto3.client("s3").put_object(Bucket=empty_bucket, Key=key, Body=json.dumps(record).encode())
+    with pytest.raises(UnsafeKeyError, match=r"/\.\./\.\./\.\./escaped\.json'.*manifest\.json.*'\.\.' segment"):
+        resolve_model(REPO, cache_dir=str(cache_b), mirror=mirror, weights=False)
+    assert not (cache_b / "escaped.json").exists()

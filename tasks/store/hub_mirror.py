@@ -27,7 +27,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError, join_uri, read_object, write_if_unchanged
+from tasks.store.objects import (MANIFEST_NAME, StorageNotFoundError, join_uri, read_object, safe_local_path,
+                                 write_if_unchanged)
 from tasks.store.transfer import ChecksumMismatchError, download_folder, upload_folder
 
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -82,6 +83,8 @@ def fetch_snapshot(found: MirroredSnapshot, repo_id: str, commit: str, cache: Pa
     checked against their sha256 (ChecksumMismatchError: nothing enters the cache), then moved into place."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
+    for path in (e["path"] for e in found.record["files"]):  # remote data: every path checked before any is used
+        safe_local_path(repo, f"snapshots/{commit}/{path}", join_uri(found.uri, MANIFEST_NAME))  # links: to blobs/
     sizes = {e["path"]: e["bytes"] for e in found.record["files"]}
     missing = {p for p in wanted if not ((snapshot / p).is_file() and (snapshot / p).stat().st_size == sizes[p])}
     if missing:
