@@ -57,7 +57,7 @@ def test_worker_a_publishes_and_worker_b_gets_the_same_commit_and_files_from_the
 
 
 def test_the_tokenizer_only_fetch_takes_no_weights_from_the_mirror(fleet):
-    cache_a, cache_b, mirror = fleet
+    _, cache_b, mirror = fleet
     resolve_model(REPO, mirror=mirror)
     b = resolve_model(REPO, cache_dir=str(cache_b), mirror=mirror, weights=False)
     names = set(files_of(cache_b / "models--tiny-org--tiny-chat" / "snapshots" / COMMIT))
@@ -68,7 +68,7 @@ def test_the_tokenizer_only_fetch_takes_no_weights_from_the_mirror(fleet):
 
 
 def test_a_mirrored_snapshot_without_its_completion_record_is_not_used(fleet, empty_bucket):
-    cache_a, cache_b, mirror = fleet
+    _, cache_b, mirror = fleet
     resolve_model(REPO, mirror=mirror)
     boto3.client("s3").delete_object(Bucket=empty_bucket, Key=f"{SNAPSHOTS}/{COMMIT}/manifest.json")  # a half-upload
     with pytest.raises(HubModelUnavailable, match="is not in the Hugging Face cache .* and HF_HUB_OFFLINE is set"):
@@ -77,7 +77,7 @@ def test_a_mirrored_snapshot_without_its_completion_record_is_not_used(fleet, em
 
 
 def test_a_corrupted_file_in_the_mirror_is_refused_and_nothing_enters_the_cache(fleet, empty_bucket):
-    cache_a, cache_b, mirror = fleet
+    _, cache_b, mirror = fleet
     resolve_model(REPO, mirror=mirror)
     key = f"{SNAPSHOTS}/{COMMIT}/model.safetensors"
     data = boto3.client("s3").get_object(Bucket=empty_bucket, Key=key)["Body"].read()
@@ -115,7 +115,7 @@ def test_routing_reads_the_config_of_the_commit_the_mirror_pins(fleet, tiny_mode
     from tasks.planning.routing import read_model_shape
     from tasks.store.hub import HubSettings
 
-    cache_a, cache_b, mirror = fleet
+    _, cache_b, mirror = fleet
     resolve_model(REPO, mirror=mirror)
     shape = read_model_shape(REPO, hub=HubSettings(cache_dir=str(cache_b), mirror=mirror))
     assert shape.model_type == "llama"
@@ -131,7 +131,7 @@ def test_the_flows_fetch_stage_takes_tokenizer_then_weights_of_one_commit_from_t
 
     from tasks.base_model import fetch_model
 
-    cache_a, cache_b, mirror = fleet
+    _, cache_b, mirror = fleet
     resolve_model(REPO, mirror=mirror)
 
     @flow
@@ -149,7 +149,7 @@ def test_the_flows_fetch_stage_takes_tokenizer_then_weights_of_one_commit_from_t
 def test_a_record_whose_path_leaves_the_cache_is_refused_before_anything_is_read(fleet, empty_bucket):
     from tasks.store.objects import UnsafeKeyError
 
-    cache_a, cache_b, mirror = fleet
+    _, cache_b, mirror = fleet
     resolve_model(REPO, mirror=mirror)
     key = f"{SNAPSHOTS}/{COMMIT}/manifest.json"
     record = json.loads(boto3.client("s3").get_object(Bucket=empty_bucket, Key=key)["Body"].read())

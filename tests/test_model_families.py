@@ -405,8 +405,11 @@ def readme_support_table() -> list[dict]:
     text = (ROOT / "README.md").read_text()
     start = text.index(README_TABLE)
     header, _, *rows = text[start:text.index("\n\n", start)].splitlines()
-    split = lambda line: [cell.strip() for cell in line.strip().strip("|").split(" | ")]  # noqa: E731
-    return [dict(zip(split(header), split(row))) for row in rows]
+    return [dict(zip(_cells(header), _cells(row))) for row in rows]
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split(" | ")]
 
 
 def test_every_family_in_the_readme_table_has_its_cpu_tests():

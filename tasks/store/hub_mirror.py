@@ -27,8 +27,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tasks.store.objects import (MANIFEST_NAME, StorageNotFoundError, join_uri, read_object, safe_local_path,
-                                 write_if_unchanged)
+from tasks.store.objects import (
+    MANIFEST_NAME,
+    StorageNotFoundError,
+    join_uri,
+    read_object,
+    safe_local_path,
+    write_if_unchanged,
+)
 from tasks.store.transfer import ChecksumMismatchError, download_folder, upload_folder
 
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
