@@ -5,6 +5,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
+from tasks.base_model import hf_token
 from tasks.config import FinetuneConfig
 from tasks.credentials import use_s3_credentials
 from tasks.planning.routing import choose_work_pool, deployment_for
@@ -15,7 +16,8 @@ DEFAULT_POOLS = [WorkPoolSpec(name="gpu-24gb", gpu_gib=24), WorkPoolSpec(name="g
 
 @task(name="choose-work-pool", cache_policy=NO_CACHE)
 def pick_pool(config: FinetuneConfig, pools: list[WorkPoolSpec]) -> str:
-    pool, plan = choose_work_pool(config, pools)
+    # A gated or private Hub model's config.json needs the same token as the base_model stage's fetch.
+    pool, plan = choose_work_pool(config, pools, hf_token(config.hub.token_secret, get_run_logger()))
     get_run_logger().info("work pool %s: %s", pool.name, plan.reason)
     return deployment_for(pool)
 

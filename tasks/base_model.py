@@ -18,14 +18,16 @@ def fetch_model(config: FinetuneConfig, weights: bool = True, commit: str | None
     even if the branch moves in between."""
     logger = get_run_logger()
     loading = config.model_loading
-    model = resolve_model(config.model, commit or config.model_revision, config.hub.cache_dir,
+    model = resolve_model(config.model, config.model_revision, config.hub.cache_dir,
                           hf_token(config.hub.token_secret, logger), weights=weights,
-                          allow_pickles=loading.allow_pickle_weights, remote_code=loading.trust_remote_code)
+                          allow_pickles=loading.allow_pickle_weights, remote_code=loading.trust_remote_code,
+                          mirror=config.hub.mirror, commit=commit)
     if model.repo_id:
-        model = model.model_copy(update={"revision": config.model_revision})  # as asked, not as pinned
         logger.info("model %s%s: commit %s from %s, in %s (%s)", model.repo_id,
-                    f"@{model.revision}" if model.revision else "", model.commit, model.endpoint, model.path,
-                    "weights and tokenizer" if weights else "config.json and tokenizer")
+                    f"@{model.revision}" if model.revision else "", model.commit, model.mirror or model.endpoint,
+                    model.path, "weights and tokenizer" if weights else "config.json and tokenizer")
+    if model.published:
+        logger.info("published %s at commit %s to the Hub mirror: %s", model.repo_id, model.commit, model.published)
     return model
 
 

@@ -59,6 +59,7 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     adapter_only = trained.method.trains_adapter and config.publish.adapter_only
     if trained.method.trains_adapter:
         shutil.copytree(trained.checkpoint_dir, staging / "adapter")
+        _name_the_hub_base(staging / "adapter", model)
     for path in map(Path, data.quarantine_paths):  # rows set aside by ingest travel with the model
         (staging / "quarantine").mkdir(exist_ok=True)
         shutil.copy2(path, staging / "quarantine" / path.name)
@@ -105,6 +106,18 @@ def _describe_base(config: FinetuneConfig, planned: PlanResult, model: ResolvedM
             "config_sha256": sha256_file(Path(config.model) / "config.json"),
             "license": base_model_license(config.model),  # from the base model's card; {} when it states none
             "loading": recorded(config.model_loading)}  # whether code or pickles from the folder were allowed
+
+
+def _name_the_hub_base(adapter: Path, model: ResolvedModel | None) -> None:
+    """peft wrote the folder the base was loaded from (a snapshot in this worker's Hub cache) into
+    adapter_config.json; a consumer elsewhere needs the Hub id, pinned to the commit trained on (peft's own
+    `revision` field, which PeftModel.from_pretrained passes on when it loads the base)."""
+    if not (model and model.repo_id):
+        return
+    path = adapter / "adapter_config.json"
+    settings = json.loads(path.read_text())
+    settings.update(base_model_name_or_path=model.repo_id, revision=model.commit)
+    path.write_text(json.dumps(settings, indent=2, sort_keys=True))
 
 
 def _config_as_given(config: FinetuneConfig, model: ResolvedModel | None) -> dict:

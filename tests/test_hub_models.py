@@ -186,6 +186,10 @@ def test_a_run_from_a_hub_id_trains_and_records_the_commit(tiny_model, tmp_path,
     assert manifest["config"]["model"] == REPO  # the config as given, not the cache folder
     card = (run / "merged" / "README.md").read_text()
     assert f"base_model: {REPO}\n" in card and f"commit `{COMMIT}`" in card
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == REPO and adapter["revision"] == COMMIT  # not the worker's cache
+    published = [p for p in run.rglob("*") if p.suffix in (".json", ".md") and p.name != "manifest.json"]
+    assert [p.name for p in published if str(hub_cache) in p.read_text()] == []
 
 
 @pytest.mark.integration

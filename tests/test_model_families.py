@@ -5,15 +5,17 @@ keeps, for families with a formula); packed training computes what padded traini
 and gradients, full fine-tuning and LoRA with a non-zero B, so lora_A's gradients are compared too);
 and LoRA training through the trainer lowers the loss. CPU only, real models, no downloads.
 """
+import importlib.util
 import json
 import logging
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEMO_DATA
+from conftest import DEMO_DATA, ROOT
 from test_memory import bytes_kept_for_backward
 from test_packing import padded_loss
 from tasks.config import LoraSettings, TrainingSettings
@@ -389,3 +391,68 @@ def test_the_whole_flow_takes_a_new_family(family_model, tmp_path, model_type):
     assert ("unverified" in manifest["plan"]["reason"]) == (model_type not in FAMILIES)
     assert manifest["export"]["merge_max_abs_logit_diff"] < 1e-3
     assert result.tuned_eval_loss < result.base_eval_loss
+
+
+README_TABLE = "| family (`model_type`) |"
+GPU_MEMORY_POINTS = ("gpu_memory_h200_2026-11-29.jsonl", "gpu_memory_h200_2026-11-29_validation.jsonl",
+                     "gpu_memory_h200_2026-12-01_new_families.jsonl")
+# issue 16's families, measured in the last of those files
+NEW_FAMILY_TYPES = ("gemma2", "gemma3_text", "olmo2", "granite", "smollm3", "cohere2", "glm4", "mixtral", "qwen3_moe")
+
+
+def readme_support_table() -> list[dict]:
+    """The README's model-family support table: one dict per row, keyed by the header's names."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(README_TABLE)
+    header, _, *rows = text[start:text.index("\n\n", start)].splitlines()
+    return [dict(zip(_cells(header), _cells(row))) for row in rows]
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+
+
+def test_every_family_in_the_readme_table_has_its_cpu_tests():
+    """The table's claim "CPU tests": each family it lists is one this file's tests run (FAMILY_NAMES), and
+    each family tested here is in the table."""
+    listed = []
+    for row in readme_support_table():
+        family, cpu = row["family (`model_type`)"], row["CPU tests"]
+        # the catch-all row names examples; its CPU column says which of them are tested ("starcoder2, stablelm: ...")
+        tested = re.findall(r"[a-z0-9_]+", cpu.split(":")[0]) if "e.g." in family else re.findall(r"`(\w+)`", family)[:1]
+        assert tested and set(tested) <= set(FAMILY_NAMES), f"README row {family!r}: no CPU tests for {tested}"
+        listed += tested
+    assert sorted(listed) == sorted(FAMILY_NAMES)
+
+
+def measured_errors() -> dict[str, list[float]]:
+    """Per model_type, the estimate's error against each H200 peak in the committed results, recomputed with the
+    estimator as it is now (benchmarks/gpu_memory.py's own `table` arithmetic)."""
+    spec = importlib.util.spec_from_file_location("gpu_memory_benchmark", ROOT / "benchmarks" / "gpu_memory.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    errors: dict[str, list[float]] = {}
+    for name in GPU_MEMORY_POINTS:
+        for line in (ROOT / "benchmarks" / "results" / name).read_text().splitlines():
+            point = json.loads(line) if line.strip() else {}
+            if "shape" in point and "error" not in point:
+                errors.setdefault(point["config"]["model_type"], []).append(
+                    benchmark.estimate_for(point).total / point["measured_bytes"] - 1)
+    return errors
+
+
+def test_the_readme_gpu_memory_column_is_what_the_committed_h200_points_give():
+    errors = measured_errors()
+    for row in readme_support_table():
+        model_type = re.findall(r"`(\w+)`", row["family (`model_type`)"])[0]
+        cell, found = row["GPU memory: estimate vs H200 peak"], errors.get(model_type, [])
+        if not found:
+            assert cell.startswith("not measured"), f"{model_type}: {cell!r}, but no point was measured"
+            continue
+        low, high = min(found), max(found)
+        span = f"{low * 100:+.1f}%" + (f" to {high * 100:+.1f}%" if len(found) > 1 else "")
+        count = f"{len(found)} point{'s' if len(found) > 1 else ''}"
+        assert cell.startswith(count) and cell.endswith(f": {span}"), f"{model_type}: README {cell!r}, results {count}: {span}"
+    new = [e for t, found in errors.items() if t in NEW_FAMILY_TYPES for e in found]
+    assert len(new) == 14 and all(abs(e) <= 0.10 for e in new)  # the README's "14 points, all within ±10%"
+

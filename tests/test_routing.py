@@ -55,3 +55,32 @@ def test_nightly_retrain_skips_unchanged_data(tiny_model, tmp_path):
     assert second.is_completed() and second.result() is None
     assert "data unchanged since run " + first.result().run_id in second.message
     assert len(list((tmp_path / "out" / "runs").iterdir())) == 1  # nothing trained the second time
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_api")
+def test_the_router_reads_a_hub_models_config_with_the_token_secrets_token(tiny_model, tmp_path, monkeypatch):
+    """A gated or private model's config.json needs the token on the routing worker too, as in the base_model
+    stage: hub.token_secret's, never left to whatever HF_TOKEN the CPU worker has."""
+    import huggingface_hub
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+
+    from flows.finetune import finetune
+    from flows.route import route_finetune
+    from hub_cache import add_to_hub_cache, offline_hub_cache
+
+    add_to_hub_cache(offline_hub_cache(tmp_path / "hf-cache", monkeypatch), "tiny-org/tiny-chat", tiny_model,
+                     only=("config.json",))
+    tokens, real = [], huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **kw: tokens.append(kw["token"]) or real(*a, **kw))
+    monkeypatch.setenv("HF_TOKEN", "hf_theRoutingWorkersOwn")
+    Secret(value='{"token": "hf_fromTheSecret"}').save("hf-route-token", overwrite=True)
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(finetune)
+        ids = {pool.name: client.create_deployment(flow_id=flow_id, name=pool.name, entrypoint="flows/finetune.py:finetune",
+                                                   paused=True) for pool in (SMALL, BIG)}
+        config = tiny_config("tiny-org/tiny-chat", tmp_path, hub={"token_secret": "hf-route-token"})
+        run = client.read_flow_run(route_finetune(config, [SMALL, BIG]))
+    assert tokens == ["hf_fromTheSecret"] and run.deployment_id == ids["gpu-big"]
+    assert run.parameters["config"]["model"] == "tiny-org/tiny-chat"

@@ -13,7 +13,7 @@ from tasks.planning.memory import ModelShape
 from tasks.planning.methods import MethodChoice
 from tasks.planning.selector import PlanError, TrainingPlan, WorkPoolSpec, select_work_pool
 from tasks.planning.settings import LoraSettings, TrainingSettings
-from tasks.store.hub import HubSettings, hub_config, is_hub_id
+from tasks.store.hub import HubSettings, hub_config, is_hub_id, resolve_model
 
 FINETUNE_FLOW = "finetune"
 
@@ -28,11 +28,15 @@ class RoutedRun(Protocol):
     lora: LoraSettings
 
 
-def read_model_shape(model: str, revision: str | None = None, hub: HubSettings | None = None) -> ModelShape:
-    """From config.json alone: a local folder's, or a Hub id's (downloaded alone into the Hub cache; the token is
-    the routing worker's HF_TOKEN, if any)."""
+def read_model_shape(model: str, revision: str | None = None, hub: HubSettings | None = None,
+                     token: str | None = None) -> ModelShape:
+    """From config.json alone: a local folder's, or a Hub id's (downloaded alone into the Hub cache with `token`,
+    hub.token_secret's, else HF_TOKEN's; with hub.mirror, the commit the mirror pins, from there when it has it,
+    with the tokenizer: the one snapshot the whole fleet uses)."""
     if is_hub_id(model):
-        path = hub_config(model, revision, (hub or HubSettings()).cache_dir)
+        hub = hub or HubSettings()
+        path = (Path(resolve_model(model, revision, hub.cache_dir, token, weights=False, mirror=hub.mirror).path)
+                / "config.json") if hub.mirror else hub_config(model, revision, hub.cache_dir, token)
         return ModelShape.from_config(json.loads(path.read_text()), source=f"{model} config.json")
     path = Path(model) / "config.json"
     if not path.is_file():
@@ -41,11 +45,13 @@ def read_model_shape(model: str, revision: str | None = None, hub: HubSettings |
     return ModelShape.from_config(json.loads(path.read_text()), source=str(path))
 
 
-def choose_work_pool(config: RoutedRun, pools: list[WorkPoolSpec]) -> tuple[WorkPoolSpec, TrainingPlan]:
+def choose_work_pool(config: RoutedRun, pools: list[WorkPoolSpec],
+                     token: str | None = None) -> tuple[WorkPoolSpec, TrainingPlan]:
+    """`token`: the Hugging Face token for a gated or private Hub model (hub.token_secret's, loaded by the caller)."""
     t = config.training
     # Without reading the data, every row is taken as max_seq_len tokens long: the worst case.
     return select_work_pool(
-        read_model_shape(config.model, config.model_revision, config.hub), pools, method=config.method,
+        read_model_shape(config.model, config.model_revision, config.hub, token), pools, method=config.method,
         longest_row=t.max_seq_len,
         largest_step=t.batch_size * t.max_seq_len, max_rows_per_micro_batch=t.micro_batch_size,
         gradient_checkpointing=t.gradient_checkpointing, lora_r=config.lora.r, lora_targets=config.lora.target_list(),

@@ -5,7 +5,8 @@ huggingface_hub does the work and keeps its own conventions, which nothing here 
 else HF_HOME/hub), the endpoint (HF_ENDPOINT, for a mirror: no `endpoint=` is ever passed), HF_HUB_OFFLINE,
 and the token (a Prefect Secret's when the run names one, else HF_TOKEN or `hf auth login`'s). Every worker
 that points at the same cache folder (a shared volume) finds a model another one downloaded, so a fleet
-downloads it once. A folder that exists wins over a Hub id of the same spelling, as in transformers.
+downloads it once; with `hub.mirror`, an S3 prefix serves the fleet as the shared copy instead
+(tasks/store/hub_mirror.py). A folder that exists wins over a Hub id of the same spelling, as in transformers.
 
 Pure: no torch, no Prefect; huggingface_hub (a pure-Python dependency) is imported when a Hub id is used.
 """
@@ -15,8 +16,9 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.store import hub_mirror
 from tasks.store.objects import StorageNotFoundError, is_s3_uri
 
 # huggingface_hub's own rule for a repo id (validate_repo_id), restricted to `org/name`: a bare `name` is far
@@ -46,6 +48,23 @@ class HubSettings(BaseModel):
         None, description="Name of a Prefect Secret block holding a Hugging Face token, for gated or private "
         "models. Empty: HF_TOKEN or the token saved by `hf auth login` on the worker, if any.",
     )
+    mirror: str | None = Field(
+        None, description="An S3 prefix (s3://bucket/prefix/) the workers share as a mirror of the Hub cache: a "
+        "model is taken from there when it holds the revision's snapshot, else fetched from the Hub once and "
+        "published there. The mirror pins the commit first fetched for a branch name; name a commit in "
+        "model_revision, or delete <mirror>/models--<org>--<name>/refs/<branch>, to move it.",
+    )
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_is_a_prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if is_s3_uri(value) and not value[len("s3://"):].split("/")[0]:
+            raise ValueError(f"hub.mirror={value!r} names no bucket: use s3://bucket/prefix/")
+        if not is_s3_uri(value) and not Path(value).is_absolute():
+            raise ValueError(f"hub.mirror={value!r}: give an s3://bucket/prefix/ URI (or an absolute folder path)")
+        return value
 
 
 class ResolvedModel(BaseModel):
@@ -57,11 +76,14 @@ class ResolvedModel(BaseModel):
     revision: str | None = None  # the revision asked for (branch, tag or commit); None: the repo's default
     commit: str | None = None  # the Hub commit sha the files come from
     endpoint: str | None = None  # the Hub (or mirror, HF_ENDPOINT) it was resolved against
+    mirror: str | None = None  # the hub.mirror snapshot its files came from; None: from the Hub or the local cache
+    published: str | None = None  # the hub.mirror snapshot this call published after fetching from the Hub
 
     def describe(self) -> dict:
         """What the manifest records of a Hub model (nothing for a local folder)."""
         return {"repo_id": self.repo_id, "requested_revision": self.revision, "commit": self.commit,
-                "endpoint": self.endpoint} if self.repo_id else {}
+                "endpoint": self.endpoint, "source": "mirror" if self.mirror else "hub",
+                "mirror": self.mirror} if self.repo_id else {}
 
 
 class HubModelUnavailable(StorageNotFoundError):
@@ -88,11 +110,14 @@ def model_problem(model: str, revision: str | None) -> str | None:
 
 
 def resolve_model(model: str, revision: str | None = None, cache_dir: str | None = None, token: str | None = None,
-                  weights: bool = True, allow_pickles: bool = False, remote_code: bool = False) -> ResolvedModel:
+                  weights: bool = True, allow_pickles: bool = False, remote_code: bool = False,
+                  mirror: str | None = None, commit: str | None = None) -> ResolvedModel:
     """The local folder of `model`: itself when it is a folder, else its snapshot in the Hub cache.
 
     `weights=False` fetches only config.json and the tokenizer (for planning and token counts). Weights come
-    as safetensors; pickle files only with `allow_pickles`, Python files only with `remote_code`.
+    as safetensors; pickle files only with `allow_pickles`, Python files only with `remote_code`. `commit`
+    pins the files to that commit (`revision` is then only the name asked for). With `mirror`, the snapshot
+    comes from there when it holds it complete; else from the Hub, and a full one (weights) is published there.
     """
     if not is_hub_id(model):
         return ResolvedModel(path=model, requested=model, commit=_commit_in_cache_path(model))
@@ -100,12 +125,37 @@ def resolve_model(model: str, revision: str | None = None, cache_dir: str | None
 
     patterns = None if weights else [CONFIG, *TOKENIZER_FILES]
     skipped = ALWAYS_SKIPPED + ([] if allow_pickles else PICKLES) + ([] if remote_code else ["*.py"])
+    if mirror and (commit := commit or hub_mirror.pinned_commit(mirror, model, revision)):
+        found = hub_mirror.find_snapshot(mirror, model, commit)
+        if found and found.covers(skipped):
+            return _from_mirror(found, model, revision, commit, cache_dir, weights, allow_pickles, patterns, skipped)
     with _hub_errors(model, revision, cache_dir):
-        folder = snapshot_download(model, revision=revision, cache_dir=cache_dir, token=token,
+        folder = snapshot_download(model, revision=commit or revision, cache_dir=cache_dir, token=token,
                                    allow_patterns=patterns, ignore_patterns=skipped)
     _require_complete(Path(folder), model, revision, cache_dir, weights, allow_pickles)
+    published = None
+    if mirror and weights:
+        try:
+            published = hub_mirror.publish_snapshot(mirror, model, revision, Path(folder), skipped, constants.ENDPOINT)
+        except FileExistsError:  # another worker published this commit with other file filters: its copy stands
+            published = None
     return ResolvedModel(path=folder, requested=model, repo_id=model, revision=revision,
-                         commit=Path(folder).name, endpoint=constants.ENDPOINT)
+                         commit=Path(folder).name, endpoint=constants.ENDPOINT, published=published)
+
+
+def _from_mirror(found: hub_mirror.MirroredSnapshot, model: str, revision: str | None, commit: str,
+                 cache_dir: str | None, weights: bool, allow_pickles: bool, patterns: list[str] | None,
+                 skipped: list[str]) -> ResolvedModel:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import filter_repo_objects
+
+    wanted = list(filter_repo_objects([e["path"] for e in found.record["files"]], allow_patterns=patterns,
+                                      ignore_patterns=skipped))
+    folder = hub_mirror.fetch_snapshot(found, model, commit, Path(cache_dir or constants.HF_HUB_CACHE), wanted,
+                                       revision)
+    _require_complete(folder, model, revision, cache_dir, weights, allow_pickles)
+    return ResolvedModel(path=str(folder), requested=model, repo_id=model, revision=revision, commit=commit,
+                         endpoint=found.record.get("endpoint"), mirror=found.uri)
 
 
 def hub_config(model: str, revision: str | None = None, cache_dir: str | None = None,

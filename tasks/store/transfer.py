@@ -239,9 +239,10 @@ def _upload_s3(local_dir: Path, dest_uri: str, entries: list[dict], manifest_byt
     return stats
 
 
-def download_folder(uri: str, local_dir: Path, concurrency: int = 8) -> dict:
+def download_folder(uri: str, local_dir: Path, concurrency: int = 8, only: set[str] | None = None) -> dict:
     """Fetch a complete folder (a published run, a checkpoint) from a local folder or S3 into
-    `local_dir`; returns its manifest.
+    `local_dir`; returns its manifest. `only`: just these files (paths relative to `uri`), each still
+    checked against the manifest.
 
     Every file under `uri` comes down. Every remote key, and every path the manifest lists, is
     checked with `safe_local_path` before anything is written (UnsafeKeyError). Every file the
@@ -255,14 +256,14 @@ def download_folder(uri: str, local_dir: Path, concurrency: int = 8) -> dict:
         raise StorageNotFoundError(f"{uri}: no {MANIFEST_NAME} (it does not exist or its upload did not "
                                    "finish)") from error
     manifest = json.loads(manifest_bytes)
-    entries = manifest.get("files", [])
+    entries = [e for e in manifest.get("files", []) if only is None or e["path"] in only]
     local_source = None if is_s3_uri(uri) else Path(uri)
     # Keys and the manifest's paths are remote data: all checked before the first byte is written.
     for entry in entries:
         safe_local_path(local_dir, entry["path"], manifest_uri)
         if local_source is not None:
             safe_local_path(local_source, entry["path"], manifest_uri)
-    relatives = [r for r in list_files(uri) if r != MANIFEST_NAME]
+    relatives = [r for r in list_files(uri) if r != MANIFEST_NAME and (only is None or r in only)]
     pairs = [(safe_local_path(local_source, r, uri) if local_source is not None else r,
               safe_local_path(local_dir, r, uri)) for r in relatives]
     if missing := sorted({e["path"] for e in entries} - set(relatives)):
