@@ -205,3 +205,4 @@ def pytest_collection_modifyitems(config, items):
 
 # The real local stack (prefect server, moto server, worker) for the integration and browser tests.
 from local_stack import deployed, moto_endpoint, prefect_server, stack_dir  # noqa: E402,F401
+from mlflow_stack import mlflow_server  # noqa: E402,F401

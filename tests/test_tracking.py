@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import SUMMARY_LINES, tiny_config
-from mlflow_stack import MLFLOW_BUCKET, mlflow_server  # noqa: F401 (a fixture)
+from mlflow_stack import MLFLOW_BUCKET
 from tasks.config import FinetuneConfig
 from tasks.tracking.client import TrackingClient
 from tasks.tracking.records import flat_params, quarantine_counts, score_metrics, step_metrics
@@ -138,8 +138,8 @@ def tracked(mlflow_server, tiny_model, tmp_path_factory, prefect_api):
     for name, settings, output in (("first", tracking, "out"), ("untracked", {}, "untracked"),
                                    ("second", tracking, "out")):
         started = time.perf_counter()
-        runs[name] = finetune(tiny_config(tiny_model, folder, method="lora", tracking=settings, output=str(folder / output),
-                                          publish={"min_improvement": -1.0}))
+        runs[name] = finetune(tiny_config(tiny_model, folder, method="lora", tracking=settings,
+                                          output=str(folder / output), publish={"min_improvement": -1.0}))
         seconds[name] = time.perf_counter() - started
     return {"runs": runs, "seconds": seconds, "output": str(folder / "out"), "model": tracking["registered_model"]}
 
@@ -264,7 +264,8 @@ def test_a_run_with_mlflow_down_completes_warns_once_and_records_what_it_missed(
 @pytest.mark.integration
 def test_the_mlflow_ui_shows_the_run_its_curves_and_the_champion(tracked, mlflow_server):
     """Headless Chromium on the MLflow UI, as tests/test_ui_run_form.py drives the Prefect UI; screenshots
-    mlflow-runs.png (the experiment's runs), mlflow-run.png (tags, registered version, metrics), mlflow-run-params.png, mlflow-run-curves.png and
+    mlflow-runs.png (the experiment's runs), mlflow-run.png (tags, registered version, metrics),
+    mlflow-run-params.png, mlflow-run-curves.png and
     mlflow-model.png (the versions and the alias)."""
     from pathlib import Path
     from urllib.parse import urlparse

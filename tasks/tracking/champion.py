@@ -36,7 +36,8 @@ def move_champion_of(manifest: dict, output_uri: str, warn: Callable[[str], None
     client = TrackingClient(settings, warn)
     version = move_champion(client, settings.model_name, tracked.get("run_id"), output_uri)
     if version is None:
-        return f"MLflow: alias {CHAMPION_ALIAS} of {settings.model_name} not moved ({client.error or client.missed[-1]})"
+        why = client.error or client.missed[-1]
+        return f"MLflow: alias {CHAMPION_ALIAS} of {settings.model_name} not moved ({why})"
     return f"MLflow: {settings.model_name} alias {CHAMPION_ALIAS} -> version {version}"
 
 
