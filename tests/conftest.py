@@ -179,7 +179,7 @@ def pytest_terminal_summary(terminalreporter, config):
 # so that the long ones start at once and the short ones fill in around them (--no-loadscope-reorder).
 SHARED_STACK = ("test_load.py", "test_triggered_runs.py", "test_ui_run_form.py")
 LONGEST_FIRST = (*SHARED_STACK, "test_e2e.py", "test_api_restart.py", "test_flow_run_crash.py", "test_flow.py",
-                 "test_distributed.py")
+                 "test_tracking.py", "test_distributed.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
