@@ -216,6 +216,22 @@ def test_promote_and_rollback_move_the_champion_alias(tracked, mlflow_server, ca
 
 
 @pytest.mark.integration
+def test_a_run_published_to_s3_is_registered_with_its_s3_folder_as_source(mlflow_server):
+    from mlflow import MlflowClient
+
+    from tasks.tracking.champion import move_champion
+
+    mlflow = MlflowClient(mlflow_server["uri"])
+    run = mlflow.create_run(mlflow.create_experiment("s3-output"))
+    client = TrackingClient(TrackingSettings(uri=mlflow_server["uri"]), pytest.fail)
+    output_uri = "s3://models/support/runs/20261201-000000-abcdef12"
+    assert move_champion(client, "s3-model", run.info.run_id, output_uri) == "1"
+    assert move_champion(client, "s3-model", run.info.run_id, output_uri) == "1"  # again: the same version
+    version = mlflow.get_model_version_by_alias("s3-model", "champion")
+    assert version.source == output_uri and version.tags["finetune.run_id"] == "20261201-000000-abcdef12"
+    assert client.missed == []
+
+@pytest.mark.integration
 def test_a_flow_run_that_fails_marks_its_mlflow_run_failed(mlflow_server, tiny_model, tmp_path, prefect_api):
     from mlflow import MlflowClient
 
