@@ -17,10 +17,12 @@ alone is downloaded, plus the tokenizer with --data). `validate` runs the
 ingest task's checks on a dataset (and, with --model, its token lengths) without a run, for a data
 team's own CI: every bad row is named by file, row and field. `promote` points `latest.json` at a
 published run by hand (only a complete one: every file checked against its manifest); `rollback`
-points it back at the run it replaced (the replaced pointer is kept in `history/`). `reconcile` announces again
-the uploads that were announced but got no flow run (tasks/data/s3_reconcile.py; PREFECT_API_URL names the server).
-Exit status: 0 good (data usable), 1 a check failed, nothing fits or the data is not usable (reconcile: an upload
-still has no run after every copy), 2 the run, pointer, model or data does not exist.
+points it back at the run it replaced (the replaced pointer is kept in `history/`); both move the MLflow
+`champion` alias with it when the run was tracked with `tracking.register_model` (tasks/tracking/champion.py).
+`reconcile` announces again the uploads that were announced but got no flow run (tasks/data/s3_reconcile.py;
+PREFECT_API_URL names the server). Exit status: 0 good (data usable), 1 a check failed, nothing fits or the data
+is not usable (reconcile: an upload still has no run after every copy), 2 the run, pointer, model or data does
+not exist.
 
 Subcommands register themselves in `SUBCOMMANDS` (a function that adds its parser and sets
 `handler`), so another one (e.g. `plan`) is one more function in that list.
@@ -299,6 +301,20 @@ def _promote(args: argparse.Namespace, run_id: str | None = None) -> None:
     pointer = promote(args.output, run_id or args.run_id, {"promote": True, "reason": args.reason, "by": "cli"})
     was = pointer["previous"]["run_id"] if pointer["previous"] else "nothing"
     print(f"latest.json -> run {pointer['run_id']} (promoted {pointer['promoted_at']}; before: {was})")
+    _move_champion(args.output, pointer)
+
+
+def _move_champion(output: str, pointer: dict) -> None:
+    """A run tracked in MLflow with registration on: its registered model's alias follows latest.json. An
+    MLflow failure is printed, not raised: latest.json has moved either way."""
+    from tasks.store.registry import read_run_manifest
+
+    manifest = read_run_manifest(output, pointer["run_id"])
+    if (tracking := (manifest.get("config") or {}).get("tracking")) and tracking.get("uri"):
+        from tasks.tracking.champion import move_champion_of
+
+        if said := move_champion_of(manifest, pointer["run_uri"], lambda text: print(text, file=sys.stderr)):
+            print(said)
 
 
 def _rollback(args: argparse.Namespace) -> None:

@@ -22,12 +22,13 @@ from tasks.scoring.settings import EvaluationSettings
 from tasks.store.hub import HubSettings, ResolvedModel, model_problem
 from tasks.store.objects import is_s3_uri, split_s3_uri
 from tasks.store.weight_safety import ModelLoadingSettings
+from tasks.tracking.settings import TrackingSettings
 
 # The settings of each part live with the part that uses them; imported here, they make up the run's config
 # (and `from tasks.config import TrainingSettings` keeps working).
 __all__ = ["ArtifactSettings", "DataFormat", "DataSettings", "DataSourceSpec", "EvaluationSettings", "FinetuneConfig",
            "HubSettings", "LoraSettings", "Method", "MethodChoice", "ModelLoadingSettings", "PublishSettings",
-           "TrainingSettings"]
+           "TrackingSettings", "TrainingSettings"]
 
 
 PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
@@ -163,6 +164,7 @@ class FinetuneConfig(_Settings):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     data_checks: DataSettings = Field(default_factory=DataSettings)
     model_loading: ModelLoadingSettings = Field(default_factory=ModelLoadingSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     @model_validator(mode="after")
     def _check_locations(self) -> FinetuneConfig:

@@ -8,12 +8,30 @@ from tasks.planning.methods import Method
 from tasks.planning.selector import TrainingPlan
 
 
+class TrackedRun(BaseModel):
+    """The MLflow run that tracks a flow run (tasks/track.py); run_id None: the server could not be reached."""
+    uri: str
+    experiment_id: str | None = None
+    run_id: str | None = None
+    url: str | None = None  # the run's page in the MLflow UI
+    model_version: str | None = None  # of the registered model, once promoted
+
+
+class TrackingReport(BaseModel):
+    """What MLflow tracking did in a flow run (tasks/track.py)."""
+    url: str | None  # the MLflow run's page; None: no run could be created
+    model_version: str | None = None  # registered when the run was promoted
+    missed: list[str] = []  # what could not be logged (also the `mlflow-tracking` artifact)
+    seconds: float  # spent in MLflow calls, the first import of mlflow included
+
+
 class RunInfo(BaseModel):
     run_id: str
     flow_run_id: str | None
     run_dir: str  # local scratch: data splits, checkpoints, the staged run folder
     output_uri: str  # where the finished run folder is published: <output>/runs/<run-id>
     started_at: str
+    tracking: TrackedRun | None = None  # with `tracking.uri` set; recorded in the manifest's "run"
 
 
 class DataSource(BaseModel):

@@ -179,7 +179,7 @@ def pytest_terminal_summary(terminalreporter, config):
 # so that the long ones start at once and the short ones fill in around them (--no-loadscope-reorder).
 SHARED_STACK = ("test_load.py", "test_triggered_runs.py", "test_ui_run_form.py", "test_ui_artifacts.py")
 LONGEST_FIRST = (*SHARED_STACK, "test_e2e.py", "test_api_restart.py", "test_reconcile_server_kill.py",
-                 "test_flow_run_crash.py", "test_flow.py", "test_distributed.py")
+                 "test_flow_run_crash.py", "test_flow.py", "test_tracking.py", "test_distributed.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
@@ -205,3 +205,4 @@ def pytest_collection_modifyitems(config, items):
 
 # The real local stack (prefect server, moto server, worker) for the integration and browser tests.
 from local_stack import deployed, moto_endpoint, prefect_server, stack_dir  # noqa: E402,F401
+from mlflow_stack import mlflow_server  # noqa: E402,F401

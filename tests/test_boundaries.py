@@ -3,10 +3,11 @@
 - Only the top level of tasks/ (the stages, config, CLI, result types) and flows/ import Prefect.
 - Only tasks/engine/ imports torch and the libraries built on it.
 - Dependencies point down: flows -> stages (with config and results beside them) -> engine -> plain
-  packages (data, planning, store, scoring, reports). Nothing in a package imports the top of tasks/;
+  packages (data, planning, store, scoring, reports, tracking). Nothing in a package imports the top of tasks/;
   a plain package never imports the engine; a stage never imports another stage (they share
   tasks/results.py).
-- Every module outside the engine imports without Prefect (packages), torch or transformers.
+- Every module outside the engine imports without Prefect (packages), torch or transformers, and every
+  module without mlflow (the optional `mlflow` extra, imported only when tracking is on).
 """
 import ast
 import subprocess
@@ -18,7 +19,7 @@ TASKS = ROOT / "tasks"
 TORCH_STACK = {"torch", "peft", "bitsandbytes", "liger_kernel", "accelerate", "transformers"}
 # Tokenizers come from transformers but need no torch: loading one is data preparation.
 TRANSFORMERS_OUTSIDE_ENGINE = {"tasks.data.tokenization"}
-PLAIN_PACKAGES = {"data", "planning", "store", "scoring", "reports"}
+PLAIN_PACKAGES = {"data", "planning", "store", "scoring", "reports", "tracking"}
 SHARED_TOP = {"tasks.config", "tasks.results"}  # the top-level modules every layer may use
 
 
@@ -89,7 +90,8 @@ def test_each_layer_imports_only_what_it_may():
 def test_modules_outside_the_engine_import_without_heavy_dependencies():
     light = [m for m in modules() if layer(m) in ("plain", "shared")] + ["tasks.cli"]
     code = (f"import sys\nfor m in {light!r}: __import__(m)\n"
-            "print(','.join(h for h in ('prefect', 'torch', 'transformers', 'peft', 'bitsandbytes') if h in sys.modules))")
+            "print(','.join(h for h in ('prefect', 'torch', 'transformers', 'peft', 'bitsandbytes', 'mlflow') "
+            "if h in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
 
@@ -97,6 +99,6 @@ def test_modules_outside_the_engine_import_without_heavy_dependencies():
 def test_flow_modules_import_without_torch():
     # Workers and deployment tooling import the flows and stages; torch loads only when a task runs.
     stages = [m for m in modules() if layer(m) in ("stage", "flow")]
-    code = f"import sys\nfor m in {stages!r}: __import__(m)\nprint('torch' in sys.modules)"
+    code = f"import sys\nfor m in {stages!r}: __import__(m)\nprint('torch' in sys.modules, 'mlflow' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "False False"
