@@ -283,41 +283,17 @@ def test_the_mlflow_ui_shows_the_run_its_curves_and_the_champion(tracked, mlflow
     mlflow-runs.png (the experiment's runs), mlflow-run.png (tags, registered version, metrics),
     mlflow-run-params.png, mlflow-run-curves.png and
     mlflow-model.png (the versions and the alias)."""
-    from pathlib import Path
-    from urllib.parse import urlparse
-
-    from test_ui_run_form import ARTIFACTS, CHROMIUM, FLAGS
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed: `apt-get install -y --no-install-recommends chromium` "
-                    "(make test does it)")
-    from playwright.sync_api import sync_playwright
+    from local_browser import ARTIFACTS, local_page
 
     second = tracked["runs"]["second"]
-    run_url, blocked = second.tracking.url, []
-
-    def only_local(route):
-        if urlparse(route.request.url).hostname == "127.0.0.1":
-            return route.continue_()
-        blocked.append(route.request.url)
-        return route.abort()
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    with local_page(1500, 1400) as (page, blocked):
         try:
-            context = browser.new_context(viewport={"width": 1500, "height": 1400})
-            context.route("**/*", only_local)
-            page = context.new_page()
-            try:
-                _screenshots(page, run_url, second.run_id, mlflow_server["uri"])
-            except Exception:  # what the browser showed, for the person reading the failure
-                page.screenshot(path=str(ARTIFACTS / "mlflow-failed.png"))
-                (ARTIFACTS / "mlflow-failed.txt").write_text(page.inner_text("body"))
-                raise
-            print(f"\nscreenshots: {ARTIFACTS}/mlflow-*.png; blocked: {blocked}")
-        finally:
-            browser.close()
+            _screenshots(page, second.tracking.url, second.run_id, mlflow_server["uri"])
+        except Exception:  # what the browser showed, for the person reading the failure
+            page.screenshot(path=str(ARTIFACTS / "mlflow-failed.png"))
+            (ARTIFACTS / "mlflow-failed.txt").write_text(page.inner_text("body"))
+            raise
+        print(f"\nscreenshots: {ARTIFACTS}/mlflow-*.png; blocked: {blocked}")
 
 
 def show(page, url: str | None, expected: tuple[str, ...], by_placeholder: bool = False) -> None:
@@ -330,7 +306,7 @@ def show(page, url: str | None, expected: tuple[str, ...], by_placeholder: bool 
 
 
 def _screenshots(page, run_url: str, run_name: str, uri: str) -> None:
-    from test_ui_run_form import ARTIFACTS
+    from local_browser import ARTIFACTS
 
     show(page, run_url, (run_name, "tiny-chat-model", "train/loss"))
     # MLflow 3 opens on its GenAI pages; "Model training" leads to the experiment's runs, with their versions

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 import pytest
 
 from local_stack import PYTHON, ROOT, TINY_EVALUATION, TINY_TRAINING, aws_env, base_env
-from test_ui_run_form import ARTIFACTS, CHROMIUM, FLAGS
+from local_browser import ARTIFACTS, local_page
 
 pytestmark = pytest.mark.integration
 KEYS = ("finetune-training-progress", "finetune-loss-curve", "finetune-run", "finetune-model-card")
@@ -48,49 +46,35 @@ def finished_run(prefect_server, moto_endpoint, tiny_model, stack_dir) -> dict:
 
 
 def test_the_run_page_shows_progress_the_loss_curve_and_the_links(prefect_server, moto_endpoint, finished_run):
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed: `apt-get install -y --no-install-recommends chromium` "
-                    "(make test does it)")
-    from playwright.sync_api import sync_playwright
-
     ui, artifacts = prefect_server.removesuffix("/api"), finished_run["artifacts"]
     assert set(artifacts) == set(KEYS)
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            context = browser.new_context(viewport={"width": 1400, "height": 1000})
-            context.route("**/*", lambda route: route.continue_() if urlparse(route.request.url).hostname
-                          == "127.0.0.1" else route.abort())
-            page = context.new_page()
-            for prefix, name in (("", "run-artifacts"), ("/v2", "run-artifacts-v2")):
-                page.goto(f"{ui}{prefix}/runs/flow-run/{finished_run['id']}", wait_until="networkidle",
-                          timeout=120_000)
-                page.get_by_text("Artifacts", exact=True).first.click()
-                page.get_by_text("finetune-loss-curve").first.wait_for(timeout=60_000)
-                # the progress artifact's description on its card (the cards fill in as their queries answer)
-                page.get_by_text("training: 2 of 2 steps").first.wait_for(timeout=60_000)
-                tab = page.inner_text("body")
-                page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-                assert all(key in tab for key in KEYS), tab[:2000]
+    with local_page() as (page, _):
+        for prefix, name in (("", "run-artifacts"), ("/v2", "run-artifacts-v2")):
+            page.goto(f"{ui}{prefix}/runs/flow-run/{finished_run['id']}", wait_until="networkidle",
+                      timeout=120_000)
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("finetune-loss-curve").first.wait_for(timeout=60_000)
+            # the progress artifact's description on its card (the cards fill in as their queries answer)
+            page.get_by_text("training: 2 of 2 steps").first.wait_for(timeout=60_000)
+            tab = page.inner_text("body")
+            page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+            assert all(key in tab for key in KEYS), tab[:2000]
 
-                page.goto(f"{ui}{prefix}/artifacts/artifact/{artifacts['finetune-loss-curve']['id']}",
-                          wait_until="networkidle", timeout=120_000)
-                image = page.locator("img[src^='data:image/png;base64,']").first
-                image.wait_for(timeout=60_000)
-                assert image.evaluate("img => img.complete && img.naturalWidth") == 800  # the PNG decoded
-                page.screenshot(path=str(ARTIFACTS / f"{name}-loss-curve.png"))
+            page.goto(f"{ui}{prefix}/artifacts/artifact/{artifacts['finetune-loss-curve']['id']}",
+                      wait_until="networkidle", timeout=120_000)
+            image = page.locator("img[src^='data:image/png;base64,']").first
+            image.wait_for(timeout=60_000)
+            assert image.evaluate("img => img.complete && img.naturalWidth") == 800  # the PNG decoded
+            page.screenshot(path=str(ARTIFACTS / f"{name}-loss-curve.png"))
 
-                page.goto(f"{ui}{prefix}/artifacts/artifact/{artifacts['finetune-training-progress']['id']}",
-                          wait_until="networkidle", timeout=120_000)
-                page.get_by_text("Progress: 100%").first.wait_for(timeout=60_000)
+            page.goto(f"{ui}{prefix}/artifacts/artifact/{artifacts['finetune-training-progress']['id']}",
+                      wait_until="networkidle", timeout=120_000)
+            page.get_by_text("Progress: 100%").first.wait_for(timeout=60_000)
 
-                page.goto(f"{ui}{prefix}/artifacts/artifact/{artifacts['finetune-model-card']['id']}",
-                          wait_until="networkidle", timeout=120_000)
-                link = page.locator(f"a[href^='{moto_endpoint}']").first
-                link.wait_for(timeout=60_000)
-                assert link.inner_text().startswith("s3://ui-artifacts/models/runs/")
-                card = context.request.get(link.get_attribute("href"))  # the presigned URL, as the browser has it
-                assert card.status == 200 and "model-index" in card.text()
-        finally:
-            browser.close()
+            page.goto(f"{ui}{prefix}/artifacts/artifact/{artifacts['finetune-model-card']['id']}",
+                      wait_until="networkidle", timeout=120_000)
+            link = page.locator(f"a[href^='{moto_endpoint}']").first
+            link.wait_for(timeout=60_000)
+            assert link.inner_text().startswith("s3://ui-artifacts/models/runs/")
+            card = page.context.request.get(link.get_attribute("href"))  # the presigned URL, as the browser has it
+            assert card.status == 200 and "model-index" in card.text()

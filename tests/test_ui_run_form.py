@@ -9,23 +9,14 @@ HTML in run-form.html (tests/artifacts/ is ignored by git), for a person to look
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 import pytest
 
-from local_stack import ROOT
+from local_browser import ARTIFACTS, local_page
 
 pytestmark = pytest.mark.integration
-
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = ROOT / "tests" / "artifacts"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def deployment_id(api: str, name: str) -> str:
@@ -35,50 +26,28 @@ def deployment_id(api: str, name: str) -> str:
 
 
 def test_run_form_shows_the_typed_parameters(prefect_server, deployed):
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed: `apt-get install -y --no-install-recommends chromium` "
-                    "(make test does it)")
-    from playwright.sync_api import sync_playwright
-
     ui = prefect_server.removesuffix("/api")
     url = f"{ui}/v2/deployments/deployment/{deployment_id(prefect_server, 'finetune/gpu')}/run"
-    blocked = []
-
-    def only_local(route):
-        if urlparse(route.request.url).hostname == "127.0.0.1":
-            return route.continue_()
-        blocked.append(route.request.url)
-        return route.abort()
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        # Playwright gives the browser a fresh temporary profile itself (no --user-data-dir needed).
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            context = browser.new_context(viewport={"width": 1400, "height": 1000})
-            context.route("**/*", only_local)
-            page = context.new_page()
-            page.goto(url, wait_until="networkidle", timeout=120_000)
-            page.get_by_text("The causal LM to fine-tune", exact=False).first.wait_for(timeout=60_000)
-            text = page.inner_text("body")
-            page.screenshot(path=str(ARTIFACTS / "run-form.png"), full_page=True)
-            (ARTIFACTS / "run-form.html").write_text(page.content())
-            print(f"\nscreenshot: {ARTIFACTS / 'run-form.png'}; blocked: {blocked}")
-            # The typed fields with their descriptions, from FinetuneConfig's Field(description=...).
-            for expected in ("Method (Optional)", "'auto' picks the best method that fits memory", "Data",
-                             "Training data: a local path or s3://bucket/key", "Min Improvement"):
-                assert expected.lower() in text.lower(), f"{expected!r} not on the run form:\n{text[:3000]}"
-            method_dropdown = _method_options(page)
-            page.screenshot(path=str(ARTIFACTS / "run-form-method.png"))  # the dropdown, open
-            assert {"auto", "full", "lora", "qlora"} <= set(method_dropdown), method_dropdown
-            page.keyboard.press("Escape")
-            sources = _data_source_fields(page)
-            page.screenshot(path=str(ARTIFACTS / "run-form-data-list.png"), full_page=True)
-            for expected in ("Path", "Hugging Face Hub dataset as hf://datasets/<org>/<name>", "Weight (Optional)",
-                             "share of the weighted part of the mix", "Max Rows (Optional)", "Split (Optional)"):
-                assert expected.lower() in sources.lower(), f"{expected!r} not in the list's form:\n{sources[:3000]}"
-        finally:
-            browser.close()
+    with local_page() as (page, blocked):
+        page.goto(url, wait_until="networkidle", timeout=120_000)
+        page.get_by_text("The causal LM to fine-tune", exact=False).first.wait_for(timeout=60_000)
+        text = page.inner_text("body")
+        page.screenshot(path=str(ARTIFACTS / "run-form.png"), full_page=True)
+        (ARTIFACTS / "run-form.html").write_text(page.content())
+        print(f"\nscreenshot: {ARTIFACTS / 'run-form.png'}; blocked: {blocked}")
+        # The typed fields with their descriptions, from FinetuneConfig's Field(description=...).
+        for expected in ("Method (Optional)", "'auto' picks the best method that fits memory", "Data",
+                         "Training data: a local path or s3://bucket/key", "Min Improvement"):
+            assert expected.lower() in text.lower(), f"{expected!r} not on the run form:\n{text[:3000]}"
+        method_dropdown = _method_options(page)
+        page.screenshot(path=str(ARTIFACTS / "run-form-method.png"))  # the dropdown, open
+        assert {"auto", "full", "lora", "qlora"} <= set(method_dropdown), method_dropdown
+        page.keyboard.press("Escape")
+        sources = _data_source_fields(page)
+        page.screenshot(path=str(ARTIFACTS / "run-form-data-list.png"), full_page=True)
+        for expected in ("Path", "Hugging Face Hub dataset as hf://datasets/<org>/<name>", "Weight (Optional)",
+                         "share of the weighted part of the mix", "Max Rows (Optional)", "Split (Optional)"):
+            assert expected.lower() in sources.lower(), f"{expected!r} not in the list's form:\n{sources[:3000]}"
 
 
 def _method_options(page) -> list[str]:
