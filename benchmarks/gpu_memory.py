@@ -307,18 +307,15 @@ def _kernels(point: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(required=True)
-    run = commands.add_parser("measure", help="train every point on this machine's GPU")
-    run.add_argument("--out", required=True)
-    run.add_argument("--set", default="main", choices=sorted(POINTS))
-    run.add_argument("--shapes", nargs="*", choices=sorted(SHAPES))
-    run.add_argument("--scratch", default=tempfile.gettempdir())
-    run.set_defaults(handler=measure, probe=False)
-    probing = commands.add_parser("probe", help="measure, with the memory probe's estimate of every point")
-    probing.add_argument("--out", required=True)
-    probing.add_argument("--set", default="probe", choices=sorted(POINTS))
-    probing.add_argument("--shapes", nargs="*", choices=sorted(SHAPES))
-    probing.add_argument("--scratch", default=tempfile.gettempdir())
-    probing.set_defaults(handler=measure, probe=True)
+    for name, default_set, probe, what in (
+            ("measure", "main", False, "train every point on this machine's GPU"),
+            ("probe", "probe", True, "measure, with the memory probe's estimate of every point")):
+        run = commands.add_parser(name, help=what)
+        run.add_argument("--out", required=True)
+        run.add_argument("--set", default=default_set, choices=sorted(POINTS))
+        run.add_argument("--shapes", nargs="*", choices=sorted(SHAPES))
+        run.add_argument("--scratch", default=tempfile.gettempdir())
+        run.set_defaults(handler=measure, probe=probe)
     show = commands.add_parser("table", help="estimate vs measured, with the estimator as it is now")
     show.add_argument("results")
     show.set_defaults(handler=table)
