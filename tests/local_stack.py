@@ -7,12 +7,15 @@ server (startup and migrations cost ~15-30 s on a 2-core machine).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -136,6 +139,27 @@ def postgres_missing() -> str | None:
     check = subprocess.run(["bash", str(ROOT / "infra" / "start-postgres.sh"), "--check"], capture_output=True,
                            text=True, timeout=30, check=False)
     return None if check.returncode == 0 else (check.stderr or check.stdout).strip()
+
+
+def require_postgres() -> None:
+    """Skip, saying why, when PostgreSQL cannot start here; under `make test` (which installs it,
+    FINETUNE_REQUIRE_POSTGRES=1) fail instead, so that CI never passes without it."""
+    if missing := postgres_missing():
+        if os.environ.get("FINETUNE_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL is required (FINETUNE_REQUIRE_POSTGRES): {missing}")
+        pytest.skip(f"PostgreSQL: {missing}")
+
+
+@contextmanager
+def postgres_cluster_folder():
+    """A folder for a cluster that the `postgres` user can enter when the tests run as root (pytest's temporary
+    folders are private to the user that runs them); removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="finetune-pg-"))
+    folder.chmod(0o711)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def start_postgres(name: str, folder: Path, log_dir: Path) -> tuple[Process, str]:

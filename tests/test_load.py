@@ -18,10 +18,8 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -33,9 +31,9 @@ import yaml
 
 from conftest import DEMO_DATA, SUMMARY_LINES
 from local_stack import (PYTHON, ROOT, TINY_EVALUATION, TINY_TRAINING, Api, aws_env, base_env, boto_kwargs, free_port,
-                         notification_body, notify_queue, postgres_missing, prefect_cli, project_file_for_test,
-                         queue_empty, start_bridge, start_postgres, start_prefect_server_script, start_worker,
-                         stop_stack, wait_for)
+                         notification_body, notify_queue, postgres_cluster_folder, prefect_cli,
+                         project_file_for_test, queue_empty, require_postgres, start_bridge, start_postgres,
+                         start_prefect_server_script, start_worker, stop_stack, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.load]
 
@@ -86,27 +84,20 @@ def prefect_server_on(backend: str, request, moto_endpoint: str, folder):
         api_url = request.getfixturevalue("prefect_server")
         yield api_url, request.getfixturevalue("deployed")["env"], folder.parent / "prefect-server.log"
         return
-    if missing := postgres_missing():
-        if os.environ.get("FINETUNE_REQUIRE_POSTGRES"):  # make test installs it: there, a missing server is a failure
-            pytest.fail(f"PostgreSQL is required (FINETUNE_REQUIRE_POSTGRES): {missing}")
-        pytest.skip(f"PostgreSQL load test: {missing}")
-    # The cluster's folder must be one the `postgres` user can enter when the tests run as root: pytest's own
-    # temporary folders are private to the user that runs them.
-    cluster = Path(tempfile.mkdtemp(prefix="finetune-load-pg-"))
-    cluster.chmod(0o711)
+    require_postgres()
     postgres = server = None
-    try:
-        postgres, database_url = start_postgres("postgres", cluster, folder)
-        port, home = free_port(), folder / "prefect-home"
-        server = start_prefect_server_script("prefect-server", port, database_url, home, folder)
-        api_url = f"http://127.0.0.1:{port}/api"
-        yield api_url, base_env(home) | aws_env(moto_endpoint) | {"PREFECT_API_URL": api_url}, server.log
-    finally:
-        if server:
-            server.stop(signals=(signal.SIGTERM, signal.SIGINT))
-        if postgres:
-            postgres.stop(signals=(signal.SIGINT,))  # PostgreSQL's fast shutdown
-        shutil.rmtree(cluster, ignore_errors=True)
+    with postgres_cluster_folder() as cluster:
+        try:
+            postgres, database_url = start_postgres("postgres", cluster, folder)
+            port, home = free_port(), folder / "prefect-home"
+            server = start_prefect_server_script("prefect-server", port, database_url, home, folder)
+            api_url = f"http://127.0.0.1:{port}/api"
+            yield api_url, base_env(home) | aws_env(moto_endpoint) | {"PREFECT_API_URL": api_url}, server.log
+        finally:
+            if server:
+                server.stop(signals=(signal.SIGTERM, signal.SIGINT))
+            if postgres:
+                postgres.stop(signals=(signal.SIGINT,))  # PostgreSQL's fast shutdown
 
 
 def make_gpu_pool(env: dict) -> None:
@@ -332,19 +323,23 @@ def failed_actions(api: Api) -> int:
 
 def server_errors(server_log: Path) -> dict[str, int]:
     """The server's logged ERROR records, counted by message. A 503 (a request the API refused because the database
-    did not take the write: SQLite's one write lock, or on PostgreSQL a dropped connection or a deadlock) is logged
-    as "Encountered retryable exception" (PREFECT_SERVER_LOG_RETRYABLE_ERRORS, set by the tests) and counted as
-    `503: <the database's error>`; other records by their first line, "database is locked" marked. With the
-    late-runs service on, SQLite's were hundreds per run, and one of them cost a run (README)."""
+    did not take it: SQLite's one write lock; on PostgreSQL a dropped connection or a cancelled query) is logged as
+    "Encountered retryable exception" (PREFECT_SERVER_LOG_RETRYABLE_ERRORS, set by the tests) and counted as
+    `503: <the database's error> [<the statement>]`; other records by their first line, "database is locked"
+    marked. uvicorn's "Exception in ASGI application" is the same exception logged again after the API answered
+    it, so it is not counted twice. With the late-runs service on, SQLite's were hundreds per run, and one of them
+    cost a run (README)."""
     records = re.split(r"\n(?=\d\d:\d\d:\d\d\.\d+ \| )", server_log.read_text(errors="replace"))
     counts: dict[str, int] = {}
     for record in records:
-        if "| ERROR" not in record.split("\n", 1)[0]:
+        first = record.split("\n", 1)[0]
+        if "| ERROR" not in first or "Exception in ASGI application" in first:
             continue
         message = re.sub(r"worker_name=.*", "", record.split(" - ", 1)[-1].split("\n", 1)[0]).strip()
-        cause = record.strip().rsplit("\n", 1)[-1].strip()[:160]  # the traceback's last line: the database's error
         if "Encountered retryable exception" in message:
-            message = f"503: {cause}"
+            errors = re.findall(r"^[\w.]+(?:Error|Exception): (.*)$", record, re.MULTILINE)
+            statement = re.search(r"^\[SQL: (\w+(?: INTO| FROM)? \w+)", record, re.MULTILINE)
+            message = f"503: {errors[-1][:120] if errors else '?'}" + (f" [{statement[1]}]" if statement else "")
         elif "database is locked" in record:
             message += " (database is locked)"
         message += " (a Late state)" if "'name': 'Late'" in record else ""
