@@ -59,6 +59,7 @@ def load_stack(request, moto_endpoint, tiny_model, stack_dir):
     import boto3
 
     began, backend, folder = time.monotonic(), request.param, stack_dir / f"load-{request.param}"
+    commit = commit_label()  # the tree the test starts from, whatever is committed while it runs
     folder.mkdir(exist_ok=True)
     with prefect_server_on(backend, request, moto_endpoint, folder) as (api_url, env, server_log):
         make_gpu_pool(env)
@@ -71,7 +72,7 @@ def load_stack(request, moto_endpoint, tiny_model, stack_dir):
         try:
             yield {"backend": backend, "bucket": bucket, "api_url": api_url, "api": Api(api_url), "s3": s3, "sqs": sqs,
                    "queue_url": queue_url, "logs": [worker, bridge], "server_log": server_log,
-                   "setup_s": time.monotonic() - began}
+                   "setup_s": time.monotonic() - began, "commit": commit}
         finally:
             stop_stack(worker, bridge)
 
@@ -279,7 +280,7 @@ def load_figures(stack: dict, runs, uploads, overlap: int, duplicates: int, elap
     state_names = [{s.name for s in api.client.read_flow_run_states(r.id)} for r in runs]
     errors = server_errors(stack["server_log"])
     return {
-        "backend": stack["backend"], "commit": commit_label(), "files": FILES, "duplicates_sent": duplicates,
+        "backend": stack["backend"], "commit": stack["commit"], "files": FILES, "duplicates_sent": duplicates,
         "runs": len(runs), "gpu_limit": GPUS, "worker_limit": 2 * GPUS, "max_running_at_once": overlap,
         "runs_sent_to_AwaitingConcurrencySlot": sum("AwaitingConcurrencySlot" in names for names in state_names),
         "runs_marked_late": sum("Late" in names for names in state_names),
