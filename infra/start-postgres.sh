@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# PostgreSQL for the Prefect API: the production database (README "The server"). SQLite takes one writer at a time,
+# PostgreSQL for the Prefect API: the production database (README "1. The server and its database"). SQLite takes one writer at a time,
 # and under a burst of uploads its lock made the API answer 503 (tests/test_load.py runs both databases).
 #
 # First start: a cluster in PGDATA (default $PREFECT_HOME/postgres) with a login role and database `prefect`; the
-# role's password is PREFECT_DB_PASSWORD (URL-safe characters), else a random one; either is kept in $PGDATA/prefect.password (mode 600,
-# the caller's). Every start prints the PREFECT_API_DATABASE_CONNECTION_URL to export (`eval` it: it reads the
-# password from that file) for infra/start-prefect-server.sh, then runs the server
+# role's password is PREFECT_DB_PASSWORD (URL-safe characters), else a random one; either is kept in
+# $PGDATA/prefect.password (mode 600, the caller's). Every start prints the PREFECT_API_DATABASE_CONNECTION_URL to
+# export (`eval` it: it reads the password from that file) for infra/start-prefect-server.sh, then runs the server
 # in the foreground on 127.0.0.1:PG_PORT (default 5432; TCP only, password required) until SIGINT (fast stop) or
 # SIGTERM (after the clients disconnect). PostgreSQL refuses to run as root: as root this runs it as PG_USER
 # (default `postgres`, which Debian's package creates) and gives PGDATA to that user.
@@ -62,7 +62,8 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   # The role owns its database, so Prefect's migrations may create the pg_trgm extension (a trusted one).
   printf "CREATE ROLE prefect LOGIN PASSWORD '%s';\nCREATE DATABASE prefect OWNER prefect;\n" "${password//\'/\'\'}" \
     | "${as_owner[@]}" "$BIN/postgres" --single -D "$PGDATA" postgres >"$PGDATA.setup.log" 2>&1 || true
-  if grep -q -E "^(ERROR|FATAL)" "$PGDATA.setup.log"; then cat "$PGDATA.setup.log" >&2; exit 1; fi
+  # Single-user mode exits 0 after a failed statement: its log says so ("... [pid] ERROR:  ...").
+  if grep -q -E "(ERROR|FATAL|PANIC):  " "$PGDATA.setup.log"; then cat "$PGDATA.setup.log" >&2; exit 1; fi
   rm -f "$PGDATA.setup.log"
 fi
 # The URL names the password's file rather than the password, so that this output can go to a log.
