@@ -11,7 +11,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup model demo test test-fast audit chromium clean
+.PHONY: setup model demo test test-fast audit chromium postgres clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,14 +32,24 @@ demo: model
 # The tests run in TEST_PROCESSES parallel pytest processes (pytest-xdist); tests/conftest.py keeps each module,
 # and the tests sharing the local stack, in one process and hands out the longest first. TEST_PROCESSES=0: one.
 TEST_PROCESSES ?= 2
-test: model chromium
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder
+# FINETUNE_REQUIRE_POSTGRES: the PostgreSQL load test fails, never skips, when its server cannot start.
+test: model chromium postgres
+	FINETUNE_REQUIRE_POSTGRES=1 $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder
 
 # The UI test drives Debian's chromium through Playwright (never `playwright install`).
 chromium:
 	@command -v chromium >/dev/null || [ -x "$${CHROMIUM:-}" ] || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
+# PostgreSQL, the Prefect server's production database (infra/start-postgres.sh starts it; tests/test_load.py
+# runs on it): Debian's postgresql package, whose binaries are under /usr/lib/postgresql/*/bin.
+postgres:
+	@infra/start-postgres.sh --check >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends postgresql; }
+	@infra/start-postgres.sh --check
 
 # Known vulnerabilities in the installed packages, from PyPI's advisories (CI runs it after the tests).
 audit: setup

@@ -182,6 +182,16 @@ LONGEST_FIRST = (*SHARED_STACK, "test_e2e.py", "test_api_restart.py", "test_reco
                  "test_flow_run_crash.py", "test_flow.py", "test_tracking.py", "test_distributed.py")
 
 
+def xdist_group(item) -> str:
+    if item.path.name not in SHARED_STACK:
+        return item.path.name
+    # tests/test_load.py on PostgreSQL starts its own Prefect server (only moto and the tiny model, one per process,
+    # are shared), so it can run in the other process beside the shared stack rather than after it.
+    if getattr(item, "callspec", None) and item.callspec.params.get("load_stack") == "postgres":
+        return "load-postgres"
+    return "local-stack"
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
@@ -190,8 +200,7 @@ def pytest_collection_modifyitems(config, items):
 
     items.sort(key=rank)  # stable: the order within a module, and of the other modules, is kept
     for item in items:
-        group = "local-stack" if item.path.name in SHARED_STACK else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
 
     import torch
 

@@ -7,12 +7,15 @@ server (startup and migrations cost ~15-30 s on a 2-core machine).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -119,6 +122,7 @@ def start_prefect_server(name: str, port: int, db: Path, prefect_home: Path, log
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
         "PREFECT_UI_API_URL": api,  # the UI's browser calls go here, not to the default port 4200
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",  # each 503 the API answers is logged: test_load counts them
     }
     server = Process(name, [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                             "--port", str(port)], env, log_dir)
@@ -154,6 +158,80 @@ class RestartableServer:
         time.sleep(outage_s)
         self.start()
         return time.monotonic() - down
+
+
+def postgres_missing() -> str | None:
+    """Why infra/start-postgres.sh cannot start PostgreSQL here (its own message), or None when it can."""
+    check = subprocess.run(["bash", str(ROOT / "infra" / "start-postgres.sh"), "--check"], capture_output=True,
+                           text=True, timeout=30, check=False)
+    return None if check.returncode == 0 else (check.stderr or check.stdout).strip()
+
+
+def require_postgres() -> None:
+    """Skip, saying why, when PostgreSQL cannot start here; under `make test` (which installs it,
+    FINETUNE_REQUIRE_POSTGRES=1) fail instead, so that CI never passes without it."""
+    if missing := postgres_missing():
+        if os.environ.get("FINETUNE_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL is required (FINETUNE_REQUIRE_POSTGRES): {missing}")
+        pytest.skip(f"PostgreSQL: {missing}")
+
+
+@contextmanager
+def postgres_cluster_folder():
+    """A folder for a cluster that the `postgres` user can enter when the tests run as root (pytest's temporary
+    folders are private to the user that runs them); removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="finetune-pg-"))
+    folder.chmod(0o711)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_postgres(name: str, folder: Path, log_dir: Path) -> tuple[Process, str]:
+    """infra/start-postgres.sh: a real PostgreSQL server on a free port, its cluster in `folder` (which must be one
+    the `postgres` user may enter when this runs as root); returns it and the connection URL it prints."""
+    env = base_env(folder) | {"PGDATA": str(folder / "data"), "PG_PORT": str(free_port())}
+    server = Process(name, ["bash", str(ROOT / "infra" / "start-postgres.sh")], env, log_dir)
+    try:
+        log = wait_for_log(server, "database system is ready to accept connections", timeout_s=180)
+    except BaseException:
+        server.stop(signals=(signal.SIGINT,))
+        raise
+    export = next(line for line in log.splitlines() if line.startswith("export PREFECT_API_DATABASE_CONNECTION_URL="))
+    # Evaluated as the README says to: the line reads the password from its file.
+    url = subprocess.run(["bash", "-c", 'eval "$1" && printf %s "$PREFECT_API_DATABASE_CONNECTION_URL"', "_", export],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return server, url
+
+
+def start_prefect_server_script(name: str, port: int, database_url: str, prefect_home: Path, log_dir: Path) -> Process:
+    """infra/start-prefect-server.sh, as production starts it, on `database_url`; returns once the API answers."""
+    env = base_env(prefect_home) | {
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url, "PREFECT_PORT": str(port),
+        "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # the script runs `prefect`
+        "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
+    }
+    server = Process(name, ["bash", str(ROOT / "infra" / "start-prefect-server.sh")], env, log_dir)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", server, timeout_s=240)
+    except BaseException:
+        server.stop(signals=(signal.SIGTERM, signal.SIGINT))
+        raise
+    return server
+
+
+def wait_for_log(process: Process, text: str, timeout_s: float) -> str:
+    """The process's log once it contains `text`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        log = process.log.read_text(errors="replace")
+        if text in log:
+            return log
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n{process.tail()}")
+        time.sleep(0.5)
+    raise TimeoutError(f"{process.name}: no '{text}' in {timeout_s:.0f}s:\n{process.tail()}")
 
 
 @pytest.fixture(scope="session")
