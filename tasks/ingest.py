@@ -19,10 +19,11 @@ from prefect.cache_policies import NO_CACHE
 from tasks.config import DataSettings, FinetuneConfig
 from tasks.data.dataset import Dataset, content_sha256, split_dataset, write_conversations, write_quarantine
 from tasks.data.freshness import DataChangedError, etag_mismatch, unchanged_since_published
-from tasks.data.schemas import SCHEMA_VERSION
+from tasks.data.schemas import SCHEMA_VERSION, DatasetError
 from tasks.data.sources import list_source_files
 from tasks.data.tokenization import encoded_split, length_report, require_few_truncated
 from tasks.data.validation import Verdict, check_source, enforce, materialise
+from tasks.planning.settings import PREFERENCE_OBJECTIVES
 from tasks.results import DataSource, IngestResult, RunInfo
 from tasks.store.objects import is_s3_uri, retry_if_transient
 
@@ -84,6 +85,8 @@ def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     if config.eval_data:
         verdicts.append(_validate(config.eval_data, config.data_format, checks, verdicts[0][0].kept_hashes))
         enforce(verdicts[1][0], checks)
+    for verdict, _ in verdicts:
+        require_objective_fits(config, verdict)
     datasets, quarantine_paths = _keep_and_quarantine([verdict for verdict, _ in verdicts], Path(run.run_dir))
     folder = Path(run.run_dir) / "data"
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,6 +108,20 @@ def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     )
     _report(result, logger)
     return result
+
+
+def require_objective_fits(config: FinetuneConfig, verdict: Verdict) -> None:
+    """Preference rows train only with dpo/orpo, and those train only on preference rows: the fix named."""
+    pairs = verdict.data_format == "preference"
+    if pairs and config.objective not in PREFERENCE_OBJECTIVES:
+        raise DatasetError(f"{verdict.source}: the rows are preference pairs ({verdict.format_evidence}) but objective "
+                           "is 'sft'; set objective to 'dpo' or 'orpo' to learn from them, or, to fine-tune on the "
+                           "preferred answers alone, write them as chat rows (messages: the prompt, then the chosen "
+                           "answer)")
+    if not pairs and config.objective in PREFERENCE_OBJECTIVES:
+        raise DatasetError(f"{verdict.source}: objective {config.objective!r} learns from preference pairs, but the "
+                           f"rows are {verdict.data_format} rows ({verdict.format_evidence}); give rows with a prompt, "
+                           "a chosen and a rejected answer (data_format 'preference'), or set objective to 'sft'")
 
 
 def _keep_and_quarantine(verdicts: list[Verdict], run_dir: Path) -> tuple[list[Dataset], list[str]]:

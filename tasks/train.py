@@ -14,7 +14,9 @@ from tasks.config import FinetuneConfig
 from tasks.data.tokenization import encoded_split, load_tokenizer
 from tasks.engine.launch import Nodes
 from tasks.planning.memory import GIB
+from tasks.planning.methods import Method
 from tasks.planning.selector import Attempt
+from tasks.planning.settings import PREFERENCE_OBJECTIVES
 from tasks.results import IngestResult, PlanResult, RunInfo, TrainResult
 from tasks.store.checkpoint_uploads import (candidate_checkpoints, fetch_checkpoint, training_fingerprint,
                                            upload_checkpoint)
@@ -34,13 +36,15 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     logger = get_run_logger()
     plan, settings = planned.plan, config.training
     tokenizer = load_tokenizer(config.model, config.model_loading)
-    _, train_examples = encoded_split(config, data.train_path, tokenizer=tokenizer)
-    _, eval_examples = encoded_split(config, data.eval_path, tokenizer=tokenizer)
+    train_examples, eval_examples = (_encoded(config, path, tokenizer) for path in (data.train_path, data.eval_path))
     checkpoints, resumed_from = _checkpoints(config, run, data, planned, logger)
     best = Path(run.run_dir) / "best"
     attempt = Attempt(method=plan.method, tokens_per_micro_batch=plan.tokens_per_micro_batch,
                       gradient_checkpointing=plan.gradient_checkpointing, checkpointed_layers=plan.checkpointed_layers)
     processes, nodes = processes_per_node(config, plan), Nodes.from_environment()
+    if processes * nodes.count > 1 and config.objective in PREFERENCE_OBJECTIVES:
+        raise ValueError(f"objective {config.objective!r} trains in one process for now, but this run would start "
+                         f"{processes * nodes.count}; set training.num_gpus=1 and run on one machine")
     if processes * nodes.count > 1:
         # No out-of-memory step-down across processes (yet): a process out of memory fails the task.
         outcome, trainable, total, world_size = _train_in_processes(
@@ -48,7 +52,7 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
             checkpoints, best, logger)
         step_downs = []
     else:
-        world_size, sizes = 1, {}
+        world_size, sizes, loaded = 1, {}, {}
 
         def load(attempt: Attempt):
             seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
@@ -56,6 +60,7 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
                                       attempt.gradient_checkpointing, loading=config.model_loading,
                                       checkpointed_layers=attempt.checkpointed_layers)
             sizes["trainable"], sizes["total"] = parameter_counts(model)
+            loaded["objective"] = preference_objective(config, attempt.method, plan.device)
             logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed "
                         "tokens; gradient checkpointing %s; attention %s", attempt.method, plan.device,
                         f"{sizes['trainable']:,}", f"{sizes['total']:,}", attempt.tokens_per_micro_batch,
@@ -66,7 +71,7 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
             # A restart begins at step 0: the attempt that ran out of memory may have changed the model.
             resumable = checkpoints if not restarted else dataclasses.replace(checkpoints, resume_from=None)
             return train(model, train_examples, eval_examples, settings, attempt.tokens_per_micro_batch,
-                         plan.device, best, logger, resumable)
+                         plan.device, best, logger, resumable, objective=loaded["objective"])
 
         outcome, attempt, step_downs = train_within_memory(
             load, run, attempt, planned_tokens=plan.tokens_per_micro_batch, longest_row=plan.longest_row,
@@ -82,6 +87,33 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
                        gradient_checkpointing=attempt.gradient_checkpointing,
                        checkpointed_layers=attempt.checkpointed_layers, memory_step_downs=step_downs,
                        world_size=world_size, **dataclasses.asdict(outcome))
+
+
+def _encoded(config: FinetuneConfig, split_path: str, tokenizer) -> list:
+    """A split as the objective trains on it: answer-masked rows (sft), or pairs (dpo, orpo)."""
+    if config.objective in PREFERENCE_OBJECTIVES:
+        from tasks.data.preference import encoded_pairs
+
+        return encoded_pairs(config, split_path, tokenizer)
+    return encoded_split(config, split_path, tokenizer=tokenizer)[1]
+
+
+def preference_objective(config: FinetuneConfig, method: Method, device: str):
+    """None for sft; else what the train loop runs for dpo or orpo. DPO's reference: with an adapter, the
+    same model with it switched off (no copy); full fine-tuning, a frozen fp32 copy of the base, as the
+    policy's master weights (the plan counts it: tasks/planning/memory.py)."""
+    if config.objective not in PREFERENCE_OBJECTIVES:
+        return None
+    from tasks.engine.modeling import load_for_inference
+    from tasks.engine.preference_training import PreferenceObjective
+
+    reference = None
+    if config.objective == "dpo" and not method.trains_adapter:
+        import torch
+
+        reference = load_for_inference(config.model, device, dtype=torch.float32, loading=config.model_loading)
+        reference.requires_grad_(False)
+    return PreferenceObjective(config.objective, config.preference, device, reference)
 
 
 def processes_per_node(config: FinetuneConfig, plan) -> int:
@@ -135,6 +167,13 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
     return outcome, result["trainable_parameters"], result["total_parameters"], result["world_size"]
 
 
+def _objective_identity(config: FinetuneConfig) -> dict:
+    """What the objective adds to a checkpoint's identity; nothing for sft, so earlier checkpoints still match."""
+    if config.objective not in PREFERENCE_OBJECTIVES:
+        return {}
+    return {"objective": config.objective, "preference": config.preference.model_dump()}
+
+
 def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult, logger):
     """Where checkpoints go, and which one to continue from: this flow run's own (a retry), or with
     `resume`, the newest one in the output that trained the same model, data and settings."""
@@ -147,7 +186,7 @@ def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, plann
                                                    "early_stopping_patience", "early_stopping_min_delta"})
     identity = training_fingerprint(model=config.model, data=[s.sha256 for s in data.sources],
                                     method=planned.plan.method, lora=config.lora.model_dump(), training=settings,
-                                    eval_origin=data.eval_origin)
+                                    eval_origin=data.eval_origin, **_objective_identity(config))
     local = Path(run.run_dir) / "checkpoints"
     resume_from = found = None
     for uri in candidate_checkpoints(config.output, run_key, identity if config.resume else None):

@@ -202,6 +202,8 @@ class Dataset:
     conversations: list[Conversation] = field(repr=False)
     rows: list[int] = field(repr=False)  # source row number of each conversation
     scan: Scan | None = field(default=None, repr=False)
+    # preference pairs: conversations end with the chosen answer, and this is each pair's rejected one
+    rejected: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -256,6 +258,8 @@ def to_conversation(row: dict, data_format: str) -> Conversation:
 
 def split_dataset(dataset: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Deterministic train/eval split; both sides keep their source row numbers."""
+    if dataset.rejected is not None:
+        return _split_by_prompt(dataset, eval_fraction, seed)
     n = len(dataset)
     n_eval = max(1, round(n * eval_fraction))
     if n - n_eval < 1:
@@ -269,20 +273,36 @@ def split_dataset(dataset: Dataset, eval_fraction: float, seed: int) -> tuple[Da
     return _subset(dataset, train_idx), _subset(dataset, eval_idx)
 
 
+def _split_by_prompt(dataset: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Preference pairs: every pair of a prompt on the same side (tasks/data/preference.split_preferences),
+    so the eval set never asks a trained prompt."""
+    from tasks.data.preference import PreferencePair, PreferenceSet, prompt_hash, split_preferences
+
+    pairs = [PreferencePair(c[:-1], c[-1]["content"], r) for c, r in zip(dataset.conversations, dataset.rejected)]
+    hashes = np.array([prompt_hash(p) for p in pairs], dtype=np.uint64)
+    train, held_out = split_preferences(PreferenceSet(dataset.source, dataset.sha256, dataset.format_evidence, pairs,
+                                                      list(range(len(pairs))), hashes), eval_fraction, seed)
+    return _subset(dataset, train.rows), _subset(dataset, held_out.rows)
+
+
 def _subset(dataset: Dataset, indices: list[int]) -> Dataset:
     return Dataset(
         source=dataset.source, sha256=dataset.sha256, data_format=dataset.data_format,
         format_evidence=dataset.format_evidence,
         conversations=[dataset.conversations[i] for i in indices],
         rows=[dataset.rows[i] for i in indices],
+        rejected=None if dataset.rejected is None else [dataset.rejected[i] for i in indices],
     )
 
 
 def write_conversations(dataset: Dataset, path) -> None:
-    """Save a split as JSONL: one {"row", "messages"} object per line, row = source row number."""
+    """Save a split as JSONL: one {"row", "messages"} object per line, row = source row number; preference
+    pairs add "rejected" (messages end with the chosen answer: read_conversations gives the chosen side)."""
+    rejected = dataset.rejected or [None] * len(dataset)
     with open(path, "w", encoding="utf-8") as out:
-        for row, messages in zip(dataset.rows, dataset.conversations):
-            out.write(json.dumps({"row": row, "messages": messages}, ensure_ascii=False) + "\n")
+        for row, messages, other in zip(dataset.rows, dataset.conversations, rejected):
+            record = {"row": row, "messages": messages} | ({"rejected": other} if other is not None else {})
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def read_conversations(path) -> tuple[list[int], list[Conversation]]:

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DataFormat = Literal["auto", "instruction", "prompt_completion", "chat", "text"]
+DataFormat = Literal["auto", "instruction", "prompt_completion", "chat", "text", "preference"]
 
 
 class DataSettings(BaseModel):

@@ -90,13 +90,14 @@ def select_plan(
     lora_targets: list[str] | str = "all-linear",
     fused_kernels: bool | None = None,
     num_gpus: int = 1,
+    objective: str = "sft",
 ) -> TrainingPlan:
     """`longest_row`: tokens of the longest (truncated) row; `largest_step`: tokens of the largest
     optimizer step (the `batch_size` longest rows), which memory is planned for; `typical_step`: the
     tokens of an average step, which speed is planned for (default: the largest);
     `max_rows_per_micro_batch` caps a micro-batch at that many longest rows; `num_gpus`: GPUs the run gets (each its own process: a step's rows
     are split across them, and full fine-tuning is sharded, so it may fit on several but not one);
-    `budget_bytes` is per GPU."""
+    `budget_bytes` is per GPU; `objective`: sft, dpo or orpo (see estimate_memory)."""
     forced = MethodChoice(method).fixed()
     per_gpu_step = -(-largest_step // num_gpus)
     usual_step = -(-min(typical_step or largest_step, largest_step) // num_gpus)
@@ -104,7 +105,7 @@ def select_plan(
 
     def estimate(m: Method, tokens: int, checkpointed: int) -> MemoryEstimate:
         return estimate_memory(shape, m, device, tokens, checkpointed > 0, lora_r, lora_targets, fused_kernels,
-                               num_gpus, checkpointed_layers=checkpointed)
+                               num_gpus, checkpointed_layers=checkpointed, objective=objective)
 
     def best_for(m: Method) -> Candidate:
         fitting = [e for tokens in capacities
