@@ -73,7 +73,7 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     plot_loss_curve(trained.history, staging / LOSS_CURVE_NAME, trained.best_step,
                     f"{(model.repo_id if model and model.repo_id else config.model).rstrip('/').rsplit('/', 1)[-1]} "
                     f"{trained.method}, run {run.run_id}")
-    training = trained.model_dump(exclude={"checkpoint_dir"})
+    training = {**trained.model_dump(exclude={"checkpoint_dir"}), "objective": config.objective}
     card = {"run_id": run.run_id, "base_model": base_model, "data": data_record, "method": trained.method,
             "training": training, "evaluation": evaluation, "publish_dtype": verification.get("saved_dtype", "")}
     for folder, as_adapter in ((staging / "merged", False), (staging / "adapter", True)):

@@ -99,21 +99,12 @@ def _encoded(config: FinetuneConfig, split_path: str, tokenizer) -> list:
 
 
 def preference_objective(config: FinetuneConfig, method: Method, device: str):
-    """None for sft; else what the train loop runs for dpo or orpo. DPO's reference: with an adapter, the
-    same model with it switched off (no copy); full fine-tuning, a frozen fp32 copy of the base, as the
-    policy's master weights (the plan counts it: tasks/planning/memory.py)."""
+    """None for sft; else what the train loop runs for dpo or orpo (tasks/engine/preference_training.py)."""
     if config.objective not in PREFERENCE_OBJECTIVES:
         return None
-    from tasks.engine.modeling import load_for_inference
-    from tasks.engine.preference_training import PreferenceObjective
+    from tasks.engine.preference_training import build_objective
 
-    reference = None
-    if config.objective == "dpo" and not method.trains_adapter:
-        import torch
-
-        reference = load_for_inference(config.model, device, dtype=torch.float32, loading=config.model_loading)
-        reference.requires_grad_(False)
-    return PreferenceObjective(config.objective, config.preference, device, reference)
+    return build_objective(config.objective, config.preference, method, device, config.model, config.model_loading)
 
 
 def processes_per_node(config: FinetuneConfig, plan) -> int:

@@ -116,6 +116,14 @@ def read_dataset(uri: str, data_format: str = "auto", checks: DataSettings | Non
                  reference: np.ndarray | None = None) -> Dataset:
     """Load, check and normalise a dataset; raise DatasetError naming file, row and column."""
     checks = checks or DataSettings()
+    if is_preference(uri, data_format, checks):  # pairs: the chosen conversations, each rejected answer beside
+        from tasks.data.preference import scan_preferences
+
+        scan, pairs = scan_preferences(uri, checks, reference)
+        enforce(verdict_of(scan), checks)
+        return Dataset(source=uri, sha256=content_sha256(scan.files), data_format="preference",
+                       format_evidence=scan.format_evidence, conversations=[p.conversation("chosen") for p in pairs],
+                       rows=scan.kept_rows.tolist(), scan=scan, rejected=[p.rejected for p in pairs])
     scan = scan_dataset(uri, data_format, checks, reference)
     enforce(verdict_of(scan), checks)
     return Dataset(

@@ -19,7 +19,9 @@ from tasks.data.preference import PairExample
 from tasks.engine.packing import micro_batches
 from tasks.engine.preference import (PairLogps, PreferenceLoss, dpo_losses, orpo_loss, pack_pairs, pair_logps,
                                      reference_logps)
+from tasks.planning.methods import Method
 from tasks.planning.settings import PreferenceSettings
+from tasks.store.weight_safety import SAFE
 
 
 def pair_tokens(pair: PairExample) -> int:
@@ -102,3 +104,17 @@ class PreferenceObjective:
         finally:
             model.train(was_training)
         return total / max(len(pairs), 1)
+
+
+def build_objective(objective: str, settings: PreferenceSettings, method: Method, device: str, model_path: str,
+                    loading=None) -> PreferenceObjective:
+    """The objective for a run. DPO's reference: with an adapter, the same model with it switched off (no
+    copy); full fine-tuning, a frozen fp32 copy of the base, as the policy's master weights (the plan
+    counts it: tasks/planning/memory.py)."""
+    from tasks.engine.modeling import load_for_inference
+
+    reference = None
+    if objective == "dpo" and not method.trains_adapter:
+        reference = load_for_inference(model_path, device, dtype=torch.float32, loading=loading or SAFE)
+        reference.requires_grad_(False)
+    return PreferenceObjective(objective, settings, device, reference)
