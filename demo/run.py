@@ -1,7 +1,9 @@
 """The demo: teach SmolLM2-135M-Instruct facts about a made-up e-reader, on a CPU, in a few minutes.
 
 Runs the `finetune` flow on Prefect's embedded temporary server and publishes to ./outputs.
-    python demo/run.py [--output s3://bucket/prefix] [--method auto|full|lora|qlora]
+    python demo/run.py [--output s3://bucket/prefix] [--method auto|full|lora|qlora] [--objective sft|dpo|orpo]
+With --objective dpo (or orpo) it teaches a house style instead, from preference pairs
+(demo/make_preference_data.py): answers that start with "Ahoy!".
 """
 from __future__ import annotations
 
@@ -41,17 +43,44 @@ def demo_config(model: str, output: str, method: str):
     )
 
 
+def demo_preference_config(model: str, output: str, method: str, objective: str = "dpo"):
+    """The house-style preference demo: 40 training pairs, 16 held out, gated on preference accuracy."""
+    from tasks.config import FinetuneConfig
+
+    return FinetuneConfig(
+        model=model,
+        data=str(ROOT / "demo" / "data" / "preference_train.jsonl"),
+        eval_data=str(ROOT / "demo" / "data" / "preference_eval.jsonl"),
+        objective=objective,
+        preference={"beta": 0.1},
+        method=method,
+        output=output,
+        work_dir=str(ROOT / ".finetune-work"),
+        lora={"r": 16, "alpha": 32, "dropout": 0.0},
+        # DPO's loss falls from 0.69 to 0.05 in 4 steps on this data (2-core CPU): 10 steps are plenty
+        training={"learning_rate": 1e-3, "lr_schedule": "constant", "max_steps": 10, "batch_size": 8,
+                  "micro_batch_size": 16, "max_seq_len": 256, "eval_every": 5, "early_stopping_patience": 2},
+        evaluation={"max_new_tokens": 16, "max_generation_rows": 8, "batch_size": 16, "examples_in_report": 4,
+                    "metric": "preference_accuracy", "metrics": ["exact_match", "chrf"]},
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(ROOT / "outputs"))
     parser.add_argument("--method", default="lora", choices=["auto", "full", "lora", "qlora"])
+    parser.add_argument("--objective", default="sft", choices=["sft", "dpo", "orpo"])
     args = parser.parse_args()
 
     from demo.prepare_model import ensure_smollm2
     from flows.finetune import finetune
 
     model = ensure_smollm2()
-    result = finetune(demo_config(str(model), args.output, args.method))
+    if args.objective == "sft":
+        config = demo_config(str(model), args.output, args.method)
+    else:
+        config = demo_preference_config(str(model), args.output, args.method, args.objective)
+    result = finetune(config)
     print("\n" + "=" * 72)
     print(f"run {result.run_id} ({result.method}) published to {result.output_uri}")
     print(result.summary)

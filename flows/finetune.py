@@ -50,8 +50,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     planned = plan_training(config, data)
     base = evaluate(config, data, planned, label="base")
     trained = train_model(config, run, data, planned)
-    tuned = evaluate(config, data, planned, label="tuned", trained=trained)
-    published = evaluate_published(config, data, planned, run)  # None unless the gate compares with it
+    tuned = evaluate(config, data, planned, label="tuned", trained=trained, reference=base)
+    published = evaluate_published(config, data, planned, run, reference=base)  # None unless the gate compares with it
     decision = decide_promotion(config, base, tuned, published)
     manifest = package_run(config, run, data, planned, trained, base, tuned, decision, published, model)
     output_uri = upload_run(config, run)

@@ -16,8 +16,9 @@ from tasks.data.hub_datasets import hub_problem, is_hub_dataset
 from tasks.data.settings import DataFormat, DataSettings, DataSourceSpec
 from tasks.data.sources import DATA_SUFFIXES
 from tasks.planning.methods import Method, MethodChoice
-from tasks.planning.settings import LoraSettings, TrainingSettings
+from tasks.planning.settings import PREFERENCE_OBJECTIVES, LoraSettings, Objective, PreferenceSettings, TrainingSettings
 from tasks.reports.settings import ArtifactSettings
+from tasks.scoring.metrics import PAIR_SCORES
 from tasks.scoring.settings import EvaluationSettings
 from tasks.store.hub import HubSettings, ResolvedModel, model_problem
 from tasks.store.objects import is_s3_uri, split_s3_uri
@@ -27,8 +28,8 @@ from tasks.tracking.settings import TrackingSettings
 # The settings of each part live with the part that uses them; imported here, they make up the run's config
 # (and `from tasks.config import TrainingSettings` keeps working).
 __all__ = ["ArtifactSettings", "DataFormat", "DataSettings", "DataSourceSpec", "EvaluationSettings", "FinetuneConfig",
-           "HubSettings", "LoraSettings", "Method", "MethodChoice", "ModelLoadingSettings", "PublishSettings",
-           "TrackingSettings", "TrainingSettings"]
+           "HubSettings", "LoraSettings", "Method", "MethodChoice", "ModelLoadingSettings", "Objective",
+           "PreferenceSettings", "PublishSettings", "TrackingSettings", "TrainingSettings"]
 
 
 PublishDtype = Literal["float32", "bfloat16", "float16", "base"]
@@ -159,6 +160,12 @@ class FinetuneConfig(_Settings):
         False, description="Continue from the newest checkpoint in `output` of an earlier run with the same "
         "model, data and settings (a retry of the same flow run always continues from its own)."
     )
+    objective: Objective = Field(
+        "sft", description="'sft' learns the answers of chat, instruction, prompt/completion or text rows; 'dpo' "
+        "and 'orpo' learn from preference rows (prompt, chosen, rejected): DPO against the base model as the "
+        "reference, ORPO without one. See `preference` for their settings.",
+    )
+    preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
@@ -198,6 +205,7 @@ class FinetuneConfig(_Settings):
                             "model")
         elif problem := model_problem(self.model, self.model_revision):
             problems.append(problem)
+        problems += self._objective_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -212,6 +220,25 @@ class FinetuneConfig(_Settings):
     def data_label(self) -> str:
         """`data` in words, for messages: the path, or the mix's paths."""
         return self.data if isinstance(self.data, str) else " + ".join(s.path for s in self.data)
+
+    def _objective_problems(self) -> list[str]:
+        """The objective, the row format and the gate's metric must agree (ingest checks detected formats)."""
+        problems = []
+        preference = self.objective in PREFERENCE_OBJECTIVES
+        if self.data_format == "preference" and not preference:
+            problems.append("data_format is 'preference' but objective is 'sft': set objective to 'dpo' or 'orpo' "
+                            "to learn from the pairs, or give chat rows (the prompt, then the chosen answer) for SFT")
+        if preference and self.data_format not in ("auto", "preference"):
+            problems.append(f"objective {self.objective!r} learns from preference rows (prompt, chosen, rejected) "
+                            f"but data_format is {self.data_format!r}: set data_format to 'preference' or 'auto', "
+                            "or set objective to 'sft'")
+        if self.evaluation.metric in PAIR_SCORES and not preference:
+            problems.append(f"evaluation.metric {self.evaluation.metric!r} scores preference pairs, but objective is "
+                            "'sft': choose a metric of generated answers (e.g. exact_match), or objective dpo/orpo")
+        if preference and (self.training.num_gpus or 1) > 1:
+            problems.append(f"objective {self.objective!r} trains in one process for now: set training.num_gpus to "
+                            "1 (or leave it empty on a one-GPU machine)")
+        return problems
 
     def with_local_model(self, model: ResolvedModel) -> FinetuneConfig:
         """This run with `model` read from the local folder it resolved to (a Hub id's snapshot in the cache);

@@ -34,6 +34,7 @@ from tasks.data.schemas import SCHEMA_VERSION, DatasetError
 from tasks.data.sources import list_source_files
 from tasks.data.tokenization import encoded_split, length_report, require_few_truncated
 from tasks.data.validation import Verdict, check_source, enforce, materialise
+from tasks.planning.settings import PREFERENCE_OBJECTIVES
 from tasks.results import DataSource, IngestResult, RunInfo
 from tasks.store.objects import is_s3_uri, join_uri, retry_if_transient, split_s3_uri
 
@@ -106,6 +107,8 @@ def ingest(config: FinetuneConfig, run: RunInfo) -> IngestResult:
     if config.eval_data:  # leakage: an eval row found in any training source
         reference = b"".join(read.verdict.kept_hashes for read in reads)
         held_out_read = _read(DataSourceSpec(path=config.eval_data, weight=1.0), config, reference, validate)
+    for read in reads + ([held_out_read] if held_out_read else []):
+        require_objective_fits(config, read.verdict)
     run_dir = Path(run.run_dir)
     datasets, quarantine_paths = _keep_and_quarantine(reads, "train", run_dir)
     mix_record = None
@@ -160,6 +163,20 @@ def _named(local: str, label: str):
         yield
     except DatasetError as error:
         raise DatasetError(str(error).replace(local, label)) from error
+
+
+def require_objective_fits(config: FinetuneConfig, verdict: Verdict) -> None:
+    """Preference rows train only with dpo/orpo, and those train only on preference rows: the fix named."""
+    pairs = verdict.data_format == "preference"
+    if pairs and config.objective not in PREFERENCE_OBJECTIVES:
+        raise DatasetError(f"{verdict.source}: the rows are preference pairs ({verdict.format_evidence}) but objective "
+                           "is 'sft'; set objective to 'dpo' or 'orpo' to learn from them, or, to fine-tune on the "
+                           "preferred answers alone, write them as chat rows (messages: the prompt, then the chosen "
+                           "answer)")
+    if not pairs and config.objective in PREFERENCE_OBJECTIVES:
+        raise DatasetError(f"{verdict.source}: objective {config.objective!r} learns from preference pairs, but the "
+                           f"rows are {verdict.data_format} rows ({verdict.format_evidence}); give rows with a prompt, "
+                           "a chosen and a rejected answer (data_format 'preference'), or set objective to 'sft'")
 
 
 def _keep_and_quarantine(reads: list[_Read], split: str, run_dir: Path) -> tuple[list[Dataset], list[str]]:

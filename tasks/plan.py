@@ -15,6 +15,7 @@ from tasks.data.schemas import DatasetError
 from tasks.data.tokenization import encoded_split, length_stats, load_tokenizer
 from tasks.planning.memory import GIB, ModelShape
 from tasks.planning.selector import GPU_SAFETY, select_measured_plan, select_plan, step_tokens
+from tasks.planning.settings import PREFERENCE_OBJECTIVES
 from tasks.results import IngestResult, PlanResult
 from tasks.store.weight_safety import require_safe_weights
 
@@ -31,6 +32,8 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     settings = config.training
     stats = _check_lengths(config, tokenizer, data.train_path, config.data_label, logger)
     _check_lengths(config, tokenizer, data.eval_path, config.eval_data or config.data_label, logger)
+    if config.objective in PREFERENCE_OBJECTIVES:  # a pair's sides go through the model together
+        stats = _pair_lengths(config, tokenizer, data.train_path, stats)
     from tasks.engine.hardware import pick_device
     from tasks.engine.kernels import fused_kernels_available  # torch loads here, not when the flow is imported
 
@@ -39,7 +42,7 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
     budget, source = _memory_budget(config, device)
     if device == "cpu" and gpus > 1:  # each process holds its own copy in the same RAM
         budget, source = budget // gpus, f"{source}, shared by {gpus} processes"
-    longest_row = min(settings.max_seq_len, stats["tokens_max"])
+    longest_row = stats.get("pair_tokens_max") or min(settings.max_seq_len, stats["tokens_max"])
     plan_kwargs = dict(
         budget_bytes=budget, budget_source=source, device=device, method=config.method,
         longest_row=longest_row, largest_step=stats["tokens_largest_step"],
@@ -47,6 +50,7 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
         max_rows_per_micro_batch=settings.micro_batch_size, gradient_checkpointing=settings.gradient_checkpointing,
         lora_r=config.lora.r, lora_targets=config.lora.target_list(),
         fused_kernels=fused_kernels_available(shape.model_type, device), num_gpus=gpus,
+        objective=config.objective,
     )
     if device == "cuda" and not shape.verified:
         # No formula for this family: measure it on this GPU (seconds) rather than plan conservatively.
@@ -84,6 +88,16 @@ def _check_lengths(config: FinetuneConfig, tokenizer, split_path: str, source: s
     return stats
 
 
+def _pair_lengths(config: FinetuneConfig, tokenizer, split_path: str, stats: dict) -> dict:
+    """Preference pairs: the plan's rows are pairs (chosen and rejected packed together), so the
+    longest row and the steps are measured in pairs' tokens; `stats` keeps the chosen sides' figures."""
+    from tasks.data.preference import encoded_pairs
+
+    lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in encoded_pairs(config, split_path, tokenizer)]
+    largest, typical = step_tokens(lengths, config.training.batch_size)
+    return {**stats, "pair_tokens_max": max(lengths), "tokens_largest_step": largest, "tokens_typical_step": typical}
+
+
 def _read_model_config(model: str) -> dict:
     path = Path(model) / "config.json"
     if not path.is_file():
@@ -93,7 +107,10 @@ def _read_model_config(model: str) -> dict:
 
 
 def _gpus(config: FinetuneConfig, device: str) -> int:
-    """Training processes the run gets: `training.num_gpus`, else every visible GPU (one on CPU)."""
+    """Training processes the run gets: `training.num_gpus`, else every visible GPU (one on CPU);
+    one for preference objectives (they train in one process for now)."""
+    if config.objective in PREFERENCE_OBJECTIVES:
+        return 1
     if config.training.num_gpus:
         return config.training.num_gpus
     if device == "cuda":

@@ -80,7 +80,7 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
                                        join_uri(run.output_uri, LOSS_CURVE_NAME))
         _best_effort("loss curve", create_markdown_artifact, markdown, key="finetune-loss-curve",
                      description=f"Train and eval loss per step of run {run.run_id}; best step {trained.best_step}")
-    training = trained.model_dump(exclude={"checkpoint_dir"})
+    training = {**trained.model_dump(exclude={"checkpoint_dir"}), "objective": config.objective}
     card = {"run_id": run.run_id, "base_model": base_model, "data": data_record, "method": trained.method,
             "training": training, "evaluation": evaluation, "publish_dtype": verification.get("saved_dtype", "")}
     for folder, as_adapter in ((staging / "merged", False), (staging / "adapter", True)):

@@ -105,3 +105,4 @@ class EvalResult(BaseModel):
     answers: list[dict]
     run_id: str | None = None  # for the published model: which run it is
     from_cache: str | None = None  # the stored score it was read from (tasks/store/score_cache.py); None: scored here
+    pair_logps: list[list[float]] | None = None  # preference runs: [chosen, rejected] summed log-probs per eval pair

@@ -18,8 +18,10 @@ from tasks.config import FinetuneConfig
 from tasks.data.tokenization import encoded_split, load_tokenizer
 from tasks.engine.launch import Nodes
 from tasks.planning.memory import GIB
+from tasks.planning.methods import Method
 from tasks.planning.selector import Attempt
 from tasks.reports.settings import ArtifactSettings
+from tasks.planning.settings import PREFERENCE_OBJECTIVES
 from tasks.results import IngestResult, PlanResult, RunInfo, TrainResult
 from tasks.store.checkpoint_uploads import (candidate_checkpoints, fetch_checkpoint, training_fingerprint,
                                            upload_checkpoint)
@@ -35,8 +37,7 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     logger = get_run_logger()
     plan = planned.plan
     tokenizer = load_tokenizer(config.model, config.model_loading)
-    _, train_examples = encoded_split(config, data.train_path, tokenizer=tokenizer)
-    _, eval_examples = encoded_split(config, data.eval_path, tokenizer=tokenizer)
+    train_examples, eval_examples = (_encoded(config, path, tokenizer) for path in (data.train_path, data.eval_path))
     checkpoints, resumed_from = _checkpoints(config, run, data, planned, logger)
     best = Path(run.run_dir) / "best"
     attempt = Attempt(method=plan.method, tokens_per_micro_batch=plan.tokens_per_micro_batch,
@@ -71,13 +72,16 @@ def _train(config: FinetuneConfig, run: RunInfo, plan, attempt: Attempt, process
     from tasks.engine.train_loop import train, train_within_memory
 
     settings = config.training
+    if processes * nodes.count > 1 and config.objective in PREFERENCE_OBJECTIVES:
+        raise ValueError(f"objective {config.objective!r} trains in one process for now, but this run would start "
+                         f"{processes * nodes.count}; set training.num_gpus=1 and run on one machine")
     if processes * nodes.count > 1:
         # No out-of-memory step-down across processes (yet): a process out of memory fails the task.
         outcome, trainable, total, world_size = _train_in_processes(
             config, run, plan, processes, nodes, train_examples, eval_examples, attempt.tokens_per_micro_batch,
             checkpoints, best, logger, progress)
         return outcome, attempt, [], trainable, total, world_size
-    world_size, sizes = 1, {}
+    world_size, sizes, loaded = 1, {}, {}
 
     def load(attempt: Attempt):
         seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
@@ -85,6 +89,7 @@ def _train(config: FinetuneConfig, run: RunInfo, plan, attempt: Attempt, process
                                   attempt.gradient_checkpointing, loading=config.model_loading,
                                   checkpointed_layers=attempt.checkpointed_layers)
         sizes["trainable"], sizes["total"] = parameter_counts(model)
+        loaded["objective"] = preference_objective(config, attempt.method, plan.device)
         logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed "
                     "tokens; gradient checkpointing %s; attention %s", attempt.method, plan.device,
                     f"{sizes['trainable']:,}", f"{sizes['total']:,}", attempt.tokens_per_micro_batch,
@@ -95,12 +100,30 @@ def _train(config: FinetuneConfig, run: RunInfo, plan, attempt: Attempt, process
         # A restart begins at step 0: the attempt that ran out of memory may have changed the model.
         resumable = checkpoints if not restarted else dataclasses.replace(checkpoints, resume_from=None)
         return train(model, train_examples, eval_examples, settings, attempt.tokens_per_micro_batch,
-                     plan.device, best, logger, resumable, on_step=progress)
+                     plan.device, best, logger, resumable, on_step=progress, objective=loaded["objective"])
 
     outcome, attempt, step_downs = train_within_memory(
         load, run_attempt, attempt, planned_tokens=plan.tokens_per_micro_batch, longest_row=plan.longest_row,
         method_fixed=config.method.fixed() is not None, log=logger)
     return outcome, attempt, step_downs, sizes["trainable"], sizes["total"], world_size
+
+
+def _encoded(config: FinetuneConfig, split_path: str, tokenizer) -> list:
+    """A split as the objective trains on it: answer-masked rows (sft), or pairs (dpo, orpo)."""
+    if config.objective in PREFERENCE_OBJECTIVES:
+        from tasks.data.preference import encoded_pairs
+
+        return encoded_pairs(config, split_path, tokenizer)
+    return encoded_split(config, split_path, tokenizer=tokenizer)[1]
+
+
+def preference_objective(config: FinetuneConfig, method: Method, device: str):
+    """None for sft; else what the train loop runs for dpo or orpo (tasks/engine/preference_training.py)."""
+    if config.objective not in PREFERENCE_OBJECTIVES:
+        return None
+    from tasks.engine.preference_training import build_objective
+
+    return build_objective(config.objective, config.preference, method, device, config.model, config.model_loading)
 
 
 def processes_per_node(config: FinetuneConfig, plan) -> int:
@@ -154,6 +177,13 @@ def _train_in_processes(config: FinetuneConfig, run: RunInfo, plan, processes: i
     return outcome, result["trainable_parameters"], result["total_parameters"], result["world_size"]
 
 
+def _objective_identity(config: FinetuneConfig) -> dict:
+    """What the objective adds to a checkpoint's identity; nothing for sft, so earlier checkpoints still match."""
+    if config.objective not in PREFERENCE_OBJECTIVES:
+        return {}
+    return {"objective": config.objective, "preference": config.preference.model_dump()}
+
+
 def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult, logger):
     """Where checkpoints go, and which one to continue from: this flow run's own (a retry), or with
     `resume`, the newest one in the output that trained the same model, data and settings."""
@@ -166,7 +196,7 @@ def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, plann
                                                    "early_stopping_patience", "early_stopping_min_delta"})
     identity = training_fingerprint(model=config.model, data=[s.sha256 for s in data.sources],
                                     method=planned.plan.method, lora=config.lora.model_dump(), training=settings,
-                                    eval_origin=data.eval_origin,
+                                    eval_origin=data.eval_origin, **_objective_identity(config),
                                     **({"mix": data.mix} if data.mix else {}))  # other weights: other rows
     local = Path(run.run_dir) / "checkpoints"
     resume_from = found = None

@@ -94,3 +94,39 @@ def assert_a_worse_run_is_blocked(config, first, bucket):
     assert manifest["evaluation"]["base"]["from_cache"].startswith(f"s3://{bucket}/models/q7/score-cache/base/")
     assert second.scores["base"] == first.scores["base"] and second.base_eval_loss == first.base_eval_loss
 
+
+
+def test_dpo_teaches_the_house_style_publishes_and_plain_transformers_follow_it(smollm2, tmp_path):
+    """The preference demo (demo/run.py --objective dpo): DPO with LoRA on SmolLM2, held-out preference
+    accuracy against the base, published to a local folder, and the merged model loaded with plain
+    transformers greets with the house style on held-out questions."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from demo.make_preference_data import STYLE
+    from demo.run import demo_preference_config
+    from flows.finetune import finetune
+    from tasks.data.preference import read_preferences
+
+    config = demo_preference_config(str(smollm2), str(tmp_path / "out"), "lora").model_copy(
+        update={"work_dir": str(tmp_path / "work")})
+    result = finetune(config)
+    print(result.summary)
+    base, tuned = result.scores["base"], result.scores["tuned"]
+    print({k: (base[k], tuned[k]) for k in ("preference_accuracy", "logp_accuracy", "reward_margin")})
+    assert base["preference_accuracy"] == 0.0 and tuned["preference_accuracy"] >= 0.9
+    assert tuned["logp_accuracy"] >= base["logp_accuracy"] + 0.5
+    assert result.promoted and result.metric == "preference_accuracy"
+
+    merged = tmp_path / "out" / "runs" / result.run_id / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    prompts = [pair.prompt for pair in read_preferences(str(config.eval_data)).pairs[:8]]
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        output = model.generate(**ids, max_new_tokens=12, do_sample=False)
+        answers.append(tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    print(answers)
+    assert sum(answer.startswith(STYLE) for answer in answers) >= 7, answers

@@ -168,9 +168,30 @@ def test_both_sides_are_encoded_with_only_their_answer_as_targets(tiny_tokenizer
     assert np.all([not e.chosen.truncated for e in encoded])
 
 
-def test_the_supervised_formats_name_a_preference_file_for_what_it_is(tmp_path):
+def test_a_preference_file_is_detected_and_read_as_chosen_conversations_with_their_rejected_answers(tmp_path):
+    from tasks.data.validation import check_source, materialise, read_dataset
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"},
+                                              {"prompt": "R", "chosen": "c", "rejected": "c"}])
+    verdict = check_source(path, "auto", DataSettings(on_invalid="quarantine", max_quarantined_fraction=0.5))
+    assert verdict.data_format == "preference" and verdict.rule_counts == {"same_answer": 1}
+    dataset, quarantined = materialise(verdict)
+    assert dataset.conversations == [[user("Q"), assistant("a")]] and dataset.rejected == ["b"]
+    assert quarantined[0]["line"] == 2 and quarantined[0]["data"]["rejected"] == "c"
+    with pytest.raises(DatasetError, match="same_answer"):
+        read_dataset(path)  # on_invalid 'fail'
+
+
+def test_a_split_keeps_every_pair_of_a_prompt_on_one_side_and_writes_the_rejected_answers(tmp_path):
+    from tasks.data.dataset import read_conversations, split_dataset, write_conversations
+    from tasks.data.preference import read_pairs
     from tasks.data.validation import read_dataset
 
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(DatasetError, match=r"preference pairs \(columns prompt, chosen, rejected\).*not wired"):
-        read_dataset(path)
+    rows = [{"prompt": f"Q{i % 5}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(20)]
+    dataset = read_dataset(write_jsonl(tmp_path / "p.jsonl", rows))
+    train, held_out = split_dataset(dataset, 0.2, seed=0)
+    prompts = [{c[0]["content"] for c in part.conversations} for part in (train, held_out)]
+    assert len(train) + len(held_out) == 20 and prompts[0].isdisjoint(prompts[1]) and len(prompts[1]) == 1
+    write_conversations(held_out, tmp_path / "eval.jsonl")
+    assert read_conversations(tmp_path / "eval.jsonl")[1] == held_out.conversations  # the chosen sides
+    assert [p.rejected for p in read_pairs(tmp_path / "eval.jsonl")] == held_out.rejected

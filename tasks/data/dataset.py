@@ -203,6 +203,8 @@ class Dataset:
     rows: list[int] = field(repr=False)  # source row number of each conversation
     scan: Scan | None = field(default=None, repr=False)
     origins: list[str] | None = field(default=None, repr=False)  # a mix: the source (path) of each conversation
+    # preference pairs: conversations end with the chosen answer, and this is each pair's rejected one
+    rejected: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -257,6 +259,8 @@ def to_conversation(row: dict, data_format: str) -> Conversation:
 
 def split_dataset(dataset: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Deterministic train/eval split; both sides keep their source row numbers."""
+    if dataset.rejected is not None:
+        return _split_by_prompt(dataset, eval_fraction, seed)
     n = len(dataset)
     n_eval = max(1, round(n * eval_fraction))
     if n - n_eval < 1:
@@ -270,6 +274,18 @@ def split_dataset(dataset: Dataset, eval_fraction: float, seed: int) -> tuple[Da
     return _subset(dataset, train_idx), _subset(dataset, eval_idx)
 
 
+def _split_by_prompt(dataset: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Preference pairs: every pair of a prompt on the same side (tasks/data/preference.split_preferences),
+    so the eval set never asks a trained prompt."""
+    from tasks.data.preference import PreferencePair, PreferenceSet, prompt_hash, split_preferences
+
+    pairs = [PreferencePair(c[:-1], c[-1]["content"], r) for c, r in zip(dataset.conversations, dataset.rejected)]
+    hashes = np.array([prompt_hash(p) for p in pairs], dtype=np.uint64)
+    train, held_out = split_preferences(PreferenceSet(dataset.source, dataset.sha256, dataset.format_evidence, pairs,
+                                                      list(range(len(pairs))), hashes), eval_fraction, seed)
+    return _subset(dataset, train.rows), _subset(dataset, held_out.rows)
+
+
 def _subset(dataset: Dataset, indices: list[int]) -> Dataset:
     return Dataset(
         source=dataset.source, sha256=dataset.sha256, data_format=dataset.data_format,
@@ -277,17 +293,21 @@ def _subset(dataset: Dataset, indices: list[int]) -> Dataset:
         conversations=[dataset.conversations[i] for i in indices],
         rows=[dataset.rows[i] for i in indices],
         origins=[dataset.origins[i] for i in indices] if dataset.origins is not None else None,
+        rejected=None if dataset.rejected is None else [dataset.rejected[i] for i in indices],
     )
 
 
 def write_conversations(dataset: Dataset, path) -> None:
-    """Save a split as JSONL: one {"row", "messages"} object per line, row = source row number (and, in a mix,
-    "source": the source it came from)."""
+    """Save a split as JSONL: one {"row", "messages"} object per line, row = source row number (in a mix, "source":
+    the source it came from); preference pairs add "rejected" (messages end with the chosen answer:
+    read_conversations gives the chosen side)."""
     origins = dataset.origins or [None] * len(dataset)
+    rejected = dataset.rejected or [None] * len(dataset)
     with open(path, "w", encoding="utf-8") as out:
-        for row, messages, origin in zip(dataset.rows, dataset.conversations, origins):
-            record = {"row": row, "messages": messages} if origin is None else \
-                {"source": origin, "row": row, "messages": messages}
+        for row, messages, origin, other in zip(dataset.rows, dataset.conversations, origins, rejected):
+            record = ({"row": row, "messages": messages} if origin is None else
+                      {"source": origin, "row": row, "messages": messages})
+            record |= {"rejected": other} if other is not None else {}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

@@ -57,6 +57,9 @@ def mix(datasets: list[Dataset], specs: list[DataSourceSpec], seed: int) -> tupl
         conversations=[datasets[i].conversations[p] for i, p in picked],
         rows=[datasets[i].rows[p] for i, p in picked],
         origins=[specs[i].path for i, _ in picked],
+        # preference pairs keep their rejected answers (ingest refuses a mix of pairs and other rows)
+        rejected=[datasets[i].rejected[p] for i, p in picked] if all(d.rejected is not None for d in datasets)
+        else None,
     )
     total = sum(counts)
     record = {

@@ -406,6 +406,46 @@ def read_preferences(uri: str, checks: DataSettings | None = None,
                          scan.kept_normalised)
 
 
+def load_kept_pairs(uri: str, quarantined: set[tuple[str, int]]) -> tuple[list[PreferencePair], list[int], dict]:
+    """Re-read a dataset whose verdict is known (cached): the pairs of every row but the quarantined ones,
+    their row numbers, and the quarantined rows' values. As tasks/data/dataset.load_kept: a kept row
+    that no longer makes a pair means the data changed under the cached verdict."""
+    pairs, rows, values = [], [], {}
+    for source in list_source_files(uri):
+        for number, value, _, text in _records(source):
+            if (source.uri, number) in quarantined:
+                values[(source.uri, number)] = value if isinstance(value, dict) else text
+                continue
+            try:
+                pairs.append(normalise_row(value if isinstance(value, dict) else None))
+            except _Broken as problem:
+                raise DatasetError(f"{source.uri} {row_word(source)} {number}: {problem.detail} ({problem.rule}), "
+                                   "although its validation passed; the file changed while the run read it, "
+                                   "start the run again") from None
+            rows.append(number)
+    return pairs, rows, values
+
+
+def read_pairs(path) -> list[PreferencePair]:
+    """The pairs of a split ingest wrote (tasks/data/dataset.write_conversations): messages end with the
+    chosen answer, `rejected` beside them."""
+    with open(path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    missing = [r["row"] for r in records if "rejected" not in r]
+    if missing:
+        raise DatasetError(f"{path}: row {missing[0]} has no rejected answer: this split holds no preference "
+                           "pairs; dpo and orpo need preference rows (prompt, chosen, rejected)")
+    return [PreferencePair(r["messages"][:-1], r["messages"][-1]["content"], r["rejected"]) for r in records]
+
+
+def encoded_pairs(config, split_file, tokenizer=None) -> list[PairExample]:
+    """A split's pairs, encoded with the model's chat template (config: as tokenization.encoded_split's)."""
+    from tasks.data.tokenization import load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer(config.model, config.model_loading)
+    return encode_pairs(tokenizer, read_pairs(split_file), config.training.max_seq_len)
+
+
 def split_preferences(pairs: PreferenceSet, eval_fraction: float, seed: int) -> tuple[PreferenceSet, PreferenceSet]:
     """Deterministic train/eval split by prompt: every pair of a prompt lands on the same side, so the
     eval set never asks a trained prompt (the leakage rule)."""

@@ -129,10 +129,9 @@ def _detect_format(source: SourceFile, given: str) -> tuple[str, str]:
         return given, "given by data_format"
     votes = Counter(_format_of(keys) for keys in sample)
     votes.pop(None, None)
-    if not votes and {"chosen", "rejected"} <= set(present):
-        raise DatasetError(f"{source.uri}: the rows are preference pairs (columns {found}); preference tuning "
-                           "(DPO, ORPO) is not wired into training yet (issue 21). To fine-tune on the preferred "
-                           "answers, write them as chat rows (messages: the prompt, then the chosen answer)")
+    if not votes and {"chosen", "rejected"} <= set(present):  # read by tasks/data/preference.py
+        paired = sum("chosen" in keys and "rejected" in keys for keys in sample)
+        return "preference", f"{columns} chosen, rejected in {paired} of {len(sample)} sampled rows"
     if not votes:
         expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in _SIGNATURES.items())
         raise DatasetError(f"{source.uri}: cannot tell the row format from the columns ({found}). "
@@ -153,6 +152,8 @@ def _unreadable_start(source: SourceFile, given: str) -> str:
 
 
 def _required(data_format: str) -> tuple[str, ...]:
+    if data_format == "preference":
+        return ("chosen", "rejected")
     return ("messages",) if data_format == "chat" else TEXT_FIELDS[data_format][0]
 
 

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 HUB_PREFIX = "hf://datasets/"  # a Hugging Face Hub dataset (tasks/data/hub_datasets.py)
 
-DataFormat = Literal["auto", "instruction", "prompt_completion", "chat", "text"]
+DataFormat = Literal["auto", "instruction", "prompt_completion", "chat", "text", "preference"]
 
 
 class DataSettings(BaseModel):

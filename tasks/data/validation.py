@@ -9,8 +9,10 @@ from pydantic import BaseModel
 
 from tasks.data.dataset import (Dataset, Scan, content_sha256, describe, load_kept, quarantine_records,
                                 raise_too_many_rows, scan_dataset, to_conversation)
+from tasks.data.reading import detect_format
 from tasks.data.schemas import DatasetError
 from tasks.data.settings import DataSettings
+from tasks.data.sources import list_source_files
 
 
 class Verdict(BaseModel):
@@ -53,9 +55,18 @@ def enforce(verdict: Verdict, checks: DataSettings) -> None:
 
 
 def materialise(verdict: Verdict) -> tuple[Dataset, list[dict]]:
-    """The kept rows as conversations, and the quarantine records with every row's data filled in."""
+    """The kept rows as conversations, and the quarantine records with every row's data filled in.
+    Preference pairs become their chosen conversations, with each pair's rejected answer beside it."""
     bad = {(record["file"], record[verdict.row_word]) for record in verdict.quarantine}
-    table, rows, values = load_kept(verdict.source, verdict.data_format, bad)
+    if verdict.data_format == "preference":
+        from tasks.data.preference import load_kept_pairs
+
+        pairs, rows, values = load_kept_pairs(verdict.source, bad)
+        conversations, rejected = [p.conversation("chosen") for p in pairs], [p.rejected for p in pairs]
+    else:
+        table, rows, values = load_kept(verdict.source, verdict.data_format, bad)
+        conversations = [to_conversation(row, verdict.data_format) for row in table.to_pylist()]
+        rejected = None
     if len(rows) != verdict.kept or len(rows) + len(bad) != verdict.read:
         raise DatasetError(f"{verdict.source}: {len(rows)} rows kept and {len(bad)} quarantined, but "
                            f"{verdict.read} were read ({verdict.kept} expected kept); the data changed during "
@@ -63,9 +74,8 @@ def materialise(verdict: Verdict) -> tuple[Dataset, list[dict]]:
     records = [{**r, "data": r["data"] if r["data"] is not None else values.get((r["file"], r[verdict.row_word]))}
                for r in verdict.quarantine]
     dataset = Dataset(source=verdict.source, sha256=verdict.sha256, data_format=verdict.data_format,
-                      format_evidence=verdict.format_evidence,
-                      conversations=[to_conversation(row, verdict.data_format) for row in table.to_pylist()],
-                      rows=rows)
+                      format_evidence=verdict.format_evidence, conversations=conversations, rows=rows,
+                      rejected=rejected)
     return dataset, records
 
 
@@ -74,10 +84,21 @@ def check_source(uri: str, data_format: str = "auto", checks: DataSettings | Non
     """Every check on every row of `uri`. `reference`: the training rows' hashes (Verdict.kept_hashes),
     for the leakage check of an eval set; `content`: the data's identity when the caller has it
     (a sha256 saves hashing the files again)."""
+    checks = checks or DataSettings()
+    reference_hashes = np.frombuffer(reference, dtype=np.uint64) if reference else None
+    if is_preference(uri, data_format, checks):
+        from tasks.data.preference import scan_preferences
+
+        return verdict_of(scan_preferences(uri, checks, reference_hashes)[0], content)
     # collect=False: only hashes are kept in memory; materialise() fills in the data of duplicate rows.
-    return verdict_of(scan_dataset(uri, data_format, checks or DataSettings(),
-                                   np.frombuffer(reference, dtype=np.uint64) if reference else None, collect=False),
-                      content)
+    return verdict_of(scan_dataset(uri, data_format, checks, reference_hashes, collect=False), content)
+
+
+def is_preference(uri: str, data_format: str, checks: DataSettings) -> bool:
+    """Whether `uri` holds preference pairs: as data_format says, or as its first file's columns show."""
+    if data_format != "auto":
+        return data_format == "preference"
+    return detect_format(list_source_files(uri, checks.max_file_bytes)[0], "auto")[0] == "preference"
 
 
 def verdict_of(scan: Scan, content: str | None = None) -> Verdict:
@@ -95,6 +116,14 @@ def read_dataset(uri: str, data_format: str = "auto", checks: DataSettings | Non
                  reference: np.ndarray | None = None) -> Dataset:
     """Load, check and normalise a dataset; raise DatasetError naming file, row and column."""
     checks = checks or DataSettings()
+    if is_preference(uri, data_format, checks):  # pairs: the chosen conversations, each rejected answer beside
+        from tasks.data.preference import scan_preferences
+
+        scan, pairs = scan_preferences(uri, checks, reference)
+        enforce(verdict_of(scan), checks)
+        return Dataset(source=uri, sha256=content_sha256(scan.files), data_format="preference",
+                       format_evidence=scan.format_evidence, conversations=[p.conversation("chosen") for p in pairs],
+                       rows=scan.kept_rows.tolist(), scan=scan, rejected=[p.rejected for p in pairs])
     scan = scan_dataset(uri, data_format, checks, reference)
     enforce(verdict_of(scan), checks)
     return Dataset(

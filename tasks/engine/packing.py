@@ -35,17 +35,18 @@ def pack(rows: list[Example]) -> PackedRows:
     return PackedRows(ids, positions, targets, lengths)
 
 
-def micro_batches(rows: list[Example], token_capacity: int) -> list[list[Example]]:
+def micro_batches(rows: list, token_capacity: int, size=lambda row: len(row.input_ids)) -> list[list]:
     """Split rows into as few micro-batches of at most `token_capacity` tokens as first-fit
-    decreasing finds (near-optimal for bin packing, and deterministic)."""
-    too_long = [len(r.input_ids) for r in rows if len(r.input_ids) > token_capacity]
+    decreasing finds (near-optimal for bin packing, and deterministic). `size`: a row's tokens
+    (a preference pair's are both its sides: they are packed together)."""
+    too_long = [size(r) for r in rows if size(r) > token_capacity]
     if too_long:
         raise ValueError(f"a row of {max(too_long)} tokens exceeds the micro-batch capacity of {token_capacity} "
                          "tokens; the capacity must be at least training.max_seq_len")
-    bins: list[list[Example]] = []
+    bins: list[list] = []
     room: list[int] = []
-    for row in sorted(rows, key=lambda r: len(r.input_ids), reverse=True):
-        n = len(row.input_ids)
+    for row in sorted(rows, key=size, reverse=True):
+        n = size(row)
         for i, free in enumerate(room):
             if n <= free:
                 bins[i].append(row)

@@ -218,10 +218,16 @@ def train(
     progress: bool = True,
     parallel: Parallel = ONE_PROCESS,
     on_step: Callable[[int, int], None] | None = None,
+    objective=None,
 ) -> TrainOutcome:
     """Train up to max_steps; the best model by eval loss is saved to `best_dir`. With several
     processes, every one calls this with its `parallel` (tasks/distributed.join_process_group).
-    `on_step(step, max_steps)` is called on the main process after each step (the run's progress)."""
+    `on_step(step, max_steps)` is called on the main process after each step (the run's progress).
+    `objective`: None trains the answers of `Example` rows (SFT); a PreferenceObjective
+    (tasks/engine/preference_training.py) trains DPO or ORPO on `PairExample` pairs, its eval loss
+    picking the best model."""
+    if objective is not None and parallel.distributed:
+        raise ValueError("preference objectives (dpo, orpo) train in one process for now; set training.num_gpus=1")
     if parallel.distributed:  # before the optimizer: FSDP2 swaps in sharded parameters
         parallel.wrap(model, lambda m, packed: summed_loss(m, packed, device))
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -254,23 +260,29 @@ def train(
             step += 1
             step_started = time.perf_counter()
             rows = [train_examples[i] for i in next(batches)]
-            loss_sum, step_tokens = accumulate_gradients(model, rows, token_capacity, device, parallel)
-            if step_tokens:
+            if objective is None:
+                loss_sum, step_units = accumulate_gradients(model, rows, token_capacity, device, parallel)
+                step_tokens, extra = step_units, {}
+            else:  # loss per pair; tokens still count the answers trained on
+                loss_sum, step_units, extra = objective.accumulate(model, rows, token_capacity)
+                step_tokens = objective.trainable_tokens(rows)
+            if step_units:
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             seconds = time.perf_counter() - step_started
-            processed = sum(len(r.input_ids) for r in rows)
+            processed = objective.tokens(rows) if objective else sum(len(r.input_ids) for r in rows)
             counts["trained"] += step_tokens
             counts["processed"] += processed
-            record = {"step": step, "train_loss": loss_sum / max(step_tokens, 1), "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "train_loss": loss_sum / max(step_units, 1), "lr": scheduler.get_last_lr()[0],
                       "tokens": processed, "seconds": seconds, "tokens_per_s": processed / seconds,
-                      "answer_tokens_per_s": step_tokens / seconds}
+                      "answer_tokens_per_s": step_tokens / seconds, **extra}
             if (balance := step_balance_loss(model)) is not None:
                 record["router_balance_loss"] = balance
             if step % settings.eval_every == 0 or step == settings.max_steps:
-                record["eval_loss"] = mean_loss(model, eval_examples, token_capacity, device, parallel)
+                record["eval_loss"] = (objective.eval_loss(model, eval_examples, token_capacity) if objective else
+                                       mean_loss(model, eval_examples, token_capacity, device, parallel))
                 if stopping.improved(step, record["eval_loss"]):
                     save_best(model, best_dir, step, parallel)
             history.append(record)

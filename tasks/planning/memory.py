@@ -343,6 +343,7 @@ def estimate_memory(
     fused_kernels: bool | None = None,
     num_gpus: int = 1,
     checkpointed_layers: int | None = None,
+    objective: str = "sft",
 ) -> MemoryEstimate:
     """Peak memory of one GPU (or the CPU) in a training step on micro-batches of `tokens` packed tokens.
 
@@ -354,6 +355,10 @@ def estimate_memory(
     each GPU keeps 1/n of the weights, gradients and optimizer states, plus the layer being gathered;
     adapters run data-parallel (DDP): every GPU holds the whole base, plus a second copy of the
     adapters' gradients for the all-reduce.
+
+    `objective`: dpo and orpo make their log-probs with the model's own head (tasks/engine/preference.py),
+    not the fused loss; DPO's full fine-tuning also holds a frozen fp32 copy of the base as its reference
+    (tasks/train.preference_objective), where adapters need none (the base with the adapter switched off).
     """
     method = Method(method)  # a ValueError naming the value when it is no method
     layers = shape.num_layers
@@ -369,7 +374,7 @@ def estimate_memory(
         # checkpointed layer's forward keeps none, so of those only the recomputed layer's copies exist.
         per_layer_copies = 2 * unquantized // layers
         copies = 0 if device != "cuda" else per_layer_copies * (layers - checkpointed + (1 if checkpointed else 0))
-        weights = 4 * params + copies
+        weights = 4 * params + copies + (4 * params if objective == "dpo" else 0)
         trainable = 8 * params  # two AdamW moments; the fp32 gradients are counted with the activations
     else:
         base = compute * params
@@ -394,7 +399,7 @@ def estimate_memory(
         # with checkpointing the recomputed layer's scores and their gradient
         scored = layers - checkpointed + (2 if checkpointed else 0)
         activations += eager_attention_bytes(shape, tokens, compute) * scored
-    logits = sum(_loss_bytes(shape, method, compute, stream, tokens))
+    logits = sum(_loss_bytes(shape, method, compute, stream, tokens, fused=objective == "sft"))
     if not shape.verified:
         activations, logits = int(activations * CONSERVATIVE_MARGIN), int(logits * CONSERVATIVE_MARGIN)
         weights = int(weights * CONSERVATIVE_PARAMETER_MARGIN)
@@ -515,11 +520,12 @@ def eager_attention_bytes(shape: ModelShape, tokens: int, compute: int) -> int:
     return shape.num_heads * tokens * tokens * (compute + 4 + cast_copy)
 
 
-def _loss_bytes(shape: ModelShape, method: Method, compute: int, stream: int, tokens: int) -> tuple[int, int]:
+def _loss_bytes(shape: ModelShape, method: Method, compute: int, stream: int, tokens: int,
+                fused: bool = True) -> tuple[int, int]:
     """The fused loss, as (working, kept): a chunk of logits (fp32, and the compute-dtype gradient)
     while it runs; the answer tokens' hidden states and their gradient, and with a training head,
     its gradient and a compute-dtype copy. (Measured, the two add up: the peak holds both.)"""
-    if not shape.fused_loss:
+    if not (shape.fused_loss and fused):
         # the model's own head (tasks/engine/train_loop.py): the logits' log-softmax (fp32) is kept,
         # and their gradient made in backward; the head keeps its input
         working = tokens * shape.vocab_size * (4 + compute)

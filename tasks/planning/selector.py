@@ -93,6 +93,7 @@ def select_plan(
     fused_kernels: bool | None = None,
     num_gpus: int = 1,
     probes: Mapping[Method, MethodProbe] | None = None,
+    objective: str = "sft",
 ) -> TrainingPlan:
     """`longest_row`: tokens of the longest (truncated) row; `largest_step`: tokens of the largest
     optimizer step (the `batch_size` longest rows), which memory is planned for; `typical_step`: the
@@ -100,7 +101,8 @@ def select_plan(
     `max_rows_per_micro_batch` caps a micro-batch at that many longest rows; `num_gpus`: GPUs the run gets (each its own process: a step's rows
     are split across them, and full fine-tuning is sharded, so it may fit on several but not one);
     `budget_bytes` is per GPU; `probes`: what a probe measured on the GPU for some methods
-    (tasks/planning/measured.py), whose estimates then replace the formula's (see select_measured_plan)."""
+    (tasks/planning/measured.py), whose estimates then replace the formula's (see select_measured_plan);
+    `objective`: sft, dpo or orpo (see estimate_memory)."""
     forced = MethodChoice(method).fixed()
     per_gpu_step = -(-largest_step // num_gpus)
     usual_step = -(-min(typical_step or largest_step, largest_step) // num_gpus)
@@ -111,7 +113,7 @@ def select_plan(
         if probe is not None and (num_gpus == 1 or m.trains_adapter):
             return measured_estimate(probe, tokens, min(checkpointed, probe.layers), num_gpus)
         return estimate_memory(shape, m, device, tokens, checkpointed > 0, lora_r, lora_targets, fused_kernels,
-                               num_gpus, checkpointed_layers=checkpointed)
+                               num_gpus, checkpointed_layers=checkpointed, objective=objective)
 
     def best_for(m: Method) -> Candidate:
         fitting = [e for tokens in capacities

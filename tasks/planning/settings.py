@@ -54,3 +54,24 @@ class TrainingSettings(BaseModel):
         "FSDP2 (sharded weights, gradients, optimizer) for full fine-tuning; the batch is split across them. "
         "Empty: what the plan asks for, else every visible GPU. On a CPU, more than 1 runs gloo processes.",
     )
+
+
+Objective = Literal["sft", "dpo", "orpo"]
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")  # the objectives that train on preference pairs
+
+
+class PreferenceSettings(BaseModel):
+    """DPO's and ORPO's knobs (tasks/engine/preference.py); read only when `objective` is dpo or orpo."""
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(
+        0.1, gt=0, le=100, description="DPO: how far the tuned model may move from the reference (the base); "
+        "higher keeps it closer. Also the scale of the implicit rewards in the evaluation's reward margin.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="DPO: the share of pairs assumed to be labelled the wrong way round "
+        "(conservative DPO); 0 trusts every label.",
+    )
+    orpo_lambda: float = Field(
+        0.1, gt=0, le=100, description="ORPO: weight of the odds-ratio term next to the chosen answer's NLL "
+        "(the paper's lambda; TRL's ORPOConfig.beta).",
+    )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from tasks.planning.memory import GIB
 from tasks.reports.loss_curve import LOSS_CURVE_NAME
+from tasks.scoring.metrics import PAIR_SCORES
 from tasks.scoring.overfitting import overfitting_warning
 
 
@@ -16,7 +17,9 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def headline(manifest: dict) -> str:
     base, tuned = manifest["evaluation"]["base"], manifest["evaluation"]["tuned"]
-    return (f"{manifest['evaluation']['metric']} on {tuned['generated_rows']} held-out answers: "
+    scored = f"{len(tuned['pair_logps'])} held-out pairs" if manifest["evaluation"]["metric"] in PAIR_SCORES \
+        else f"{tuned['generated_rows']} held-out answers"
+    return (f"{manifest['evaluation']['metric']} on {scored}: "
             f"base {base['score']:.3f} -> tuned {tuned['score']:.3f}; "
             f"eval loss {base['loss']:.4f} -> {tuned['loss']:.4f} "
             f"(perplexity {base['perplexity']:.2f} -> {tuned['perplexity']:.2f})")

@@ -13,7 +13,11 @@ from typing import Literal
 MODULES = Path(__file__).resolve().parent / "metric_modules"
 
 MetricName = Literal["exact_match", "rouge", "chrf", "bleu", "json_valid"]
-ScoreName = Literal["exact_match", "rouge1", "rouge2", "rougeL", "chrf", "bleu", "json_valid", "json_match"]
+ScoreName = Literal["exact_match", "rouge1", "rouge2", "rougeL", "chrf", "bleu", "json_valid", "json_match",
+                    "preference_accuracy", "logp_accuracy"]
+# Scores of preference runs, computed from held-out pairs' log-probs rather than generated answers
+# (tasks/scoring/preference.py); no metric module makes them.
+PAIR_SCORES = ("preference_accuracy", "logp_accuracy")
 
 # The scores each module returns: the gate and the headline name a score, the run chooses modules.
 SCORES: dict[str, tuple[str, ...]] = {

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.scoring.metrics import MetricName, ScoreName, module_of
+from tasks.scoring.metrics import PAIR_SCORES, MetricName, ScoreName, module_of
 
 
 class EvaluationSettings(BaseModel):
@@ -11,7 +11,9 @@ class EvaluationSettings(BaseModel):
     metric: ScoreName = Field(
         "exact_match", description="Headline score, and the one the promotion gate compares: exact_match (case, "
         "punctuation and spaces normalised), rouge1/rouge2/rougeL, chrf, bleu, json_valid or json_match. "
-        "Every score is in [0, 1], higher is better.",
+        "Every score is in [0, 1], higher is better. Preference runs (objective dpo or orpo) can also gate on "
+        "preference_accuracy (share of held-out pairs whose chosen answer gets the higher implicit reward, "
+        "the base model being the reference) or logp_accuracy (share whose chosen answer is more likely).",
     )
     metrics: list[MetricName] = Field(
         default_factory=lambda: ["exact_match"],
@@ -34,6 +36,6 @@ class EvaluationSettings(BaseModel):
     @model_validator(mode="after")
     def _include_the_headline_module(self) -> EvaluationSettings:
         # The headline score must be computed; adding its module beats failing a run over it.
-        if module_of(self.metric) not in self.metrics:
+        if self.metric not in PAIR_SCORES and module_of(self.metric) not in self.metrics:
             self.metrics = [*self.metrics, module_of(self.metric)]
         return self
