@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-8b")
     parser.add_argument("--method", default="lora", choices=["lora", "qlora"])
     parser.add_argument("--pairs-per-step", type=int, default=8)
+    parser.add_argument("--micro-pairs", type=int, help="pairs per forward (default: all of a step's); the rest is "
+                        "gradient accumulation")
     parser.add_argument("--steps", type=int, default=8, help="the first 3 are warm-up, not timed")
     args = parser.parse_args()
 
@@ -91,11 +93,14 @@ def main() -> None:
             if state.global_step == warm:
                 self.started = time.perf_counter()
             elif state.global_step > warm:
-                self.timed_tokens += batches[state.global_step - 1]
+                self.timed_tokens += sum(batches[(state.global_step - 1) * accumulation:
+                                                 state.global_step * accumulation])
                 self.ended = time.perf_counter()
 
-    config = DPOConfig(output_dir=str(scratch / "out"), per_device_train_batch_size=args.pairs_per_step,
-                       gradient_accumulation_steps=1, max_steps=args.steps, max_length=4096, beta=0.1,
+    micro = args.micro_pairs or args.pairs_per_step
+    accumulation = args.pairs_per_step // micro
+    config = DPOConfig(output_dir=str(scratch / "out"), per_device_train_batch_size=micro,
+                       gradient_accumulation_steps=accumulation, max_steps=args.steps, max_length=4096, beta=0.1,
                        loss_type=["sigmoid"], bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), learning_rate=1e-5, lr_scheduler_type="constant",
                        gradient_checkpointing=False, logging_steps=1000, save_strategy="no", report_to=[],
                        dataloader_num_workers=0, dataset_num_proc=1, seed=0)
