@@ -204,6 +204,22 @@ def test_forced_method_that_does_not_fit_fails_in_plan(tiny_model, tmp_path):
         "fetch-model", "fetch-model", "ingest", "plan"]  # the model's tokenizer, then (after ingest) its weights
 
 
+def test_a_model_folder_with_only_pickle_weights_is_refused_before_training(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickle-model"
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(tiny_model / "model.safetensors"), folder / "pytorch_model.bin")
+    state = finetune(tiny_config(folder, tmp_path), return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "pytorch_model.bin" in message and "model_loading.allow_pickle_weights" in message
+    names = task_names(state, last="plan")
+    assert "plan" in names and "train" not in names and not any(n.startswith("evaluate") for n in names)
+
+
 def test_a_new_run_with_resume_continues_from_the_last_checkpoint(tiny_model, tmp_path):
     training = {"learning_rate": 3e-3, "lr_schedule": "constant", "batch_size": 8, "max_seq_len": 128,
                 "eval_every": 2, "early_stopping_patience": 0, "checkpoint_every": 2}
