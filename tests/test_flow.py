@@ -116,6 +116,7 @@ def test_a_qlora_run_is_scored_as_it_is_published(tiny_model, tmp_path):
     assert manifest["evaluation"]["tuned"]["scored_as"] == {"weights": "merged", "dtype": "bfloat16"}
     # The base is scored in the same precision (its own weights in the published dtype, not 4-bit).
     assert manifest["evaluation"]["base"]["scored_as"] == {"weights": "base", "dtype": "bfloat16"}
+    assert "the tuned row is `merged` in bfloat16" in (run_dir / "merged" / "README.md").read_text()
 
 
 def test_adapter_only_run_that_fails_the_gate_is_published_but_not_promoted(tiny_model, tmp_path):
