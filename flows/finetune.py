@@ -1,7 +1,7 @@
 """The fine-tuning pipeline: fetch the model (a Hub id's config and tokenizer) -> ingest -> fetch its weights
--> plan -> evaluate base -> train -> evaluate tuned (and the published model) -> gate -> package -> upload
--> promote -> report. With `tracking` on, one MLflow run follows it (tasks/track.py): opened at the start, filled
-and closed at the end, marked failed if the flow fails."""
+-> plan -> evaluate base -> train -> export (stage the model as it will be published) -> evaluate that staged model
+(and the published one) -> gate -> package -> upload -> promote -> report. With `tracking` on, one MLflow run
+follows it (tasks/track.py): opened at the start, filled and closed at the end, marked failed if the flow fails."""
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
@@ -13,7 +13,7 @@ from tasks.credentials import use_s3_credentials
 from tasks.evaluate import evaluate, evaluate_published
 from tasks.ingest import ingest, require_data_version
 from tasks.plan import plan_training
-from tasks.publish import decide_promotion, package_run, promote_run, upload_run, write_report
+from tasks.publish import decide_promotion, export_run, package_run, promote_run, upload_run, write_report
 from tasks.results import TrackingReport
 from tasks.runs import start_run
 from tasks.track import end_failed_tracking, start_tracking, track_results
@@ -50,10 +50,12 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     planned = plan_training(config, data)
     base = evaluate(config, data, planned, label="base")
     trained = train_model(config, run, data, planned)
-    tuned = evaluate(config, data, planned, label="tuned", trained=trained, reference=base)
+    exported = export_run(config, run, data, planned, trained, model)  # merged and saved in the publish dtype
+    # the gate scores what is published; the base's pair log-probs are a preference run's reference
+    tuned = evaluate(config, data, planned, label="tuned", exported=exported, reference=base)
     published = evaluate_published(config, data, planned, run, reference=base)  # None unless the gate compares with it
     decision = decide_promotion(config, base, tuned, published)
-    manifest = package_run(config, run, data, planned, trained, base, tuned, decision, published, model)
+    manifest = package_run(config, run, data, planned, trained, exported, base, tuned, decision, published, model)
     output_uri = upload_run(config, run)
     promoted = promote_run(config, run, decision)
     summary = write_report(config, manifest, output_uri, promoted)

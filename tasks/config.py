@@ -75,9 +75,10 @@ class _Settings(BaseModel):
 class PublishSettings(_Settings):
     dtype: PublishDtype = Field(
         "float32",
-        description="dtype of the merged weights. float32 publishes exactly the model that was evaluated; "
-        "'base' keeps the base checkpoint's dtype (half the size for a bf16 base, but rounding can change "
-        "greedy answers where the model is unsure).",
+        description="dtype of the merged weights, and the dtype every model is scored in: the gate scores the "
+        "merged folder as saved (QLoRA included: not the 4-bit base it trained on) and the base in this dtype. "
+        "float32 is exact; 'base' keeps the base checkpoint's dtype (half the size for a bf16 base, but "
+        "rounding can change greedy answers where the model is unsure).",
     )
     adapter_only: bool = Field(
         False, description="Publish only the LoRA/QLoRA adapter (small uploads when the consumer has the base); "

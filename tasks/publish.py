@@ -1,9 +1,10 @@
 """Stage 5, publish: merge, verify, write the manifest, upload the run folder, promote, report.
 
-The run folder is assembled locally first (`adapter/`, `merged/` with its model card,
-`manifest.json`), then published to `<output>/runs/<run-id>/` so no reader ever sees half a model:
-a local rename, or S3 uploads with the manifest last. Only then, and only if the promotion gate
-says so, does `<output>/latest.json` move to the run (tasks/store/registry.py).
+The run folder is assembled locally first (`adapter/` and `merged/`, staged before the tuned model is
+scored so that the gate scores what is published; then model cards and `manifest.json`), then
+published to `<output>/runs/<run-id>/` so no reader ever sees half a model: a local rename, or S3
+uploads with the manifest last. Only then, and only if the promotion gate says so, does
+`<output>/latest.json` move to the run (tasks/store/registry.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tasks.data.dataset import read_conversations
 from tasks.reports.loss_curve import LOSS_CURVE_NAME, loss_curve_markdown, plot_loss_curve
 from tasks.reports.model_card import base_model_license, model_card
 from tasks.reports.summary import headline, metrics_table_rows, summary_markdown
-from tasks.results import EvalResult, IngestResult, PlanResult, RunInfo, TrainResult
+from tasks.results import EvalResult, ExportResult, IngestResult, PlanResult, RunInfo, TrainResult
 from tasks.scoring.promotion import GateDecision, ModelScores, promotion_gate
 from tasks.store.hub import ResolvedModel
 from tasks.store.manifest import build_manifest, file_entries, sha256_file
@@ -47,27 +48,38 @@ def decide_promotion(config: FinetuneConfig, base: EvalResult, tuned: EvalResult
     return decision
 
 
-@task(name="package", cache_policy=NO_CACHE)
-def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult,
-                trained: TrainResult, base: EvalResult, tuned: EvalResult, decision: GateDecision,
-                published: EvalResult | None = None, model: ResolvedModel | None = None) -> dict:
-    """Build the complete run folder locally (the loss-curve PNG beside the model); returns the manifest.
-    `model`: where the base model came from (a Hub id's repo and commit), when the flow resolved it."""
+@task(name="export", cache_policy=NO_CACHE)
+def export_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult,
+               trained: TrainResult, model: ResolvedModel | None = None) -> ExportResult:
+    """Stage the model as it will be published (the adapter, and its merge into the full-precision base, checked
+    and saved in the publish dtype) before it is scored: the tuned evaluation loads this folder, so the gate
+    scores what is published. `model`: where the base came from (a Hub id names the adapter's base)."""
     staging = Path(run.run_dir) / "publish"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    adapter_only = trained.method.trains_adapter and config.publish.adapter_only
     if trained.method.trains_adapter:
         shutil.copytree(trained.checkpoint_dir, staging / "adapter")
         _name_the_hub_base(staging / "adapter", model)
-    for path in map(Path, data.quarantine_paths):  # rows set aside by ingest travel with the model
-        (staging / "quarantine").mkdir(exist_ok=True)
-        shutil.copy2(path, staging / "quarantine" / path.name)
-    if adapter_only:
+    if trained.method.trains_adapter and config.publish.adapter_only:
         verification = {"adapter_only": True}  # nothing merged: the consumer applies the adapter to the base
     else:
         verification = _merge_and_verify(config, data, planned, trained, staging / "merged")
         get_run_logger().info("export verified: %s", verification)
+    return ExportResult(folder=str(staging), verification=verification)
+
+
+@task(name="package", cache_policy=NO_CACHE)
+def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planned: PlanResult,
+                trained: TrainResult, exported: ExportResult, base: EvalResult, tuned: EvalResult,
+                decision: GateDecision, published: EvalResult | None = None,
+                model: ResolvedModel | None = None) -> dict:
+    """Complete the staged run folder (quarantined rows, model cards, the loss-curve PNG, the manifest last);
+    returns the manifest. `model`: where the base model came from (a Hub id's repo and commit), when the flow
+    resolved it."""
+    staging, verification = Path(exported.folder), exported.verification
+    for path in map(Path, data.quarantine_paths):  # rows set aside by ingest travel with the model
+        (staging / "quarantine").mkdir(exist_ok=True)
+        shutil.copy2(path, staging / "quarantine" / path.name)
     base_model = _describe_base(config, planned, model)
     data_record = _describe_data(data, planned)
     evaluation = {"metric": base.metric, "metrics": config.evaluation.metrics, "base": base.model_dump(),

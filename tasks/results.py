@@ -93,6 +93,14 @@ class TrainResult(BaseModel):
     world_size: int = 1  # training processes (GPUs) across every machine
 
 
+class ExportResult(BaseModel):
+    """The model as it will be published, staged before anything is scored: the tuned evaluation loads this
+    folder, so the gate scores exactly what is published (a QLoRA run's merge into the full-precision base,
+    in the published dtype; not the 4-bit base + adapter it trained)."""
+    folder: str  # <run_dir>/publish: adapter/ (LoRA, QLoRA) and merged/ (unless publish.adapter_only)
+    verification: dict  # the export's checks (tasks/engine/export.py), or {"adapter_only": True}
+
+
 class EvalResult(BaseModel):
     label: str  # base, tuned or published
     loss: float
@@ -106,3 +114,4 @@ class EvalResult(BaseModel):
     run_id: str | None = None  # for the published model: which run it is
     from_cache: str | None = None  # the stored score it was read from (tasks/store/score_cache.py); None: scored here
     pair_logps: list[list[float]] | None = None  # preference runs: [chosen, rejected] summed log-probs per eval pair
+    scored_as: dict = {}  # the weights scored and their dtype, e.g. {"weights": "merged", "dtype": "bfloat16"}

@@ -46,8 +46,8 @@ TRAINING = TINY_TRAINING | {"max_steps": 40, "batch_size": 4, "checkpoint_every"
 HOLD_STEP = 30
 # Task runs of flows/finetune.py by name, each exactly once (the published-model evaluation only runs when
 # the gate compares with a published model; the cached `validate` runs are left out).
-FLOW_TASKS = ["ingest", "plan", "evaluate-base", "train", "evaluate-tuned", "gate", "package", "upload", "promote",
-              "report"]
+FLOW_TASKS = ["ingest", "plan", "evaluate-base", "train", "export", "evaluate-tuned", "gate", "package", "upload",
+              "promote", "report"]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import demo_texts
-from tasks.data.tokenization import IGNORE_INDEX, encode, encode_all, render
+from tasks.data.tokenization import IGNORE_INDEX, encode, encode_all, generation_task, render
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
 
@@ -120,6 +120,24 @@ def test_a_default_system_prompt_is_rendered_and_masked(name):
     assert family.default_system in render(tokenizer, chat)
     assert family.default_system in masked_text(tokenizer, example)
     assert trained_pieces(tokenizer, example) == [family.answer_prefix + A1 + family.final_end]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_plain_text_row_is_trained_and_continued_with_every_template(name):
+    # A plain-text row is one assistant message. Gemma's and Mistral's templates refuse a conversation that does
+    # not start with the user: such a row is then its text between the tokenizer's BOS and EOS, never an error
+    # (the row failed in ingest's token count, training and evaluation alike).
+    tokenizer = family_tokenizer(name)
+    text = "The Quillfeather Q7 weighs 173 grams and lasts 41 days."
+    row = [{"role": "assistant", "content": text}]
+    example = encode(tokenizer, row, max_seq_len=1024)
+    [trained] = trained_pieces(tokenizer, example)
+    assert trained.startswith(text) and len(trained) > len(text)  # with the end marker that teaches it to stop
+    prompt, reference = generation_task(tokenizer, row)
+    assert render(tokenizer, row).startswith(prompt) and prompt.endswith("The Quillfeather Q7 weighs 173")
+    assert reference == "grams and lasts 41 days."
+    if name in ("gemma2", "gemma3", "mistral-nemo"):
+        assert render(tokenizer, row) == FAMILIES[name].bos + text + FAMILIES[name].eos
 
 
 def test_qwen3_trains_the_last_answers_thinking_and_drops_earlier_reasoning_as_its_template_does():

@@ -42,3 +42,21 @@ def test_a_merge_that_does_not_reproduce_base_plus_adapter_fails(tiny_model, tin
         export_model(str(tiny_model), adapter(tiny_model, tmp_path / "adapter", broken=True), True,
                      tmp_path / "merged", torch.float32, tiny_tokenizer, demo_texts()[:4], "cpu")
     assert not (tmp_path / "merged").exists()  # nothing saved to publish
+
+
+
+def test_weights_that_do_not_fit_the_gpu_in_the_publish_dtype_are_scored_on_the_cpu():
+    # The gate scores what is published (tasks/evaluate.py): a QLoRA plan for 8B on a 24 GiB GPU cannot hold
+    # the fp32 merge there (45 GiB with headroom), so it is scored on the CPU; its bf16 copy (22 GiB) fits.
+    from types import SimpleNamespace
+
+    from tasks.evaluate import scoring_device
+
+    def planned(device, budget_gib):
+        return SimpleNamespace(model_parameters=8 * 10**9,
+                               plan=SimpleNamespace(device=device, budget_bytes=budget_gib * 2**30))
+
+    assert scoring_device(planned("cuda", 24), torch.float32) == "cpu"
+    assert scoring_device(planned("cuda", 24), torch.bfloat16) == "cuda"
+    assert scoring_device(planned("cuda", 80), torch.float32) == "cuda"
+    assert scoring_device(planned("cpu", 1), torch.float32) == "cpu"

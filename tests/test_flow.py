@@ -86,6 +86,39 @@ def test_each_method_fine_tunes_and_publishes(tiny_model, tmp_path, method):
         assert "model.embed_tokens.weight" not in changed
 
 
+def score_as_a_user_loads_it(folder, config, eval_path) -> dict:
+    """The merged folder loaded as its consumers load it (plain transformers: the saved dtype, no 4-bit),
+    scored by the evaluation code on the run's eval split."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks.data.tokenization import encoded_split, load_tokenizer
+    from tasks.engine.eval_loop import evaluate_model
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = load_tokenizer(str(folder))
+    conversations, examples = encoded_split(config, eval_path, tokenizer=tokenizer)
+    return evaluate_model(model, tokenizer, conversations, examples, config.evaluation, "cpu") | {"dtype": model.dtype}
+
+
+def test_a_qlora_run_is_scored_as_it_is_published(tiny_model, tmp_path):
+    # QLoRA trains on a 4-bit base but publishes a merge into the full-precision base: the gate must score
+    # the published weights (merged, in the published dtype), not the 4-bit base + adapter it trained.
+    config = tiny_config(tiny_model, tmp_path, method="qlora", publish={"dtype": "bfloat16"})
+    result = finetune(config)
+    run_dir = tmp_path / "out" / "runs" / result.run_id
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    [eval_path] = (tmp_path / "work").glob(f"{result.run_id}/data/eval.jsonl")
+    published = score_as_a_user_loads_it(run_dir / "merged", config, eval_path)
+    assert published["dtype"] == torch.bfloat16
+    assert result.tuned_eval_loss == pytest.approx(published["loss"], abs=1e-6)
+    assert result.scores["tuned"] == pytest.approx(published["scores"], abs=1e-9)
+    assert manifest["evaluation"]["tuned"]["answers"] == published["answers"]
+    assert manifest["evaluation"]["tuned"]["scored_as"] == {"weights": "merged", "dtype": "bfloat16"}
+    # The base is scored in the same precision (its own weights in the published dtype, not 4-bit).
+    assert manifest["evaluation"]["base"]["scored_as"] == {"weights": "base", "dtype": "bfloat16"}
+    assert "the tuned row is `merged` in bfloat16" in (run_dir / "merged" / "README.md").read_text()
+
+
 def test_adapter_only_run_that_fails_the_gate_is_published_but_not_promoted(tiny_model, tmp_path):
     result = finetune(tiny_config(tiny_model, tmp_path, method="lora",
                                   publish={"adapter_only": True, "min_improvement": 2.0}))  # scores are <= 1
@@ -170,6 +203,22 @@ def test_forced_method_that_does_not_fit_fails_in_plan(tiny_model, tmp_path):
     assert "method 'full' needs at least" in message and "budget is 0.50 GiB (memory_budget_gib)" in message
     assert [name for name in task_names(state, last="plan") if name not in ("validate", "check-data-version")] == [
         "fetch-model", "fetch-model", "ingest", "plan"]  # the model's tokenizer, then (after ingest) its weights
+
+
+def test_a_model_folder_with_only_pickle_weights_is_refused_before_training(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickle-model"
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(tiny_model / "model.safetensors"), folder / "pytorch_model.bin")
+    state = finetune(tiny_config(folder, tmp_path), return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "pytorch_model.bin" in message and "model_loading.allow_pickle_weights" in message
+    names = task_names(state, last="plan")
+    assert "plan" in names and "train" not in names and not any(n.startswith("evaluate") for n in names)
 
 
 def test_a_new_run_with_resume_continues_from_the_last_checkpoint(tiny_model, tmp_path):

@@ -2,7 +2,7 @@
 import gzip
 
 import pytest
-from fuzz_readers import KINDS, run
+from fuzz_readers import KINDS, SUFFIXES, every_truncation, run, valid_bytes
 
 from tasks.data.schemas import DatasetError
 from tasks.data.validation import read_dataset
@@ -13,6 +13,13 @@ def test_every_fuzz_case_reads_or_is_refused_naming_the_file(tmp_path):
     assert sum(outcomes.values()) == 300
     assert {kind for kind, _, _ in outcomes} == set(KINDS) | {"mixed"}
     assert {outcome for _, _, outcome in outcomes} == {"rows", "refused"}
+
+
+def test_a_file_cut_at_any_byte_reads_or_is_refused_naming_the_file(tmp_path):
+    outcomes = every_truncation(tmp_path, step=4)  # every offset in tests/fuzz_readers.py; AssertionError if raw
+    assert sum(outcomes.values()) == sum(len(range(0, len(valid_bytes(s)), 4)) + 1 for s in SUFFIXES)
+    for suffix in SUFFIXES:
+        assert outcomes[("every-cut", suffix, "refused")] >= 1 and outcomes[("every-cut", suffix, "rows")] >= 1
 
 
 def test_a_compressed_file_without_its_suffix_is_named_as_such(tmp_path):

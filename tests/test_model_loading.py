@@ -71,3 +71,51 @@ def test_a_pickle_adapter_is_refused_too(tiny_model, tmp_path):
     (adapter / "adapter_model.bin").write_bytes(b"not opened")
     with pytest.raises(UnsafeModelFolder, match="adapter_model.bin"):
         load_for_inference(str(tiny_model), "cpu", adapter=str(adapter))
+
+
+EVIL = "import pathlib\npathlib.Path(%r).write_text('yes')\n"  # transformers runs a copy: an absolute path
+
+
+def test_code_in_a_model_folder_never_runs(tiny_model, tmp_path):
+    # A folder that asks for its own code (auto_map, as Hub repos with custom models do): our loaders read its
+    # weights and tokenizer with the built-in classes, or refuse; the folder's Python never runs.
+    import json
+    import shutil
+
+    from tasks.data.tokenization import load_tokenizer
+    from tasks.engine.modeling import load_for_inference
+
+    folder = tmp_path / "remote-code"
+    shutil.copytree(tiny_model, folder)
+    for name, setting in (("config.json", {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}),
+                          ("tokenizer_config.json", {"AutoTokenizer": ["evil.Tokenizer", "evil.Tokenizer"]})):
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps(config | {"auto_map": setting}))
+    marker = tmp_path / "code-ran"
+    (folder / "evil.py").write_text(EVIL % str(marker))
+    for load in (lambda: load_for_inference(str(folder), "cpu"), lambda: load_tokenizer(str(folder))):
+        try:
+            loaded = load()
+        except ValueError as refused:  # transformers: the folder needs trust_remote_code
+            assert "trust_remote_code" in str(refused)
+        else:
+            assert type(loaded).__module__.startswith("transformers.")
+    assert not marker.exists()
+
+
+def test_every_from_pretrained_in_the_code_passes_the_loading_settings():
+    # The settings reach transformers only through pretrained_kwargs / tokenizer_kwargs: a new call without them
+    # would fall back to transformers' own defaults, silently.
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    calls = []
+    for path in [*root.glob("tasks/**/*.py"), *root.glob("flows/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained" \
+                    and getattr(node.func.value, "id", "") != "PeftModel":  # an adapter holds no code
+                spread = [k.value.func.id for k in node.keywords if k.arg is None and isinstance(k.value, ast.Call)]
+                calls.append((f"{path.relative_to(root)}:{node.lineno}", spread))
+    assert len(calls) >= 6
+    assert [c for c, spread in calls if not {"pretrained_kwargs", "tokenizer_kwargs"} & set(spread)] == []

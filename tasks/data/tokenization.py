@@ -42,6 +42,20 @@ def load_tokenizer(path: str, loading=None):
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return _render_with_template(tokenizer, messages, add_generation_prompt)
+    except TemplateError:
+        if not is_plain_text(messages):
+            raise
+    # Gemma's and Mistral's templates refuse a conversation that does not start with the user: a plain-text
+    # row is then its text as a base model reads text, between the tokenizer's BOS and EOS.
+    return (tokenizer.bos_token or "") + messages[0]["content"] + (tokenizer.eos_token or "")
+
+
+def _render_with_template(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The model's chat template, or for a tokenizer without one (a base model) a plain role-marked layout."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     text = "".join(
@@ -50,6 +64,11 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
         for m in messages
     )
     return text + (FALLBACK_TEMPLATE_ROLE.format(role="assistant") if add_generation_prompt else "")
+
+
+def is_plain_text(conversation: list[dict]) -> bool:
+    """A `text` row: one assistant message, which nothing asks for (tasks/data/dataset.to_conversation)."""
+    return len(conversation) == 1 and conversation[0]["role"] == "assistant"
 
 
 def prompt_text(tokenizer, conversation: list[dict]) -> str:
@@ -63,7 +82,7 @@ def generation_task(tokenizer, conversation: list[dict]) -> tuple[str, str]:
     its first half of words, as rendered in training, and the rest, so the metrics score how the
     model continues text like what it learned."""
     answer = conversation[-1]["content"]
-    if len(conversation) > 1:
+    if not is_plain_text(conversation):
         return prompt_text(tokenizer, conversation), answer
     words = answer.split(" ")
     head = " ".join(words[: len(words) // 2])  # empty for one word: the whole text is the reference
@@ -232,7 +251,8 @@ class TemplateLayout:
         for roles in _PROBES:
             markers = [f"\ue000{i}\ue001" for i in range(len(roles))]
             try:
-                text = render(tokenizer, [{"role": r, "content": m} for r, m in zip(roles, markers)])
+                # The template itself: a plain-text row it refuses is rendered row by row (render's fallback).
+                text = _render_with_template(tokenizer, [{"role": r, "content": m} for r, m in zip(roles, markers)])
             except Exception:  # noqa: BLE001  a template may refuse an order (e.g. assistant first): skip it
                 continue
             cuts = [text.find(m) for m in markers]

@@ -95,7 +95,10 @@ def model_card(*, run_id: str, base_model: dict, data: dict, method: str, traini
         "## Evaluation (same held-out rows)",
         "| model | eval loss | perplexity | " + metric + " |\n|---|---|---|---|\n"
         + "\n".join(f"| {r['label']} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['score']:.3f} |"
-                    for r in (base, tuned)),
+                    for r in (base, tuned))
+        + (f"\n\nEach model was scored as it is published: the tuned row is `{tuned['scored_as']['weights']}` in "
+           f"{tuned['scored_as']['dtype']}, the base in {base['scored_as']['dtype']}."
+           if tuned.get("scored_as") and base.get("scored_as") else ""),
         "## How to load it",
         _load_snippet(name, base_model.get("revision") if base_model.get("repo_id") else None, adapter_only,
                       publish_dtype),
