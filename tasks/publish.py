@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import FinetuneConfig
 from tasks.data.dataset import read_conversations
+from tasks.reports.delivery import ARTIFACT_DEADLINE_S, send_within
 from tasks.reports.loss_curve import LOSS_CURVE_NAME, loss_curve_markdown, plot_loss_curve
 from tasks.reports.model_card import base_model_license, model_card
 from tasks.reports.summary import headline, metrics_table_rows, summary_markdown
@@ -241,11 +242,14 @@ def _link(key: str, uri: str, text: str, expires_s: int) -> None:
 
 
 def _best_effort(what: str, create, *args, **kwargs) -> None:
-    """An artifact the run can do without: a failure to make it is logged, not raised; its time is logged."""
-    started = time.perf_counter()
-    try:
-        create(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001 - the model is published whatever the UI shows
-        get_run_logger().warning("artifact %s not created (%s: %s)", what, type(error).__name__, str(error)[:200])
-        return
-    get_run_logger().info("artifact %s created in %.2f s", what, time.perf_counter() - started)
+    """An artifact the run can do without: a failure to make it is logged, not raised, and the run waits for the
+    API at most ARTIFACT_DEADLINE_S (tasks/reports/delivery.py); its time is logged."""
+    delivery = send_within(lambda: create(*args, **kwargs))
+    if delivery.sent:
+        get_run_logger().info("artifact %s created in %.2f s", what, delivery.seconds)
+    elif delivery.late:
+        get_run_logger().warning("artifact %s: the Prefect API did not answer within %.0f s; the run goes on (the "
+                                 "artifact may appear later)", what, ARTIFACT_DEADLINE_S)
+    else:
+        get_run_logger().warning("artifact %s not created (%s: %s)", what, type(delivery.error).__name__,
+                                 str(delivery.error)[:200])

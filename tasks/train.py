@@ -20,6 +20,7 @@ from tasks.engine.launch import Nodes
 from tasks.planning.memory import GIB
 from tasks.planning.methods import Method
 from tasks.planning.selector import Attempt
+from tasks.reports.delivery import ARTIFACT_DEADLINE_S
 from tasks.reports.settings import ArtifactSettings
 from tasks.planning.settings import PREFERENCE_OBJECTIVES
 from tasks.results import IngestResult, PlanResult, RunInfo, TrainResult
@@ -29,7 +30,7 @@ from tasks.store.transfer import ChecksumMismatchError
 
 KEEP_IN_OUTPUT = 2  # newest checkpoints kept in the output per run
 PROGRESS_KEY = "finetune-training-progress"
-PROGRESS_CLOSE_TIMEOUT_S = 30  # the last update's wait at the end of training (an API outage must not hold the run)
+PROGRESS_CLOSE_TIMEOUT_S = ARTIFACT_DEADLINE_S  # the last update's wait at the end of training (an API outage must not hold the run)
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -236,14 +237,8 @@ class TrainingProgress:
         self.updates, self.api_seconds, self._warned = 0, 0.0, False
         if not settings.progress:
             return
-        started = time.perf_counter()
-        try:
-            self.artifact_id = create_progress_artifact(0.0, key=PROGRESS_KEY, description="training: starting")
-        except Exception as error:  # noqa: BLE001 - the UI's progress is not worth failing a run
-            self._warn(error)
-            return
-        self.api_seconds += time.perf_counter() - started
         # Prefect's settings (the API URL among them) live in context variables: the thread needs this context.
+        # The artifact is created there too: with the API down, its client retries for minutes.
         self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
                                         name="progress-artifact", daemon=True)
         self._thread.start()
@@ -261,6 +256,13 @@ class TrainingProgress:
                        self.updates, self.api_seconds)
 
     def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.artifact_id = create_progress_artifact(0.0, key=PROGRESS_KEY, description="training: starting")
+        except Exception as error:  # noqa: BLE001 - the UI's progress is not worth failing a run
+            self._warn(error)
+            return
+        self.api_seconds += time.perf_counter() - started
         while True:
             finished = self._done.wait(self._every)
             self._send()
