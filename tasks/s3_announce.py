@@ -43,20 +43,11 @@ class SeenObjects:
         """Every record tagged SEEN_TAG (name, value, created, updated), page after page."""
         from prefect.client.orchestration import get_client
 
-        records, offset = {}, 0
         with get_client(sync_client=True) as client:
-            while True:
-                # Newest first: a record written while paging shifts the older ones back, so one is read
-                # twice (kept once, by name), never skipped.
-                answer = client.request("POST", "/variables/filter", json={
-                    "variables": {"tags": {"all_": [SEEN_TAG]}}, "sort": "CREATED_DESC", "offset": offset,
-                    "limit": SEEN_PAGE})
-                answer.raise_for_status()
-                page = answer.json()
-                records |= {v["name"]: v for v in page}
-                if len(page) < SEEN_PAGE:
-                    return list(records.values())
-                offset += SEEN_PAGE
+            # Newest first: a record written while paging shifts the older ones back, so one is read twice
+            # (kept once), never skipped.
+            return _pages(client, "/variables/filter", {"variables": {"tags": {"all_": [SEEN_TAG]}},
+                                                        "sort": "CREATED_DESC"}, SEEN_PAGE)
 
     def forget_before(self, cutoff: datetime) -> int:
         """Drop the records last written before `cutoff`; returns how many were dropped."""
@@ -191,17 +182,18 @@ def reconcile(grace: timedelta = GRACE, max_reannounce: int = MAX_REANNOUNCE, dr
     return result
 
 
-def _pages(client, path: str, body: dict) -> list[dict]:
+def _pages(client, path: str, body: dict, page_size: int | None = None) -> list[dict]:
     """Every row a /filter endpoint answers, page after page (each has an `id`; a row read twice is kept once)."""
+    size = page_size or API_PAGE
     rows, offset = {}, 0
     while True:
-        answer = client.request("POST", path, json=body | {"limit": API_PAGE, "offset": offset})
+        answer = client.request("POST", path, json=body | {"limit": size, "offset": offset})
         answer.raise_for_status()
         page = answer.json()
         rows |= {row["id"]: row for row in page}
-        if len(page) < API_PAGE:
+        if len(page) < size:
             return list(rows.values())
-        offset += API_PAGE
+        offset += size
 
 
 def _now() -> str:
