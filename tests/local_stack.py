@@ -126,12 +126,7 @@ def start_prefect_server(name: str, port: int, db: Path, prefect_home: Path, log
     }
     server = Process(name, [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                             "--port", str(port)], env, log_dir)
-    try:
-        wait_http(f"{api}/health", server, timeout_s=180)
-    except BaseException:
-        server.stop(signals=(signal.SIGTERM, signal.SIGINT))
-        raise
-    return server
+    return answering(server, f"{api}/health", timeout_s=180)
 
 
 class RestartableServer:
@@ -213,8 +208,13 @@ def start_prefect_server_script(name: str, port: int, database_url: str, prefect
         "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
     }
     server = Process(name, ["bash", str(ROOT / "infra" / "start-prefect-server.sh")], env, log_dir)
+    return answering(server, f"http://127.0.0.1:{port}/api/health", timeout_s=240)
+
+
+def answering(server: Process, health_url: str, timeout_s: float) -> Process:
+    """`server` once `health_url` answers; stopped (SIGTERM, then SIGINT) if it never does."""
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", server, timeout_s=240)
+        wait_http(health_url, server, timeout_s=timeout_s)
     except BaseException:
         server.stop(signals=(signal.SIGTERM, signal.SIGINT))
         raise
