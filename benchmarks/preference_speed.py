@@ -8,7 +8,8 @@ log-normal (median ~220 tokens per side, as benchmarks/training_speed.py's chat 
     python benchmarks/preference_speed.py --shape llama-8b --method lora --pairs-per-step 8 --capacity 8192
     python benchmarks/preference_speed.py --shape llama-8b --method qlora --objective dpo --checkpointing on
 
-Prints one JSON line: processed tokens/s (both sides, no padding), peak GiB, the reference passes.
+Prints one JSON line: processed tokens/s (both sides whole, no padding: a shared prompt counts twice, as
+TRL's batch holds it), peak GiB, the reference passes, whether the prompts were shared.
 TRL's DPOTrainer on the same pairs is the lead's comparison (not here).
 """
 from __future__ import annotations
@@ -55,10 +56,14 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=8192, help="packed tokens per micro-batch")
     parser.add_argument("--checkpointing", default="off", choices=["on", "off"])
     parser.add_argument("--steps", type=int, default=11, help="the first 3 are warm-up, not timed")
+    parser.add_argument("--share-prompts", default="on", choices=["on", "off"],
+                        help="on: a pair's prompt runs once where the model allows it (the engine's default); "
+                        "off: both sides whole")
     args = parser.parse_args()
 
     from training_speed import random_model
 
+    from tasks.engine.preference import SHARES_PROMPTS
     from tasks.engine.preference_training import PreferenceObjective
     from tasks.engine.train_loop import train
     from tasks.planning.settings import PreferenceSettings, TrainingSettings
@@ -66,6 +71,8 @@ def main() -> None:
     if args.objective == "dpo" and args.method == "full":
         sys.exit("full DPO needs a reference copy: benchmark lora or qlora (or orpo)")
     model = random_model(args.shape, args.method, args.checkpointing == "on")
+    if args.share_prompts == "off":
+        setattr(model, SHARES_PROMPTS, False)
     pairs = random_pairs(args.pairs_per_step * args.steps + 2, model.config.vocab_size)
     objective = PreferenceObjective(args.objective, PreferenceSettings(), "cuda")
     settings = TrainingSettings(max_steps=args.steps, batch_size=args.pairs_per_step, max_seq_len=4096,
@@ -79,7 +86,8 @@ def main() -> None:
                                                           sum(r["seconds"] for r in timed)),
                       "peak_gib": round(outcome.peak_memory_bytes / 2**30, 2),
                       "peak_allocated_gib": round(outcome.peak_allocated_bytes / 2**30, 2),
-                      "reference_passes": objective.reference_passes}))
+                      "reference_passes": objective.reference_passes,
+                      "shared_prompts": getattr(model, SHARES_PROMPTS, None)}))
 
 
 if __name__ == "__main__":

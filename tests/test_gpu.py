@@ -38,3 +38,39 @@ def test_varlen_packing_matches_padded_batches_on_gpu(tiny_model, tiny_tokenizer
     assert loss_sum / tokens == pytest.approx(reference, rel=2e-2)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_shared_prompt_on_gpu_gives_each_side_its_own_log_probs(tiny_model, tiny_tokenizer, method):
+    """varlen FlashAttention with more keys than queries aligns them at the end: a rejected side that
+    reads the prompt's keys from the chosen side scores as if laid out whole (bf16 tolerance)."""
+    import torch
+
+    from tasks.config import LoraSettings
+    from tasks.data.preference import PreferencePair, encode_pairs
+    from tasks.engine.modeling import load_for_training
+    from tasks.engine.preference import SHARES_PROMPTS, dpo_loss, lay_out, pair_logps, shares_prompts
+
+    pairs = encode_pairs(tiny_tokenizer, [
+        PreferencePair([{"role": "user", "content": f"Question {i}: what does the Quillfeather Q{i} do?"}],
+                       "It reads e-books." * (i + 1), "No idea.") for i in range(6)], 128)
+    torch.manual_seed(0)
+    model = load_for_training(str(tiny_model), method, "cuda", LoraSettings(r=8, dropout=0.0), False)
+    assert shares_prompts(model, "cuda")
+    shared = lay_out(pairs, share=True)
+    assert len(shared.input_ids) < len(lay_out(pairs, share=False).input_ids)
+    results = {}
+    for share in (True, False):
+        setattr(model, SHARES_PROMPTS, share)
+        model.zero_grad()
+        with torch.no_grad():
+            scores = pair_logps(model, pairs, "cuda")
+        loss = dpo_loss(model, pairs, "cuda", 0.1).loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[share] = (scores.chosen, scores.rejected, loss.item(), grads)
+    (c1, r1, l1, g1), (c2, r2, l2, g2) = results[True], results[False]
+    torch.testing.assert_close(c1, c2, rtol=2e-2, atol=0.5)
+    torch.testing.assert_close(r1, r2, rtol=2e-2, atol=0.5)
+    assert l1 == pytest.approx(l2, rel=2e-2, abs=1e-3)
+    assert torch.nn.functional.cosine_similarity(g1, g2, dim=0) > 0.99

@@ -13,8 +13,10 @@ import torch
 
 from tasks.data.preference import PreferencePair, encode_pairs
 from tasks.data.tokenization import IGNORE_INDEX
+from tasks.engine.attention import install_packed_attention
 from tasks.engine.packing import pack
-from tasks.engine.preference import adapter_disabled, dpo_loss, orpo_loss, pack_pairs, pair_logps, reference_logps
+from tasks.engine.preference import (adapter_disabled, dpo_loss, lay_out, orpo_loss, pair_logps, reference_logps,
+                                     SHARES_PROMPTS, shared_prefix, shares_prompts)
 
 trl = pytest.importorskip("trl")
 TOLERANCE = 1e-5
@@ -245,8 +247,9 @@ def test_full_model_without_reference_copy_is_refused(tiny_model, examples):
 
 def test_packed_pairs_give_the_log_probs_of_each_side_run_alone(tiny_model, examples):
     model = base_model(tiny_model)
-    packed = pack_pairs(examples)
-    assert packed.lengths == [len(s.input_ids) for e in examples for s in (e.chosen, e.rejected)]
+    assert not shares_prompts(model, "cpu")  # SDPA keeps each side whole
+    stream = lay_out(examples, share=False)
+    assert stream.query_lengths == [len(s.input_ids) for e in examples for s in (e.chosen, e.rejected)]
     together = pair_logps(model, examples, "cpu")
     for i, example in enumerate(examples):
         for side, got in (("chosen", together.chosen[i]), ("rejected", together.rejected[i])):
@@ -259,6 +262,41 @@ def test_packed_pairs_give_the_log_probs_of_each_side_run_alone(tiny_model, exam
             expected = torch.log_softmax(logits[keep], -1).gather(1, targets[keep][:, None]).sum()
             assert abs(got.item() - expected.item()) <= TOLERANCE, (i, side)
     assert together.chosen_tokens.tolist() == [e.chosen.trainable_tokens for e in examples]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "orpo-sequence"])
+def test_a_shared_prompt_runs_once_and_gives_the_same_losses_and_gradients(tiny_model, examples, objective):
+    """The packed attention computes each pair's prompt once (the rejected side reads its keys from
+    the chosen side): the stream is shorter by the prompts, and loss and gradients are those of both
+    sides laid out whole."""
+    from peft import get_peft_model
+
+    model = get_peft_model(base_model(tiny_model), lora_config())
+    perturb_adapter(model)
+    install_packed_attention(model)
+    assert shares_prompts(model, "cpu")
+
+    def run(share: bool):
+        setattr(model, SHARES_PROMPTS, share)  # the same model, with and without sharing
+        model.zero_grad()
+        if objective == "dpo":
+            loss = dpo_loss(model, examples, "cpu", BETA, 0.1).loss
+        else:
+            loss = orpo_loss(model, examples, "cpu", BETA, "sequence" if objective == "orpo-sequence" else "answer").loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared_loss, shared_grads = run(True)
+    whole_loss, whole_grads = run(False)
+    assert abs(shared_loss.item() - whole_loss.item()) <= TOLERANCE
+    assert shared_grads.keys() == whole_grads.keys() and shared_grads
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, whole_grads[name], atol=TOLERANCE, rtol=1e-4, msg=name)
+    prompts = [shared_prefix(e) for e in examples]
+    assert all(p > 5 for p in prompts)  # the chat template's prompt is what both sides share
+    whole, shared = lay_out(examples, share=False), lay_out(examples, share=True)
+    assert len(whole.input_ids) - len(shared.input_ids) == sum(prompts)
+    assert shared.scored.count(shared.scored[0]) == 2  # the prompt's last token predicts both answers' first
 
 
 def test_a_side_without_answer_tokens_is_refused(tiny_tokenizer, tiny_model):

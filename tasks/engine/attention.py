@@ -20,8 +20,10 @@ import inspect
 import logging
 
 import torch
+import torch.nn.functional as F
 
 PACKED_VARLEN = "packed_varlen"
+KEY_INDEX = "key_index"  # model keyword: the stream positions of each segment's keys (a shared prompt's twice)
 logger = logging.getLogger(__name__)
 
 
@@ -38,27 +40,54 @@ def varlen_available(device: str) -> bool:
 def _packed_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
     """A transformers attention function: query (1, Hq, T, D), key/value (1, Hkv, T, D) ->
-    (1, T, Hq, D). Rows are given by `cu_seq_lens_q` (the trainer passes it with the batch)."""
+    (1, T, Hq, D). Rows are given by `cu_seq_lens_q` (the trainer passes it with the batch); a shared
+    prompt's layout (tasks/engine/preference.py) adds each segment's key positions (`key_index`, counted
+    by `cu_seq_lens_k`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seq = kwargs.get("cu_seq_lens_q")
+    key_index = kwargs.get(KEY_INDEX)
     if cu_seq is None or query.shape[0] != 1 or (dropout and module.training) or attention_mask is not None:
+        if key_index is not None:
+            raise ValueError("a shared-prompt layout needs the packed attention with its row boundaries")
         # generation, padded batches or attention dropout: the general path handles them
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    cu_keys = kwargs.get("cu_seq_lens_k", cu_seq)
+    if query.device.type != "cuda":  # the same attention with a dense mask: what CPU tests check layouts with
+        return _segments_dense(query, key, value, cu_seq, cu_keys, key_index, scaling), None
     # FlashAttention takes 16-bit inputs only; full fine-tuning's fp32 residual stream reaches here
     # as fp32 after RoPE, so compute in autocast's dtype, as SDPA under autocast would.
     half = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     q, k, v = (t[0].transpose(0, 1).to(half) for t in (query, key, value))  # (T, heads, D)
+    if key_index is not None:  # a segment's keys: its own tokens after the shared prompt's
+        k, v = k.index_select(0, key_index), v.index_select(0, key_index)
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and not _takes_grouped_heads():
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = _varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq, int(kwargs["max_length_q"]), scaling,
-                  kwargs.get("sliding_window"))
+                  kwargs.get("sliding_window"), cu_keys, int(kwargs.get("max_length_k", kwargs["max_length_q"])))
     return out.unsqueeze(0), None
 
 
-def _varlen(q, k, v, cu_seq, max_len: int, scale: float | None, sliding_window: int | None = None):
+def _segments_dense(query, key, value, cu_queries, cu_keys, key_index, scaling):
+    """Each segment's queries attend to its keys, causal from the end; SDPA with a dense mask, (1, T, H, D)."""
+    length = query.shape[2]
+    keys = key_index if key_index is not None else torch.arange(length, device=query.device)
+    allowed = torch.zeros(length, length, dtype=torch.bool, device=query.device)
+    for s in range(len(cu_queries) - 1):
+        q0, q1, k0, k1 = (int(x) for x in (cu_queries[s], cu_queries[s + 1], cu_keys[s], cu_keys[s + 1]))
+        allowed[q0:q1, keys[k0:k1]] = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool,
+                                                 device=query.device).tril((k1 - k0) - (q1 - q0))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
+def _varlen(q, k, v, cu_seq, max_len: int, scale: float | None, sliding_window: int | None = None,
+            cu_keys=None, max_keys: int | None = None):
+    """Causal per segment; a segment with more keys than queries aligns them at the end (the last query
+    sees every key): FlashAttention's causal mask for unequal lengths."""
     from torch.nn.attention.varlen import varlen_attn
 
     options = _varlen_options()
@@ -73,7 +102,9 @@ def _varlen(q, k, v, cu_seq, max_len: int, scale: float | None, sliding_window: 
                            "have chosen it for a model with sliding-window layers")
     else:
         extra["is_causal"] = True
-    return varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, **extra)
+    if cu_keys is None:
+        cu_keys, max_keys = cu_seq, max_len
+    return varlen_attn(q, k, v, cu_seq, cu_keys, max_len, max_keys, **extra)
 
 
 @functools.cache
@@ -139,16 +170,22 @@ def use_packed_attention(model, device: str, log=None) -> str:
     if sliding and "window_size" not in _varlen_options():
         return _said(log, "sdpa (block-diagonal and sliding-window masks from position ids): the model has "
                           "sliding-window layers and this PyTorch's varlen attention takes no window")
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
     # The probe runs autograd on its own tensors: here, not in the first forward, where gradient
     # checkpointing would count its saved tensors and then miss them in the recomputation.
     _takes_grouped_heads()
+    install_packed_attention(model)
+    return f"{PACKED_VARLEN} (torch varlen FlashAttention)"
+
+
+def install_packed_attention(model) -> None:
+    """Give `model` this module's attention over segments: varlen FlashAttention on CUDA, the same
+    computed with a dense mask elsewhere (how CPU tests check what the segments compute)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
     AttentionInterface.register(PACKED_VARLEN, _packed_varlen_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_VARLEN, _packed_varlen_mask)
     model.set_attn_implementation(PACKED_VARLEN)
-    return f"{PACKED_VARLEN} (torch varlen FlashAttention)"
 
 
 PACKING_EXACT = "_finetune_packing_exact"  # attribute set on a model: whether packed rows stay apart

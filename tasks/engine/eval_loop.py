@@ -54,15 +54,15 @@ def evaluate_model(model, tokenizer, conversations: list[list[dict]], examples: 
 @torch.no_grad()
 def pair_log_probs(model, pairs: list, token_capacity: int, device: str) -> list[list[float]]:
     """[chosen, rejected] summed answer log-probs of every held-out pair, in order (packed micro-batches)."""
-    from tasks.engine.preference import pair_logps
-    from tasks.engine.preference_training import pair_tokens
+    from tasks.engine.preference import pair_logps, shares_prompts, stream_tokens
 
     model.eval()
+    share = shares_prompts(model, device)
     out, start = [], 0
     while start < len(pairs):  # in order: consecutive pairs up to the capacity (at least one)
-        end, used = start + 1, pair_tokens(pairs[start])
-        while end < len(pairs) and used + pair_tokens(pairs[end]) <= token_capacity:
-            used, end = used + pair_tokens(pairs[end]), end + 1
+        end, used = start + 1, stream_tokens(pairs[start], share)
+        while end < len(pairs) and used + stream_tokens(pairs[end], share) <= token_capacity:
+            used, end = used + stream_tokens(pairs[end], share), end + 1
         scores = pair_logps(model, pairs[start:end], device)
         out += [[c, r] for c, r in zip(scores.chosen.tolist(), scores.rejected.tolist())]
         start = end

@@ -17,16 +17,22 @@ import torch
 
 from tasks.data.preference import PairExample
 from tasks.engine.packing import micro_batches
-from tasks.engine.preference import (PairLogps, PreferenceLoss, dpo_losses, orpo_loss, pack_pairs, pair_logps,
-                                     reference_logps)
+from tasks.engine.preference import (PairLogps, PreferenceLoss, dpo_losses, orpo_loss, pair_logps, reference_logps,
+                                     shares_prompts, stream_tokens)
 from tasks.planning.methods import Method
 from tasks.planning.settings import PreferenceSettings
 from tasks.store.weight_safety import SAFE
 
 
 def pair_tokens(pair: PairExample) -> int:
-    """Tokens a pair puts through the model: both sides, packed together."""
+    """A pair's tokens: both sides whole (what throughput counts, as a padded [chosen; rejected] batch holds them)."""
     return len(pair.chosen.input_ids) + len(pair.rejected.input_ids)
+
+
+def micro_batches_of_pairs(model, pairs: list[PairExample], token_capacity: int, device: str) -> list[list]:
+    """Micro-batches of at most `token_capacity` tokens through the model (a shared prompt counts once)."""
+    share = shares_prompts(model, device)
+    return micro_batches(pairs, token_capacity, size=lambda pair: stream_tokens(pair, share))
 
 
 def pair_key(pair: PairExample) -> bytes:
@@ -56,9 +62,8 @@ class PreferenceObjective:
         """The mean loss over `pairs` (one packed forward of the policy)."""
         if self.objective == "orpo":
             return orpo_loss(model, pairs, self.device, self.settings.orpo_lambda)
-        packed = pack_pairs(pairs)
         reference = self.reference_scores(model, pairs)
-        policy = pair_logps(model, pairs, self.device, packed)
+        policy = pair_logps(model, pairs, self.device)
         beta = self.settings.beta
         losses = dpo_losses(policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta,
                             self.settings.label_smoothing)
@@ -85,7 +90,7 @@ class PreferenceObjective:
     def accumulate(self, model, pairs: list[PairExample], token_capacity: int) -> tuple[float, int, dict]:
         """Backward over `pairs` in micro-batches; returns (summed loss, pairs, the step's accuracy and margin)."""
         loss_sum, right, margin = 0.0, 0.0, 0.0
-        for chunk in micro_batches(pairs, token_capacity, size=pair_tokens):
+        for chunk in micro_batches_of_pairs(model, pairs, token_capacity, self.device):
             result = self.loss(model, chunk)
             (result.loss * (len(chunk) / len(pairs))).backward()
             loss_sum += result.loss.item() * len(chunk)
@@ -100,7 +105,7 @@ class PreferenceObjective:
         model.eval()
         try:
             total = sum(self.loss(model, chunk).loss.item() * len(chunk)
-                        for chunk in micro_batches(pairs, token_capacity, size=pair_tokens))
+                        for chunk in micro_batches_of_pairs(model, pairs, token_capacity, self.device))
         finally:
             model.train(was_training)
         return total / max(len(pairs), 1)
