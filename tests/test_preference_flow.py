@@ -1,6 +1,7 @@
 """Preference tuning through the whole flow (real temporary Prefect server, tiny model): DPO and ORPO
 train, are evaluated on held-out pairs against the base, gated on preference accuracy and published;
-an objective that does not fit the rows stops in ingest with the fix."""
+an objective that does not fit the rows stops in ingest with the fix; DPO starts from a published SFT run
+(`model: run:<id>`)."""
 import json
 
 import pytest
@@ -49,3 +50,52 @@ def test_objective_dpo_on_chat_rows_stops_in_ingest_with_the_fix(tiny_model, tmp
     message = str(state.result(raise_on_failure=False))
     assert "objective 'dpo' learns from preference pairs, but the rows are chat rows" in message
     assert "or set objective to 'sft'" in message
+
+
+def _weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return {name: tensor for path in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(path).items()}
+
+
+def test_dpo_starts_from_a_published_sft_run(tiny_model, tmp_path):
+    """`model: run:<id>`: DPO with LoRA trains from the SFT run's merged model (its reference is that model with
+    the adapter off); the manifest, the model card and the adapter name that run and its own base. A run that is
+    not in the registry stops the flow before anything is trained, naming the run and the fix."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sft = finetune(tiny_config(tiny_model, tmp_path, method="full"))  # published (and promoted)
+    runs = tmp_path / "out" / "runs"
+    sft_merged = runs / sft.run_id / "merged"
+    dpo = finetune(preference_config(f"run:{sft.run_id}", tmp_path, method="lora"))
+    assert dpo.method == "lora" and dpo.scores["base"]["preference_accuracy"] == 0.0  # base == reference == SFT
+    manifest = json.loads((runs / dpo.run_id / "manifest.json").read_text())
+    assert manifest["config"]["model"] == f"run:{sft.run_id}" and manifest["config"]["objective"] == "dpo"
+    started = manifest["base_model"]["run"]
+    assert (started["run_id"], started["objective"], started["method"]) == (sft.run_id, "sft", "full")
+    assert started["base_model"]["path"] == str(tiny_model)  # the SFT run's own base
+    assert f"The base is run `{sft.run_id}`" in (runs / dpo.run_id / "merged" / "README.md").read_text()
+
+    # LoRA leaves embeddings and norms alone: in the DPO model they are the SFT model's, which full fine-tuning
+    # moved away from the tiny base's; the adapted projections moved on from the SFT model's
+    tiny, sft_weights, dpo_weights = _weights(tiny_model), _weights(sft_merged), _weights(runs / dpo.run_id / "merged")
+    untouched = [n for n in dpo_weights if "proj" not in n]
+    assert untouched and all(torch.equal(dpo_weights[n], sft_weights[n]) for n in untouched)
+    assert any(not torch.equal(sft_weights[n], tiny[n]) for n in untouched)
+    assert any(not torch.equal(dpo_weights[n], sft_weights[n]) for n in dpo_weights if "proj" in n)
+    # the published adapter names the SFT run's merged folder as its base, and on it gives the DPO model
+    adapter = runs / dpo.run_id / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft_merged)
+    rebuilt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_merged), adapter).merge_and_unload()
+    for name, value in rebuilt.state_dict().items():
+        if name in dpo_weights:
+            torch.testing.assert_close(value, dpo_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    published = sorted(p.name for p in runs.iterdir())
+    state = finetune(preference_config("run:20261201-000000-missing", tmp_path), return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "no run '20261201-000000-missing' is published in output=" in message and "run:latest" in message
+    assert sorted(p.name for p in runs.iterdir()) == published  # nothing half published
