@@ -99,3 +99,33 @@ def test_dpo_starts_from_a_published_sft_run(tiny_model, tmp_path):
     message = str(state.result(raise_on_failure=False))
     assert "no run '20261201-000000-missing' is published in output=" in message and "run:latest" in message
     assert sorted(p.name for p in runs.iterdir()) == published  # nothing half published
+
+
+def test_a_dpo_run_from_an_sft_run_continues_from_its_checkpoint_with_resume(tiny_model, tmp_path):
+    """A later DPO run with `resume: true` continues from the last checkpoint of one that trained the same base
+    (the SFT run's download, found complete in work_dir: the same folder, so the same identity), pairs and
+    settings; another beta trains something else, so it starts afresh."""
+    sft = finetune(tiny_config(tiny_model, tmp_path, method="lora"))
+    checkpoints = tmp_path / "out" / "checkpoints"
+    before = {p.name for p in checkpoints.iterdir()}  # the SFT run's own
+    training = {"learning_rate": 3e-3, "lr_schedule": "constant", "batch_size": 8, "max_seq_len": 128,
+                "eval_every": 2, "early_stopping_patience": 0, "checkpoint_every": 2}
+    base = f"run:{sft.run_id}"
+    finetune(preference_config(base, tmp_path, method="lora", training={**training, "max_steps": 4}))
+    (run_key,) = {p.name for p in checkpoints.iterdir()} - before
+    assert sorted(p.name for p in (checkpoints / run_key).iterdir()) == ["step-0000002", "step-0000004"]
+
+    second = finetune(preference_config(base, tmp_path, method="lora", resume=True,
+                                        training={**training, "max_steps": 6}))
+    manifest = json.loads((tmp_path / "out" / "runs" / second.run_id / "manifest.json").read_text())
+    assert manifest["base_model"]["run"]["run_id"] == sft.run_id
+    assert manifest["training"]["resumed_from"] == str(checkpoints / run_key / "step-0000004")
+    history = manifest["training"]["history"]
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6] and "reward_accuracy" in history[-1]
+    assert [r["step"] for r in history if "eval_loss" in r] == [2, 4, 6]
+    assert second.scores["tuned"]["preference_accuracy"] > 0.5
+
+    third = finetune(preference_config(base, tmp_path, method="lora", resume=True, preference={"beta": 0.2},
+                                       training={**training, "max_steps": 2}))
+    manifest = json.loads((tmp_path / "out" / "runs" / third.run_id / "manifest.json").read_text())
+    assert manifest["training"]["resumed_from_step"] == 0 and manifest["training"]["resumed_from"] is None
