@@ -76,7 +76,9 @@ def test_dpo_starts_from_a_published_sft_run(tiny_model, tmp_path):
     started = manifest["base_model"]["run"]
     assert (started["run_id"], started["objective"], started["method"]) == (sft.run_id, "sft", "full")
     assert started["base_model"]["path"] == str(tiny_model)  # the SFT run's own base
-    assert f"The base is run `{sft.run_id}`" in (runs / dpo.run_id / "merged" / "README.md").read_text()
+    card = (runs / dpo.run_id / "merged" / "README.md").read_text()
+    assert f"The base is run `{sft.run_id}`" in card and f"base_model: {sft_merged}\n" in card
+    assert f"`prefect-finetune download {tmp_path / 'out'} --run {sft.run_id}`" in card
 
     # LoRA leaves embeddings and norms alone: in the DPO model they are the SFT model's, which full fine-tuning
     # moved away from the tiny base's; the adapted projections moved on from the SFT model's

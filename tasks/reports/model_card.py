@@ -75,7 +75,8 @@ def _started_from(run: dict) -> str:
     own_name = base_name(own) if own.get("path") or own.get("run") else "?"
     return (f"The base is run `{run['run_id']}` (`{run['requested']}`; {run.get('objective', 'sft')}, "
             f"{run.get('method') or '?'}), published in `{run['output']}`; that run was fine-tuned from "
-            f"`{own_name}`.")
+            f"`{own_name}`. Fetch it, checked against its manifest, with "
+            f"`prefect-finetune download {run['output']} --run {run['run_id']}` (its `merged` folder).")
 
 
 def _eval_source(data: dict) -> dict:
