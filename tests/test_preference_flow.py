@@ -131,3 +131,24 @@ def test_a_dpo_run_from_an_sft_run_continues_from_its_checkpoint_with_resume(tin
                                        training={**training, "max_steps": 2}))
     manifest = json.loads((tmp_path / "out" / "runs" / third.run_id / "manifest.json").read_text())
     assert manifest["training"]["resumed_from_step"] == 0 and manifest["training"]["resumed_from"] is None
+
+
+def test_dpo_starts_from_the_promoted_run_of_an_s3_output(tiny_model, bucket, tmp_path):
+    """`model: run:latest` with output on S3 (moto over HTTP): the promoted SFT run's merged model comes down
+    into work_dir, checked against the manifest latest.json was promoted with, and DPO trains from it."""
+    from tasks.store.objects import read_object
+
+    output = f"s3://{bucket}/models/q7"
+    sft = finetune(tiny_config(tiny_model, tmp_path, method="lora", output=output))
+    assert sft.promoted
+    dpo = finetune(preference_config("run:latest", tmp_path, method="lora", output=output))
+    manifest = json.loads(read_object(f"{output}/runs/{dpo.run_id}/manifest.json").data)
+    started = manifest["base_model"]["run"]
+    assert (started["run_id"], started["requested"], started["output"]) == (sft.run_id, "run:latest", output)
+    assert started["promoted_at"] and manifest["config"]["model"] == "run:latest"
+    local = tmp_path / "work" / "base-runs" / sft.run_id
+    assert manifest["base_model"]["path"] == str(local / "merged")
+    sft_manifest = json.loads((local / "manifest.json").read_text())
+    merged = [e for e in sft_manifest["files"] if e["path"].startswith("merged/")]
+    assert merged and all((local / e["path"]).stat().st_size == e["bytes"] for e in merged)
+    assert dpo.promoted and dpo.scores["tuned"]["preference_accuracy"] > 0.5
