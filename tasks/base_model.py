@@ -1,5 +1,6 @@
 """The base model's local folder: a Hub id (`org/name`) is fetched into the shared Hugging Face cache here,
-once, before any stage reads the model; a local folder is used as it is (tasks/store/hub.py)."""
+once, before any stage reads the model (tasks/store/hub.py); a published run (`run:<id>`, `run:latest`) is
+downloaded from the output's registry into work_dir (tasks/store/base_run.py); a local folder is used as it is."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import FinetuneConfig
+from tasks.store.base_run import is_run_reference, resolve_base_run
 from tasks.store.hub import ResolvedModel, resolve_model
 
 
@@ -17,6 +19,14 @@ def fetch_model(config: FinetuneConfig, weights: bool = True, commit: str | None
     run before gigabytes of weights are downloaded. `commit` pins the weights to the commit that call saw,
     even if the branch moves in between."""
     logger = get_run_logger()
+    if is_run_reference(config.model):
+        model = resolve_base_run(config.model, config.output, config.work_dir, weights=weights,
+                                 concurrency=config.publish.max_concurrency)
+        run = model.base_run
+        logger.info("model %s: run %s of %s (%s, from %s), every file's sha256 checked, in %s", config.model,
+                    run["run_id"], config.output, run["objective"],
+                    run["base_model"].get("repo_id") or run["base_model"].get("path"), model.path)
+        return model
     loading = config.model_loading
     model = resolve_model(config.model, config.model_revision, config.hub.cache_dir,
                           hf_token(config.hub.token_secret, logger), weights=weights,

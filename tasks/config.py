@@ -20,6 +20,7 @@ from tasks.planning.settings import PREFERENCE_OBJECTIVES, LoraSettings, Objecti
 from tasks.reports.settings import ArtifactSettings
 from tasks.scoring.metrics import PAIR_SCORES
 from tasks.scoring.settings import EvaluationSettings
+from tasks.store.base_run import is_run_reference, run_reference_problem
 from tasks.store.hub import HubSettings, ResolvedModel, model_problem
 from tasks.store.objects import is_s3_uri, split_s3_uri
 from tasks.store.weight_safety import ModelLoadingSettings
@@ -108,7 +109,9 @@ class FinetuneConfig(_Settings):
     model: str = Field(
         description="The causal LM to fine-tune: a Hugging Face Hub id (org/name, e.g. Qwen/Qwen2.5-0.5B-Instruct), "
         "downloaded into the Hub cache (see `hub`), or a local folder of a Hugging Face model (config.json, "
-        "safetensors, tokenizer). A folder that exists wins over a Hub id of the same spelling.",
+        "safetensors, tokenizer), or a run published in `output` as run:<run-id> (run:latest: the promoted run), "
+        "e.g. an SFT run to start DPO from: its merged model, checked against its manifest. A folder that exists "
+        "wins over a Hub id or run of the same spelling.",
     )
     model_revision: str | None = Field(
         None, description="For a Hub id: the branch, tag or commit sha to use (as transformers' `revision=`). "
@@ -204,7 +207,8 @@ class FinetuneConfig(_Settings):
         if not self.model.strip():
             problems.append("model is empty: give a Hugging Face Hub id (org/name) or the folder of a Hugging Face "
                             "model")
-        elif problem := model_problem(self.model, self.model_revision):
+        elif problem := (run_reference_problem(self.model, self.model_revision) if is_run_reference(self.model)
+                         else model_problem(self.model, self.model_revision)):
             problems.append(problem)
         problems += self._objective_problems()
         if problems:

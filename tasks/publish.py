@@ -85,8 +85,9 @@ def package_run(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     data_record = _describe_data(data, planned)
     evaluation = {"metric": base.metric, "metrics": config.evaluation.metrics, "base": base.model_dump(),
                   "tuned": tuned.model_dump(), "published": published.model_dump() if published else None}
-    title = (f"{(model.repo_id if model and model.repo_id else config.model).rstrip('/').rsplit('/', 1)[-1]} "
-             f"{trained.method}, run {run.run_id}")
+    base_name = (f"run {model.base_run['run_id']}" if model and model.base_run
+                 else _base_name(config, model).rstrip('/').rsplit('/', 1)[-1])
+    title = f"{base_name} {trained.method}, run {run.run_id}"
     plot_loss_curve(trained.history, staging / LOSS_CURVE_NAME, trained.best_step, title)
     if config.artifacts.loss_curve:  # in the run's page; the PNG itself is published with the run
         markdown = loss_curve_markdown((staging / LOSS_CURVE_NAME).read_bytes(), f"Loss curve: {title}",
@@ -121,22 +122,33 @@ def _describe_base(config: FinetuneConfig, planned: PlanResult, model: ResolvedM
             "loading": recorded(config.model_loading)}  # whether code or pickles from the folder were allowed
 
 
+def _base_name(config: FinetuneConfig, model: ResolvedModel | None) -> str:
+    """The base as people name it: the Hub id, the published run's merged folder, else the local folder."""
+    if model and model.base_run:
+        return join_uri(model.base_run["run_uri"], "merged")
+    return model.repo_id if model and model.repo_id else config.model
+
+
 def _name_the_hub_base(adapter: Path, model: ResolvedModel | None) -> None:
-    """peft wrote the folder the base was loaded from (a snapshot in this worker's Hub cache) into
-    adapter_config.json; a consumer elsewhere needs the Hub id, pinned to the commit trained on (peft's own
-    `revision` field, which PeftModel.from_pretrained passes on when it loads the base)."""
-    if not (model and model.repo_id):
+    """peft wrote the folder the base was loaded from (a snapshot in this worker's Hub cache, or a published
+    run's download in work_dir) into adapter_config.json; a consumer elsewhere needs the Hub id, pinned to the
+    commit trained on (peft's own `revision` field, which PeftModel.from_pretrained passes on when it loads the
+    base), or the published run's merged folder."""
+    if not (model and (model.repo_id or model.base_run)):
         return
     path = adapter / "adapter_config.json"
     settings = json.loads(path.read_text())
-    settings.update(base_model_name_or_path=model.repo_id, revision=model.commit)
+    if model.base_run:
+        settings.update(base_model_name_or_path=join_uri(model.base_run["run_uri"], "merged"))
+    else:
+        settings.update(base_model_name_or_path=model.repo_id, revision=model.commit)
     path.write_text(json.dumps(settings, indent=2, sort_keys=True))
 
 
 def _config_as_given(config: FinetuneConfig, model: ResolvedModel | None) -> dict:
-    """The run's config as the user gave it: `model` is the Hub id, not the cache folder it resolved to."""
+    """The run's config as the user gave it: `model` is the Hub id or run:<id>, not the folder it resolved to."""
     record = config.model_dump()
-    if model and model.repo_id:
+    if model and (model.repo_id or model.base_run):
         record.update(model=model.requested, model_revision=model.revision)
     return record
 

@@ -13,6 +13,7 @@ from tasks.planning.memory import ModelShape
 from tasks.planning.methods import MethodChoice
 from tasks.planning.selector import PlanError, TrainingPlan, WorkPoolSpec, select_work_pool
 from tasks.planning.settings import LoraSettings, TrainingSettings
+from tasks.store.base_run import is_run_reference, published_model_config
 from tasks.store.hub import HubSettings, hub_config, is_hub_id, resolve_model
 
 FINETUNE_FLOW = "finetune"
@@ -26,13 +27,17 @@ class RoutedRun(Protocol):
     method: MethodChoice
     training: TrainingSettings
     lora: LoraSettings
+    output: str
 
 
 def read_model_shape(model: str, revision: str | None = None, hub: HubSettings | None = None,
-                     token: str | None = None) -> ModelShape:
+                     token: str | None = None, output: str | None = None) -> ModelShape:
     """From config.json alone: a local folder's, or a Hub id's (downloaded alone into the Hub cache with `token`,
     hub.token_secret's, else HF_TOKEN's; with hub.mirror, the commit the mirror pins, from there when it has it,
-    with the tokenizer: the one snapshot the whole fleet uses)."""
+    with the tokenizer: the one snapshot the whole fleet uses), or a published run's (run:<id> in `output`,
+    read in place)."""
+    if output is not None and is_run_reference(model):
+        return ModelShape.from_config(published_model_config(model, output), source=f"{model} in {output}")
     if is_hub_id(model):
         hub = hub or HubSettings()
         path = (Path(resolve_model(model, revision, hub.cache_dir, token, weights=False, mirror=hub.mirror).path)
@@ -51,7 +56,8 @@ def choose_work_pool(config: RoutedRun, pools: list[WorkPoolSpec],
     t = config.training
     # Without reading the data, every row is taken as max_seq_len tokens long: the worst case.
     return select_work_pool(
-        read_model_shape(config.model, config.model_revision, config.hub, token), pools, method=config.method,
+        read_model_shape(config.model, config.model_revision, config.hub, token, config.output), pools,
+        method=config.method,
         longest_row=t.max_seq_len,
         largest_step=t.batch_size * t.max_seq_len, max_rows_per_micro_batch=t.micro_batch_size,
         gradient_checkpointing=t.gradient_checkpointing, lora_r=config.lora.r, lora_targets=config.lora.target_list(),

@@ -35,7 +35,7 @@ def card_data(*, run_id: str, base_model: dict, data: dict, method: str, evaluat
     """The card's metadata as huggingface_hub's ModelCardData (the YAML block at the top of README.md)."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    name = base_model.get("repo_id") or base_model["path"]
+    name = base_name(base_model)
     sources = data.get("sources", [])
     tuned = evaluation["tuned"]
     held_out = _eval_source(data)
@@ -48,13 +48,35 @@ def card_data(*, run_id: str, base_model: dict, data: dict, method: str, evaluat
                for metric, value in scores.items()]
     return ModelCardData(
         base_model=name, library_name="peft" if adapter_only else "transformers",
-        tags=["prefect-finetune", str(method)], model_name=f"{Path(name).name}-{method}-{run_id}",
+        tags=["prefect-finetune", str(method)], model_name=f"{_short_name(base_model)}-{method}-{run_id}",
         datasets=[s["uri"] for s in sources] or None, eval_results=results or None,
         metrics=sorted(scores) or None, pipeline_tag="text-generation",
         **base_model.get("license", {}),
         # not a Hub field: which bytes trained the model (a URI alone can be overwritten)
         dataset_checksums=[{"uri": s["uri"], "sha256": s["sha256"], "rows": s.get("rows")} for s in sources] or None,
     )
+
+
+def base_name(base_model: dict) -> str:
+    """A Hub model's id; a published run's merged folder (model: run:<id>); else the local folder."""
+    if run := base_model.get("run"):
+        return f"{run['run_uri']}/merged"
+    return base_model.get("repo_id") or base_model["path"]
+
+
+def _short_name(base_model: dict) -> str:
+    """The base's last name part (a published run: `run-<id>`, not its `merged` folder)."""
+    return f"run-{base_model['run']['run_id']}" if base_model.get("run") else Path(base_name(base_model)).name
+
+
+def _started_from(run: dict) -> str:
+    """Which published run the base is, and that run's own base."""
+    own = run.get("base_model", {})
+    own_name = base_name(own) if own.get("path") or own.get("run") else "?"
+    return (f"The base is run `{run['run_id']}` (`{run['requested']}`; {run.get('objective', 'sft')}, "
+            f"{run.get('method') or '?'}), published in `{run['output']}`; that run was fine-tuned from "
+            f"`{own_name}`. Fetch it, checked against its manifest, with "
+            f"`prefect-finetune download {run['output']} --run {run['run_id']}` (its `merged` folder).")
 
 
 def _eval_source(data: dict) -> dict:
@@ -69,7 +91,7 @@ def model_card(*, run_id: str, base_model: dict, data: dict, method: str, traini
                evaluation: dict, adapter_only: bool, publish_dtype: str) -> str:
     base, tuned, metric = evaluation["base"], evaluation["tuned"], evaluation["metric"]
     # A Hub model is named by its id (the Hub links a card's base_model to it) and pinned to the commit trained on.
-    name = base_model.get("repo_id") or base_model["path"]
+    name = base_name(base_model)
     commit = f", commit `{base_model['revision']}`" if base_model.get("revision") else ""
     metadata = card_data(run_id=run_id, base_model=base_model, data=data, method=method, evaluation=evaluation,
                          adapter_only=adapter_only)
@@ -83,6 +105,7 @@ def model_card(*, run_id: str, base_model: dict, data: dict, method: str, traini
         f"{'A LoRA adapter' if adapter_only else 'A standalone model'} fine-tuned with **{method}** from the base "
         f"model `{name}`{commit} ({base_model.get('model_type', '?')}, "
         f"{base_model.get('parameters', 0):,} parameters).",
+        *([_started_from(base_model["run"])] if base_model.get("run") else []),
         license_line,
         "## Data",
         sources or "(no sources recorded)",

@@ -78,9 +78,12 @@ class ResolvedModel(BaseModel):
     endpoint: str | None = None  # the Hub (or mirror, HF_ENDPOINT) it was resolved against
     mirror: str | None = None  # the hub.mirror snapshot its files came from; None: from the Hub or the local cache
     published: str | None = None  # the hub.mirror snapshot this call published after fetching from the Hub
+    base_run: dict | None = None  # set when `model` was a published run (run:<id>): tasks/store/base_run.py
 
     def describe(self) -> dict:
-        """What the manifest records of a Hub model (nothing for a local folder)."""
+        """What the manifest records of a Hub model or a published run (nothing for a local folder)."""
+        if self.base_run:
+            return {"run": self.base_run}
         return {"repo_id": self.repo_id, "requested_revision": self.revision, "commit": self.commit,
                 "endpoint": self.endpoint, "source": "mirror" if self.mirror else "hub",
                 "mirror": self.mirror} if self.repo_id else {}
