@@ -83,12 +83,13 @@ def padded_batch(examples, pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
 
 
-def dpo_trainer(model, tokenizer, tmp_path, loss_type: str, label_smoothing: float = 0.0, ref_model=None,
-                peft_config=None):
+def dpo_trainer(model, tokenizer, tmp_path, loss_type: str | list, label_smoothing: float = 0.0, ref_model=None,
+                peft_config=None, loss_weights=None):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=BETA, loss_type=[loss_type],
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=BETA,
+                     loss_type=loss_type if isinstance(loss_type, list) else [loss_type], loss_weights=loss_weights,
                      label_smoothing=label_smoothing, report_to=[], use_cpu=True, bf16=False, fp16=False,
                      save_strategy="no", max_length=None)
     data = Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}])  # unused: batches are given
@@ -132,6 +133,21 @@ def test_dpo_with_adapter_matches_trl(tiny_model, tiny_tokenizer, examples, tmp_
     result = dpo_loss(ours, examples[pairs], "cpu", BETA)
     assert abs(theirs_loss.item() - 0.6931) > 1e-3  # policy and reference really differ
     compare(result.loss, ours, theirs_loss, trainer.model, f"DPO LoRA {pairs}")
+
+
+def test_dpo_with_the_chosen_nll_matches_trl_sigmoid_plus_sft(tiny_model, tiny_tokenizer, examples, tmp_path):
+    """preference.sft_weight w: TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, w] (RPO)."""
+    trainer = dpo_trainer(base_model(tiny_model), tiny_tokenizer, tmp_path, ["sigmoid", "sft"],
+                          peft_config=lora_config(), loss_weights=[1.0, 0.5])
+    perturb_adapter(trainer.model)
+    ours = our_lora_model(tiny_model, trainer.model)
+    ours.train()
+    theirs_loss = trainer._compute_loss(trainer.model, padded_batch(examples, tiny_tokenizer.pad_token_id),
+                                        return_outputs=False)
+    plain = dpo_loss(ours, examples, "cpu", BETA).loss.item()
+    ours_loss = dpo_loss(ours, examples, "cpu", BETA, sft_weight=0.5).loss
+    assert ours_loss.item() - plain > 0.5  # the NLL term is really there (tokens of a tiny model: NLL ~ 5)
+    compare(ours_loss, ours, theirs_loss, trainer.model, "DPO LoRA + 0.5 x chosen NLL")
 
 
 def test_dpo_label_smoothing_matches_trl_conservative_form(tiny_model, tiny_tokenizer, examples, tmp_path):

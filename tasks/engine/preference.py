@@ -275,13 +275,16 @@ def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, refer
 
 
 def dpo_loss(model, pairs: list[PairExample], device, beta: float, label_smoothing: float = 0.0,
-             reference=None, reference_scores: PairLogps | None = None) -> PreferenceLoss:
+             reference=None, reference_scores: PairLogps | None = None, sft_weight: float = 0.0) -> PreferenceLoss:
     """DPO's loss over `pairs`, averaged over pairs. `reference_scores`: the reference's log-probs
-    when already known (computed once per epoch and cached), else computed here."""
+    when already known (computed once per epoch and cached), else computed here. `sft_weight`: plus
+    that times the mean NLL of the chosen answers' tokens (RPO)."""
     ref = reference_scores or reference_logps(model, pairs, device, reference)
     policy = pair_logps(model, pairs, device)
-    losses = dpo_losses(policy.chosen, policy.rejected, ref.chosen, ref.rejected, beta, label_smoothing)
-    return PreferenceLoss(losses.mean(), beta * (policy.chosen - ref.chosen).detach(),
+    loss = dpo_losses(policy.chosen, policy.rejected, ref.chosen, ref.rejected, beta, label_smoothing).mean()
+    if sft_weight:
+        loss = loss - sft_weight * policy.chosen.sum() / policy.chosen_tokens.sum()
+    return PreferenceLoss(loss, beta * (policy.chosen - ref.chosen).detach(),
                           beta * (policy.rejected - ref.rejected).detach())
 
 

@@ -17,8 +17,8 @@ import torch
 
 from tasks.data.preference import PairExample
 from tasks.engine.packing import micro_batches
-from tasks.engine.preference import (PairLogps, PreferenceLoss, dpo_losses, orpo_loss, pair_logps, reference_logps,
-                                     shares_prompts, stream_tokens)
+from tasks.engine.preference import (PairLogps, PreferenceLoss, dpo_loss, orpo_loss, reference_logps, shares_prompts,
+                                     stream_tokens)
 from tasks.planning.methods import Method
 from tasks.planning.settings import PreferenceSettings
 from tasks.store.weight_safety import SAFE
@@ -62,13 +62,8 @@ class PreferenceObjective:
         """The mean loss over `pairs` (one packed forward of the policy)."""
         if self.objective == "orpo":
             return orpo_loss(model, pairs, self.device, self.settings.orpo_lambda)
-        reference = self.reference_scores(model, pairs)
-        policy = pair_logps(model, pairs, self.device)
-        beta = self.settings.beta
-        losses = dpo_losses(policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta,
-                            self.settings.label_smoothing)
-        return PreferenceLoss(losses.mean(), beta * (policy.chosen - reference.chosen).detach(),
-                              beta * (policy.rejected - reference.rejected).detach())
+        return dpo_loss(model, pairs, self.device, self.settings.beta, self.settings.label_smoothing,
+                        reference_scores=self.reference_scores(model, pairs), sft_weight=self.settings.sft_weight)
 
     def reference_scores(self, model, pairs: list[PairExample]) -> PairLogps:
         """The reference's log-probs of `pairs`: from the cache, computing (in eval mode, no graph) only

@@ -71,6 +71,11 @@ class PreferenceSettings(BaseModel):
         0.0, ge=0, lt=0.5, description="DPO: the share of pairs assumed to be labelled the wrong way round "
         "(conservative DPO); 0 trusts every label.",
     )
+    sft_weight: float = Field(
+        0.0, ge=0, le=100, description="DPO: weight of the chosen answers' mean token NLL added to the loss (RPO; "
+        "TRL's loss_type ['sigmoid', 'sft'] with loss_weights [1, w]). DPO alone can push both answers' "
+        "likelihood down when they differ little, so generation degrades; 0.2-1 keeps the chosen answers likely.",
+    )
     orpo_lambda: float = Field(
         0.1, gt=0, le=100, description="ORPO: weight of the odds-ratio term next to the chosen answer's NLL "
         "(the paper's lambda; TRL's ORPOConfig.beta).",
