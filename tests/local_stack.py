@@ -422,8 +422,8 @@ def published_manifests(s3, bucket: str, output_prefix: str) -> list[dict]:
 
 
 def assert_trained_with_dpo(manifest: dict) -> None:
-    """The published run trained on preference pairs with DPO: the objective recorded, and the DPO loss's
-    reward accuracy logged in its history (an SFT run logs none)."""
+    """The published run trained on preference pairs with DPO: the objective recorded, and the preference
+    loss's reward accuracy logged in its history (an SFT run logs none)."""
     training = manifest["training"]
     assert training["objective"] == "dpo", training["objective"]
     assert any("reward_accuracy" in step for step in training["history"]), training["history"]
