@@ -36,10 +36,10 @@ PY
 echo "bucket my-bucket notifies $QUEUE_URL"
 infra/create-work-pools.sh
 # The deployments whose pools exist here (the router and its Kubernetes pools need KUBERNETES=1).
-prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --name gpu --name on-upload --name nightly --name poll --name every-10-minutes
+prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --name gpu --name on-upload --name on-preference-upload --name nightly --name poll --name every-10-minutes
 python infra/apply_automations.py deployments/automations.yaml
 POOL=gpu infra/start-worker.sh & pids+=($!)
 POOL=cpu infra/start-worker.sh & pids+=($!)
 QUEUE_URL=$QUEUE_URL infra/start-s3-bridge.sh & pids+=($!)
-echo "UI: http://127.0.0.1:${PREFECT_PORT:-4200}  upload: aws s3 cp data.jsonl s3://my-bucket/datasets/incoming/"
+echo "UI: http://127.0.0.1:${PREFECT_PORT:-4200}  upload: aws s3 cp data.jsonl s3://my-bucket/datasets/incoming/ (preference pairs: .../incoming/preference/)"
 wait

@@ -264,7 +264,7 @@ def deployed(prefect_server, moto_endpoint, tiny_model, stack_dir) -> dict:
     """deployments/prefect.yaml (tiny runs, the test's pool and bucket) registered with `prefect deploy`."""
     env = base_env(stack_dir / "prefect-home") | aws_env(moto_endpoint) | {"PREFECT_API_URL": prefect_server}
     project = deploy(env, tiny_model, POOL, f"s3://{BUCKET}/models/incoming", stack_dir,
-                     keep=("gpu", "on-upload", "nightly"))
+                     keep=("gpu", "on-upload", "on-preference-upload", "nightly"))
     return {"env": env, "project": project}
 
 
@@ -303,8 +303,9 @@ def project_file_for_test(bucket: str, model: Path, pool: str, output: str, trai
         deployment["work_pool"] = {"name": pool}
         configs = [deployment["parameters"]["config"]] + [t["parameters"]["config"] for t in deployment.get("triggers", [])]
         for config in configs:
-            config.update(model=str(model), output=output, training=training, evaluation=evaluation,
-                          work_dir=str(dest.parent / "work"))
+            # A tiny run, over what the deployment sets (on-preference-upload's gate metric stays)
+            config.update(model=str(model), output=output, training={**config.get("training", {}), **training},
+                          evaluation={**config.get("evaluation", {}), **evaluation}, work_dir=str(dest.parent / "work"))
             for name in ("data", "eval_data"):
                 if name in config:
                     config[name] = config[name].replace("s3://my-bucket/", f"s3://{bucket}/")
@@ -329,7 +330,7 @@ def notify_queue(s3, sqs, bucket: str, queue_name: str) -> str:
     for production (infra/s3-notification.json); returns the queue URL."""
     import json
 
-    s3.create_bucket(Bucket=bucket)
+    ensure_bucket(s3, bucket)
     queue_url = sqs.create_queue(QueueName=queue_name)["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     config = json.loads((ROOT / "infra" / "s3-notification.json").read_text())
@@ -409,3 +410,30 @@ def queue_empty(sqs, queue_url: str) -> bool:
     attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
         "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
     return all(v == "0" for v in attributes.values())
+
+
+def published_manifests(s3, bucket: str, output_prefix: str) -> list[dict]:
+    """The manifests of the runs published under s3://bucket/<output_prefix>/runs/."""
+    import json
+
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{output_prefix}/runs/").get("Contents", [])
+    return [json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read())
+            for o in listed if o["Key"].endswith("/manifest.json")]
+
+
+def assert_trained_with_dpo(manifest: dict) -> None:
+    """The published run trained on preference pairs with DPO: the objective recorded, and the preference
+    loss's reward accuracy logged in its history (an SFT run logs none)."""
+    training = manifest["training"]
+    assert training["objective"] == "dpo", training["objective"]
+    assert any("reward_accuracy" in step for step in training["history"]), training["history"]
+
+
+def ensure_bucket(s3, bucket: str) -> None:
+    """`bucket`, created unless an earlier test on the shared moto server made it."""
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError:
+        s3.create_bucket(Bucket=bucket)

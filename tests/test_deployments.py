@@ -38,7 +38,8 @@ def test_deployment_entrypoint_and_parameters_are_valid(name):
 def test_every_fine_tuning_deployment_runs_one_at_a_time_on_a_gpu_pool():
     finetuning = [d for d in DEPLOYMENTS.values() if d["entrypoint"] in ("flows/finetune.py:finetune",
                                                                         "flows/retrain.py:retrain")]
-    assert {d["name"] for d in finetuning} == {"gpu", "gpu-24gb", "gpu-80gb", "nightly", "on-upload"}
+    assert {d["name"] for d in finetuning} == {"gpu", "gpu-24gb", "gpu-80gb", "nightly", "on-upload",
+                                               "on-preference-upload"}
     for d in finetuning:
         assert d["work_pool"]["name"].startswith("gpu") and d["concurrency_limit"]["limit"] == 1
         assert d["concurrency_limit"]["collision_strategy"] == "ENQUEUE" and d["enforce_parameter_schema"]
@@ -68,3 +69,33 @@ def test_nightly_schedule_and_upload_trigger():
     notification = json.loads((ROOT / "infra" / "s3-notification.json").read_text())["QueueConfigurations"][0]
     assert notification["Filter"]["Key"]["FilterRules"][0]["Value"] == "datasets/incoming/"
     assert notification["Events"] == ["s3:ObjectCreated:*"]
+
+
+@pytest.mark.parametrize("key, deployments", [
+    ("datasets/incoming/new.jsonl", {"on-upload"}),
+    ("datasets/incoming/q7/rows.parquet", {"on-upload"}),
+    ("datasets/incoming/preference/pairs.jsonl", {"on-preference-upload"}),
+    ("datasets/incoming/preference/2026-12/pairs.jsonl", {"on-preference-upload"}),
+    ("datasets/incoming/q7/preference/pairs.jsonl", {"on-upload"}),  # only the folder right under incoming/
+    ("datasets/other/preference/pairs.jsonl", set()),
+])
+def test_each_upload_matches_one_trigger_and_preference_pairs_get_dpo(key, deployments):
+    """Matched as the server matches (prefect.server.events: every label, `*` and a leading `!`), and as the
+    reconciler does (tasks/data/s3_reconcile.py): an upload starts one run at most, and pairs start a DPO run."""
+    from prefect.server.events.schemas.events import Resource, ResourceSpecification
+
+    from tasks.data.s3_events import S3Object
+    from tasks.data.s3_reconcile import UploadTrigger
+
+    upload = S3Object(bucket="my-bucket", key=key, etag=EVENT["etag"])
+    matched = set()
+    for name, deployment in DEPLOYMENTS.items():
+        for trigger in deployment.get("triggers", []):
+            by_server = ResourceSpecification(trigger["match"]).matches(Resource.model_validate(upload.resource()))
+            assert by_server == UploadTrigger(name, tuple(trigger["expect"]), trigger["match"]).covers(upload)
+            matched |= {name} if by_server else set()
+    assert matched == deployments
+    if deployments == {"on-preference-upload"}:
+        [trigger] = DEPLOYMENTS["on-preference-upload"]["triggers"]
+        config = trigger["parameters"]["config"]
+        assert config["objective"] == "dpo" and config["evaluation"]["metric"] == "preference_accuracy"

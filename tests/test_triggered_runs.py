@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import yaml
 
 from conftest import DEMO_DATA
-from local_stack import (BUCKET, POOL, ROOT, Api, boto_kwargs, notification_body, notify_queue, queue_empty,
-                         start_bridge, start_worker, stop_stack)
+from local_stack import (BUCKET, POOL, ROOT, Api, assert_trained_with_dpo, boto_kwargs, notification_body,
+                         notify_queue, published_manifests, queue_empty, start_bridge, start_worker, stop_stack)
 from local_stack import wait_for as stack_wait_for
 
 pytestmark = pytest.mark.integration
@@ -109,3 +109,58 @@ def test_nightly_retraining_schedule_is_registered(stack):
     schedules = [s.schedule for s in deployment.schedules]
     assert [(s.cron, s.timezone) for s in schedules] == [(expected["cron"], expected["timezone"])]
     assert deployment.work_pool_name == POOL
+
+
+def test_a_preference_upload_starts_one_dpo_run_and_no_sft_run(stack):
+    """A file of preference pairs under incoming/preference/ starts exactly one run, of on-preference-upload
+    (objective dpo), and none of on-upload, whose trigger watches the rest of incoming/."""
+    s3, api = stack["s3"], Api(stack["api"])
+    dpo, sft = api.deployment("finetune/on-preference-upload"), api.deployment("finetune/on-upload")
+    sft_runs = len(api.runs_of(sft.id))
+    key = PREFIX + "preference/pairs.jsonl"
+    etag = s3.put_object(Bucket=BUCKET, Key=key, Body=(DEMO_DATA / "preference_train.jsonl").read_bytes())["ETag"]
+    runs = wait_for("a flow run for the preference upload", lambda: api.runs_of(dpo.id), 90, stack)
+    run = finish(api, runs[0].id, stack)
+    config = run.parameters["config"]
+    assert config["data"] == f"s3://{BUCKET}/{key}" and config["data_etag"] == etag.strip('"')
+    assert config["objective"] == "dpo" and config["evaluation"]["metric"] == "preference_accuracy"
+    [manifest] = [m for m in published_manifests(s3, BUCKET, "models/incoming")
+                  if m["run"]["flow_run_id"] == str(run.id)]
+    assert_trained_with_dpo(manifest)
+    # By the time the run has finished, a trigger that wrongly matched the event would have made its run long ago.
+    assert len(api.runs_of(dpo.id)) == 1 and len(api.runs_of(sft.id)) == sft_runs
+
+
+def test_the_nightly_schedule_runs_retraining_with_dpo(stack):
+    """retrain/nightly as registered from prefect.yaml, with `objective: dpo` and a prefix of preference files in
+    its config (what a user edits there): its cron schedule's run trains with DPO and publishes. The run is made
+    by the server's own scheduling code (POST /deployments/<id>/schedule, the models.deployments.schedule_runs
+    the scheduler service calls) for the schedule's last 03:00 slot, rather than waiting for the next one."""
+    s3, api = stack["s3"], Api(stack["api"])
+    nightly = api.deployment("retrain/nightly")
+    [schedule] = nightly.schedules
+    for key, demo in (("datasets/pairs/train/pairs.jsonl", "preference_train.jsonl"),
+                      ("datasets/pairs/eval.jsonl", "preference_eval.jsonl")):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=(DEMO_DATA / demo).read_bytes())
+    config = {**nightly.parameters["config"], "objective": "dpo", "data": f"s3://{BUCKET}/datasets/pairs/train/",
+              "eval_data": f"s3://{BUCKET}/datasets/pairs/eval.jsonl", "output": f"s3://{BUCKET}/models/nightly-dpo"}
+    slot = datetime.now(timezone.utc).replace(hour=3, minute=0, second=0, microsecond=0)
+    slot -= timedelta(days=1) if slot > datetime.now(timezone.utc) else timedelta(0)
+    client = api.client
+    client.request("PATCH", f"/deployments/{nightly.id}", json={"parameters": {"config": config}})
+    client.update_deployment_schedule(nightly.id, schedule.id, active=True)
+    try:
+        around_slot = {"start_time": (slot - timedelta(seconds=1)).isoformat(),
+                       "end_time": (slot + timedelta(seconds=1)).isoformat()}
+        client.request("POST", f"/deployments/{nightly.id}/schedule",
+                       json=around_slot | {"min_time": 0, "min_runs": 1, "max_runs": 1})
+        runs = wait_for("the scheduled run", lambda: [r for r in api.runs_of(nightly.id)
+                                                     if r.expected_start_time == slot], 30, stack)
+        assert len(runs) == 1 and runs[0].created_by.type == "SCHEDULE" and runs[0].created_by.id == schedule.id
+        run = finish(api, runs[0].id, stack)
+    finally:
+        client.update_deployment_schedule(nightly.id, schedule.id, active=False)  # as registered (and its runs gone)
+        client.request("PATCH", f"/deployments/{nightly.id}", json={"parameters": nightly.parameters})
+    assert run.parameters["config"]["objective"] == "dpo"
+    [manifest] = published_manifests(s3, BUCKET, "models/nightly-dpo")
+    assert_trained_with_dpo(manifest)
