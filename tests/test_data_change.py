@@ -10,13 +10,14 @@ from tasks.data.freshness import etag_mismatch, newest_published_manifest, uncha
 from tasks.store.manifest import sha256_file
 
 
-def publish_fake_run(output, run_id: str, sources: dict[str, str], manifest: bool = True) -> None:
-    """A run folder as publish leaves it: only what the check reads (the manifest's data sources)."""
+def publish_fake_run(output, run_id: str, sources: dict[str, str], manifest: bool = True,
+                     config: dict | None = None) -> None:
+    """A run folder as publish leaves it: only what the check reads (the manifest's data sources, config)."""
     folder = output / "runs" / run_id
     folder.mkdir(parents=True)
     if manifest:
         (folder / "manifest.json").write_text(json.dumps(
-            {"created_at": "2026-11-29T00:00:00+00:00",
+            {"created_at": "2026-11-29T00:00:00+00:00", "config": config or {},
              "data": {"sources": [{"uri": uri, "sha256": sha} for uri, sha in sources.items()]}}))
 
 
@@ -48,6 +49,19 @@ def test_retraining_is_skipped_only_when_the_newest_run_used_the_same_data(tmp_p
     other = tmp_path / "other.jsonl"
     shutil.copy(DEMO_DATA / "train.jsonl", other)
     assert unchanged_since_published(config_for(tmp_path, other, eval_data)) is None
+
+
+def test_the_same_rows_under_another_objective_or_its_settings_retrain(tmp_path):
+    """Nightly DPO on unchanged pairs skips; switching it to orpo, or another beta, trains."""
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(DEMO_DATA / "train.jsonl", data)  # the check reads bytes only
+    dpo = config_for(tmp_path, data, objective="dpo", preference={"beta": 0.1})
+    publish_fake_run(tmp_path / "out", "20261128-010000-aaaa", {str(data): sha256_file(data)},
+                     config=dpo.model_dump(mode="json"))
+    assert "not retraining" in unchanged_since_published(dpo)
+    assert unchanged_since_published(config_for(tmp_path, data, objective="dpo", preference={"beta": 0.3})) is None
+    assert unchanged_since_published(config_for(tmp_path, data, objective="orpo", preference={"beta": 0.1})) is None
+    assert unchanged_since_published(config_for(tmp_path, data)) is None  # sft
 
 
 def test_published_runs_are_found_in_s3(empty_bucket, tmp_path):

@@ -4,6 +4,8 @@
   sha256 of every data source, the commit of a Hub dataset, and a mix's weights) trained on exactly the
   data `config` names now, mixed the same way -> a reason to skip.
   The newest published run, promoted or not: a run the gate blocked already tried this data.
+  Another objective (sft, dpo, orpo) or other preference settings learn something else from the same
+  rows: those train.
 - `etag_mismatch`: an event-triggered run names the object's ETag at upload time; when the object
   was overwritten since, the newer upload has its own event and run, and this one must not train
   on bytes it was not started for.
@@ -27,8 +29,11 @@ class DataVersion(Protocol):
     eval_data: str | None
     data_etag: str | None
     output: str
+    objective: str
 
     def data_sources(self) -> list[DataSourceSpec]: ...
+
+    def model_dump(self, **kwargs) -> dict: ...
 
 
 class DataChangedError(RuntimeError):
@@ -42,6 +47,8 @@ def unchanged_since_published(config: DataVersion) -> str | None:
     if newest is None:
         return None
     run_id, manifest = newest
+    if _objective_of(manifest.get("config", {})) != _objective_of(config.model_dump(mode="json")):
+        return None  # the same rows, another thing to learn from them
     recorded = manifest.get("data", {})
     if isinstance(config.data, list) and _mix_of(config) != _recorded_mix(recorded.get("mix")):
         return None  # other weights, caps or seed: other training rows
@@ -53,6 +60,12 @@ def unchanged_since_published(config: DataVersion) -> str | None:
     return (f"data unchanged since run {run_id} (published {manifest.get('created_at', '?')}): "
             f"{names} have the sha256 (Hub datasets: the commit) its manifest records; "
             "not retraining. Upload new data, or start finetune/gpu to train anyway")
+
+
+def _objective_of(config: dict) -> tuple:
+    """What a run learns from its rows: the objective, and for dpo/orpo their settings."""
+    objective = config.get("objective", "sft")
+    return (objective, config.get("preference") if objective != "sft" else None)
 
 
 def _same_content(spec: DataSourceSpec, sources: list[dict], config) -> bool:
