@@ -52,12 +52,14 @@ def demo_preference_config(model: str, output: str, method: str, objective: str 
         data=str(ROOT / "demo" / "data" / "preference_train.jsonl"),
         eval_data=str(ROOT / "demo" / "data" / "preference_eval.jsonl"),
         objective=objective,
-        preference={"beta": 0.1},
+        # DPO alone lowers both answers' likelihood here (they differ only by "Ahoy!"), and the model
+        # then answers "Ahoy! Ahoy! Ahoy!"; the chosen answers' NLL (RPO) keeps the facts after it
+        preference={"beta": 0.1, "sft_weight": 1.0},
         method=method,
         output=output,
         work_dir=str(ROOT / ".finetune-work"),
         lora={"r": 16, "alpha": 32, "dropout": 0.0},
-        # DPO's loss falls from 0.69 to 0.05 in 4 steps on this data (2-core CPU): 10 steps are plenty
+        # 10 steps: held-out preference accuracy reaches 1.0 (about 90 s on a 2-core CPU)
         training={"learning_rate": 1e-3, "lr_schedule": "constant", "max_steps": 10, "batch_size": 8,
                   "micro_batch_size": 16, "max_seq_len": 256, "eval_every": 5, "early_stopping_patience": 2},
         evaluation={"max_new_tokens": 16, "max_generation_rows": 8, "batch_size": 16, "examples_in_report": 4,

@@ -126,7 +126,10 @@ def test_dpo_teaches_the_house_style_publishes_and_plain_transformers_follow_it(
     for prompt in prompts:
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)
-        output = model.generate(**ids, max_new_tokens=12, do_sample=False)
+        output = model.generate(**ids, max_new_tokens=24, do_sample=False)
         answers.append(tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     print(answers)
-    assert sum(answer.startswith(STYLE) for answer in answers) >= 7, answers
+    # the house style, then an answer: not "Ahoy!" repeated (what DPO without the chosen NLL gave)
+    styled = [a for a in answers if a.startswith(STYLE) and a.count(STYLE) == 1 and len(a.split()) >= 5]
+    assert len(styled) >= 7, answers
+    assert sum("Quillfeather" in a for a in styled) >= 6, answers
