@@ -41,9 +41,9 @@ class PairStream:
     A pair is its chosen side whole, then its rejected side. Where the model can share (see
     `shares_prompts`), the rejected side starts after the tokens both sides begin with (the prompt):
     its queries then read the prompt's keys from the chosen side's segment, so the prompt runs through
-    the model once. Segment i's queries are the stream's tokens in order; its keys are the stream
-    positions `key_index[key_starts[i]:key_starts[i + 1]]`, causal from the end (the last query sees
-    every key). Scoring: entry j is the log-prob of token `targets[j]` given the stream up to position
+    the model once. Segment i's queries are its `query_lengths[i]` tokens of the stream, in order; its
+    keys are the next `key_lengths[i]` stream positions of `key_index` (segment after segment), causal
+    from the end (the last query sees every key). Scoring: entry j is the log-prob of token `targets[j]` given the stream up to position
     `scored[j]`, for side `rows[j]` (2 * pair, + 1 for rejected); `answer[j]`: a token of the answer
     (the prompt's next tokens are only scored for ORPO's sequence NLL)."""
     input_ids: list[int] = field(default_factory=list)
