@@ -95,6 +95,8 @@ def _train(config: FinetuneConfig, run: RunInfo, plan, attempt: Attempt, process
                     "tokens; gradient checkpointing %s; attention %s", attempt.method, plan.device,
                     f"{sizes['trainable']:,}", f"{sizes['total']:,}", attempt.tokens_per_micro_batch,
                     attempt.checkpointing, model.config._attn_implementation)
+        if loaded["objective"] is not None:
+            logger.info("preference pairs: %s", loaded["objective"].layout(model))
         return model
 
     def run_attempt(model, attempt: Attempt, restarted: bool):

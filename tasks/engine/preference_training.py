@@ -65,6 +65,13 @@ class PreferenceObjective:
         return dpo_loss(model, pairs, self.device, self.settings.beta, self.settings.label_smoothing,
                         reference_scores=self.reference_scores(model, pairs), sft_weight=self.settings.sft_weight)
 
+    def layout(self, model) -> str:
+        """How pairs go through `model`, for the log (measured now, on the model, once)."""
+        if shares_prompts(model, self.device):
+            return "each pair's prompt runs once (shared by both answers; measured exact on this model)"
+        attention = getattr(model.config, "_attn_implementation", "?")
+        return f"both sides of a pair whole, prompt twice (attention {attention} cannot share a prompt exactly)"
+
     def reference_scores(self, model, pairs: list[PairExample]) -> PairLogps:
         """The reference's log-probs of `pairs`: from the cache, computing (in eval mode, no graph) only
         the pairs not seen before."""
