@@ -2,7 +2,8 @@
 
     prefect-finetune download OUTPUT [--run RUN_ID|latest] [--to DIR]
     prefect-finetune verify   OUTPUT [--run RUN_ID|latest] [--to DIR] [--base PATH] [--no-load]
-    prefect-finetune plan     --model PATH|ORG/NAME --gpu-gib N [N ...] [--gpus N] [--data PATH] [--method auto] ...
+    prefect-finetune plan     --model PATH|ORG/NAME|run:ID --gpu-gib N [N ...] [--gpus N] [--data PATH] [--method auto]
+                              [--objective sft|dpo|orpo] [--output OUTPUT (for run:ID)] ...
     prefect-finetune validate DATA [--eval-data PATH] [--format F] [--model PATH] [--json] [--on-invalid ...]
     prefect-finetune promote  OUTPUT RUN_ID [--reason TEXT]
     prefect-finetune rollback OUTPUT [--reason TEXT]
@@ -112,8 +113,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def _add_plan(subparsers) -> None:
     parser = subparsers.add_parser("plan", help="print the memory plan for a model, data and GPU size(s)")
     parser.add_argument("--model", required=True,
-                        help="a Hugging Face Hub id (org/name), a model folder, its config.json, or an s3:// prefix "
-                        "holding config.json")
+                        help="a Hugging Face Hub id (org/name), a model folder, its config.json, an s3:// prefix "
+                        "holding config.json, or run:<run-id> / run:latest, a run published in --output")
+    parser.add_argument("--output", help="for --model run:...: the output (folder or s3://) whose registry holds it")
+    parser.add_argument("--objective", default="sft", choices=["sft", "dpo", "orpo"],
+                        help="dpo and orpo: --data holds preference pairs, planned as both sides together; full "
+                        "DPO also holds a frozen reference copy")
     parser.add_argument("--revision", help="for a Hub id: branch, tag or commit (default: the default branch)")
     parser.add_argument("--cache-dir", help="for a Hub id: the Hugging Face cache folder (default: HF_HUB_CACHE, "
                         "else HF_HOME/hub)")
@@ -152,7 +157,7 @@ def _plan(args: argparse.Namespace) -> None:
         pool, plan = select_work_pool(
             shape, pools, safety=args.safety, method=args.method, longest_row=longest, largest_step=largest_step,
             typical_step=typical_step, max_rows_per_micro_batch=args.micro_batch_size, gradient_checkpointing=args.gradient_checkpointing,
-            lora_r=args.lora_r, fused_kernels=not args.no_fused_kernels)
+            lora_r=args.lora_r, fused_kernels=not args.no_fused_kernels, objective=args.objective)
     except PlanError as error:
         raise CheckFailed(str(error)) from error
     print(f"model: {shape.model_type}, {shape.parameters / 1e9:.2f}B parameters; rows: {origin}")
@@ -169,10 +174,16 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _model_files(args: argparse.Namespace, scratch: Path) -> Path:
     """A local folder with the model's config.json (and its tokenizer when there is one)."""
+    from tasks.store.base_run import is_run_reference, resolve_base_run
     from tasks.store.hub import hub_config, is_hub_id, model_problem, resolve_model
     from tasks.store.objects import is_s3_uri, join_uri, read_object
 
     model = args.model
+    if is_run_reference(model):
+        if not args.output:
+            raise CheckFailed(f"--model {model} is a published run: give --output, the folder or s3:// prefix "
+                              "whose registry holds it")
+        return Path(resolve_base_run(model, args.output, str(scratch), weights=False).path)
     if problem := model_problem(model, args.revision):
         raise CheckFailed(problem.replace("model_revision", "--revision").replace("model=", "--model="))
     if is_hub_id(model) and not args.data:  # config.json alone, never the weights
@@ -207,11 +218,19 @@ def _token_lengths(args: argparse.Namespace, model_dir: Path) -> tuple[int, int,
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise CheckFailed(f"{args.model}: no tokenizer files next to config.json, so --data cannot be measured "
                           "in tokens; drop --data to plan for rows of --max-seq-len tokens")
-    conversations = read_dataset(args.data, args.data_format).conversations
-    lengths = sorted(len(e.input_ids) for e in encode_all(load_tokenizer(str(model_dir)), conversations,
-                                                           args.max_seq_len))
+    tokenizer = load_tokenizer(str(model_dir))
+    if args.objective != "sft":  # a pair's two sides go through the model together
+        from tasks.data.preference import encode_pairs, read_preferences
+
+        pairs = encode_pairs(tokenizer, read_preferences(args.data).pairs, args.max_seq_len)
+        lengths = sorted(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
+        unit = "pairs"
+    else:
+        conversations = read_dataset(args.data, args.data_format).conversations
+        lengths = sorted(len(e.input_ids) for e in encode_all(tokenizer, conversations, args.max_seq_len))
+        unit = "rows"
     return (lengths[-1], *step_tokens(lengths, args.batch_size),
-            f"{len(lengths)} rows of {args.data}, median {lengths[len(lengths) // 2]} tokens, "
+            f"{len(lengths)} {unit} of {args.data}, median {lengths[len(lengths) // 2]} tokens, "
             f"longest {lengths[-1]} (max-seq-len {args.max_seq_len})")
 
 

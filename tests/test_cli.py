@@ -125,3 +125,32 @@ def test_plan_reads_the_config_from_s3(empty_bucket, tmp_path, capsys):
     s3_client().put_object(Bucket=empty_bucket, Key="models/llama-8b/config.json", Body=json.dumps(LLAMA_8B_CONFIG))
     assert main(["plan", "--model", f"s3://{empty_bucket}/models/llama-8b", "--gpu-gib", "80", "--method", "qlora"]) == 0
     assert "model: llama, 8.03B parameters" in capsys.readouterr().out
+
+
+def test_plan_for_dpo_from_a_published_run_measures_pairs(tiny_model, tmp_path, capsys):
+    """`plan --model run:<id> --output OUT --objective dpo --data pairs`: the run's config and tokenizer come
+    from the registry, and the rows are pairs (both sides together)."""
+    from conftest import DEMO_DATA
+    from test_base_run import publish
+
+    output = str(tmp_path / "out")
+    publish(output, "20261201-000000-sft1", tiny_model, tmp_path / "staging")
+    pairs = str(DEMO_DATA / "preference_train.jsonl")
+    assert main(["plan", "--model", "run:20261201-000000-sft1", "--output", output, "--gpu-gib", "24",
+                 "--data", pairs, "--objective", "dpo"]) == 0
+    assert f"40 pairs of {pairs}" in capsys.readouterr().out
+    assert main(["plan", "--model", "run:20261201-000000-sft1", "--gpu-gib", "24"]) == 1
+    assert "give --output" in capsys.readouterr().err
+
+
+def test_plan_counts_full_dpos_reference_copy(tmp_path, capsys):
+    llama_1b = {**LLAMA_8B_CONFIG, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16}
+    (tmp_path / "config.json").write_text(json.dumps(llama_1b))
+
+    def estimate(objective: str) -> float:
+        assert main(["plan", "--model", str(tmp_path), "--gpu-gib", "141", "--method", "full",
+                     "--max-seq-len", "2048", "--objective", objective]) == 0
+        chosen = next(line for line in capsys.readouterr().out.splitlines() if "<- chosen" in line)
+        return float(chosen.split()[-4])
+
+    assert estimate("dpo") - estimate("orpo") > 4  # 1.2B parameters held again in fp32 (~4.6 GiB)
