@@ -76,15 +76,18 @@ def test_a_shared_prompt_on_gpu_gives_each_side_its_own_log_probs(tiny_model, ti
     assert torch.nn.functional.cosine_similarity(g1, g2, dim=0) > 0.99
 
 
-@pytest.mark.parametrize("method, checkpointing", [("lora", "off"), ("qlora", "on")])
-def test_dpo_through_the_flow_on_gpu(tiny_model, tmp_path, method, checkpointing):
-    """DPO on CUDA through the flow: the shared prompt (probed at the first step), with and without
-    gradient checkpointing, raises held-out preference accuracy and publishes."""
+@pytest.mark.parametrize("objective, method, checkpointing",
+                         [("dpo", "lora", "off"), ("dpo", "qlora", "on"), ("dpo", "full", "off"), ("orpo", "lora", "on")])
+def test_preference_tuning_through_the_flow_on_gpu(tiny_model, tmp_path, objective, method, checkpointing):
+    """DPO and ORPO on CUDA through the flow: the shared prompt (probed at the first step), with and
+    without gradient checkpointing, and full DPO's reference copy; held-out preference accuracy rises
+    and the run publishes."""
     from test_preference_flow import preference_config
 
     training = {"learning_rate": 3e-3, "lr_schedule": "constant", "max_steps": 8, "batch_size": 8,
                 "max_seq_len": 128, "eval_every": 4, "early_stopping_patience": 0,
                 "gradient_checkpointing": checkpointing}
-    result = finetune(preference_config(tiny_model, tmp_path, method=method, training=training))
+    result = finetune(preference_config(tiny_model, tmp_path, objective=objective, method=method,
+                                        training=training))
     assert result.method == method
     assert result.scores["tuned"]["preference_accuracy"] > 0.5 and result.promoted
