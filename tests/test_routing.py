@@ -21,6 +21,29 @@ def test_smallest_pool_whose_gpu_fits(tiny_model, tmp_path):
         choose_work_pool(config.model_copy(update={"model": str(tmp_path)}), [BIG])
 
 
+def test_the_router_plans_a_preference_run_with_its_reference_and_pairs(tmp_path):
+    """A DPO run is routed as what it trains: full DPO's frozen reference copy counted, and a row is a
+    pair (both sides, each up to max_seq_len)."""
+    import json
+
+    from tasks.config import FinetuneConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}))
+    pools = [WorkPoolSpec(name="gpu-48gb", gpu_gib=48)]
+
+    def plan(objective: str):
+        config = FinetuneConfig(model=str(tmp_path), data="pairs.jsonl", method="full", objective=objective,
+                                training={"max_seq_len": 1024})
+        return choose_work_pool(config, pools)[1]
+
+    sft, dpo, orpo = plan("sft"), plan("dpo"), plan("orpo")
+    assert dpo.estimate.weights - sft.estimate.weights > 4 * 2**30  # 1.2B parameters again, in fp32
+    assert orpo.estimate.weights == sft.estimate.weights  # ORPO has no reference
+    assert dpo.longest_row == orpo.longest_row == 2 * sft.longest_row == 2048
+
+
 @pytest.mark.integration
 @pytest.mark.usefixtures("prefect_api")
 def test_router_starts_the_run_on_the_chosen_pools_deployment(tiny_model, tmp_path):

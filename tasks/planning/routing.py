@@ -12,7 +12,7 @@ from typing import Protocol
 from tasks.planning.memory import ModelShape
 from tasks.planning.methods import MethodChoice
 from tasks.planning.selector import PlanError, TrainingPlan, WorkPoolSpec, select_work_pool
-from tasks.planning.settings import LoraSettings, TrainingSettings
+from tasks.planning.settings import PREFERENCE_OBJECTIVES, LoraSettings, TrainingSettings
 from tasks.store.base_run import is_run_reference, published_model_config
 from tasks.store.hub import HubSettings, hub_config, is_hub_id, resolve_model
 
@@ -28,6 +28,7 @@ class RoutedRun(Protocol):
     training: TrainingSettings
     lora: LoraSettings
     output: str
+    objective: str
 
 
 def read_model_shape(model: str, revision: str | None = None, hub: HubSettings | None = None,
@@ -54,13 +55,14 @@ def choose_work_pool(config: RoutedRun, pools: list[WorkPoolSpec],
                      token: str | None = None) -> tuple[WorkPoolSpec, TrainingPlan]:
     """`token`: the Hugging Face token for a gated or private Hub model (hub.token_secret's, loaded by the caller)."""
     t = config.training
-    # Without reading the data, every row is taken as max_seq_len tokens long: the worst case.
+    # Without reading the data, every row is taken as max_seq_len tokens long: the worst case. A preference
+    # pair's two sides go through the model together, so its row is twice that.
+    row = t.max_seq_len * (2 if config.objective in PREFERENCE_OBJECTIVES else 1)
     return select_work_pool(
         read_model_shape(config.model, config.model_revision, config.hub, token, config.output), pools,
-        method=config.method,
-        longest_row=t.max_seq_len,
-        largest_step=t.batch_size * t.max_seq_len, max_rows_per_micro_batch=t.micro_batch_size,
-        gradient_checkpointing=t.gradient_checkpointing, lora_r=config.lora.r, lora_targets=config.lora.target_list(),
+        method=config.method, longest_row=row, largest_step=t.batch_size * row,
+        max_rows_per_micro_batch=t.micro_batch_size, gradient_checkpointing=t.gradient_checkpointing,
+        lora_r=config.lora.r, lora_targets=config.lora.target_list(), objective=config.objective,
     )
 
 
