@@ -63,7 +63,7 @@ def main() -> None:
 
     from training_speed import random_model
 
-    from tasks.engine.preference import SHARES_PROMPTS
+    from tasks.engine.preference import SHARES_PROMPTS, shares_prompts
     from tasks.engine.preference_training import PreferenceObjective
     from tasks.engine.train_loop import train
     from tasks.planning.settings import PreferenceSettings, TrainingSettings
@@ -87,7 +87,7 @@ def main() -> None:
                       "peak_gib": round(outcome.peak_memory_bytes / 2**30, 2),
                       "peak_allocated_gib": round(outcome.peak_allocated_bytes / 2**30, 2),
                       "reference_passes": objective.reference_passes,
-                      "shared_prompts": getattr(model, SHARES_PROMPTS, None)}))
+                      "shared_prompts": shares_prompts(model, "cuda")}))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     run = start_tracking(config, start_run(config))  # an MLflow run when `tracking` is on
     tokenizer_only = fetch_model(config, weights=False)  # a Hub id: what ingest reads, before any weights
     data = ingest(config.with_local_model(tokenizer_only), run)
-    model = fetch_model(config, commit=tokenizer_only.commit)  # the same commit's weights, once data is good
+    # the same commit's (or published run's) weights, once the data is good
+    model = fetch_model(config, commit=tokenizer_only.commit, run_id=tokenizer_only.run_id)
     config = config.with_local_model(model)  # every stage reads the model from its local folder
     planned = plan_training(config, data)
     base = evaluate(config, data, planned, label="base")

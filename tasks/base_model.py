@@ -14,14 +14,16 @@ from tasks.store.hub import ResolvedModel, resolve_model
 
 
 @task(name="fetch-model", cache_policy=NO_CACHE)
-def fetch_model(config: FinetuneConfig, weights: bool = True, commit: str | None = None) -> ResolvedModel:
+def fetch_model(config: FinetuneConfig, weights: bool = True, commit: str | None = None,
+                run_id: str | None = None) -> ResolvedModel:
     """`weights=False`: config.json and the tokenizer only (what ingest and plan read), so bad data fails the
     run before gigabytes of weights are downloaded. `commit` pins the weights to the commit that call saw,
-    even if the branch moves in between."""
+    even if the branch moves in between; `run_id`, for run:latest, to the run that call saw, even if another
+    run is promoted in between."""
     logger = get_run_logger()
     if is_run_reference(config.model):
         model = resolve_base_run(config.model, config.output, config.work_dir, weights=weights,
-                                 concurrency=config.publish.max_concurrency)
+                                 concurrency=config.publish.max_concurrency, pinned_run=run_id)
         run = model.base_run
         logger.info("model %s: run %s of %s (%s, from %s), every file's sha256 checked, in %s", config.model,
                     run["run_id"], config.output, run["objective"],

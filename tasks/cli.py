@@ -174,12 +174,14 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _model_files(args: argparse.Namespace, scratch: Path) -> Path:
     """A local folder with the model's config.json (and its tokenizer when there is one)."""
-    from tasks.store.base_run import is_run_reference, resolve_base_run
+    from tasks.store.base_run import is_run_reference, resolve_base_run, run_reference_problem
     from tasks.store.hub import hub_config, is_hub_id, model_problem, resolve_model
     from tasks.store.objects import is_s3_uri, join_uri, read_object
 
     model = args.model
     if is_run_reference(model):
+        if problem := run_reference_problem(model, args.revision):
+            raise CheckFailed(problem.replace("model_revision", "--revision").replace("model=", "--model="))
         if not args.output:
             raise CheckFailed(f"--model {model} is a published run: give --output, the folder or s3:// prefix "
                               "whose registry holds it")
@@ -209,6 +211,9 @@ def _model_files(args: argparse.Namespace, scratch: Path) -> Path:
 def _token_lengths(args: argparse.Namespace, model_dir: Path) -> tuple[int, int, int, str]:
     """(longest row, largest step, typical step) in tokens, and where they come from."""
     if not args.data:
+        if args.objective != "sft":  # a pair: both sides, each up to max-seq-len (as the router plans it)
+            step = args.batch_size * 2 * args.max_seq_len
+            return 2 * args.max_seq_len, step, step, f"no --data: every pair taken as 2 x {args.max_seq_len} tokens"
         step = args.batch_size * args.max_seq_len
         return args.max_seq_len, step, step, f"no --data: every row taken as {args.max_seq_len} tokens"
     from tasks.data.tokenization import encode_all, load_tokenizer

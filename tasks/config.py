@@ -240,6 +240,11 @@ class FinetuneConfig(_Settings):
         if self.evaluation.metric in PAIR_SCORES and not preference:
             problems.append(f"evaluation.metric {self.evaluation.metric!r} scores preference pairs, but objective is "
                             "'sft': choose a metric of generated answers (e.g. exact_match), or objective dpo/orpo")
+        if self.preference.sft_weight and self.objective != "dpo":
+            problems.append(f"preference.sft_weight={self.preference.sft_weight} adds the chosen answers' NLL to DPO's "
+                            f"loss, but objective is {self.objective!r}"
+                            f"{' (ORPO has that NLL already; its weight is orpo_lambda)' if self.objective == 'orpo' else ''}"
+                            ": set it to 0, or objective to 'dpo'")
         if preference and (self.training.num_gpus or 1) > 1:
             problems.append(f"objective {self.objective!r} trains in one process for now: set training.num_gpus to "
                             "1 (or leave it empty on a one-GPU machine)")

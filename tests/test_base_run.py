@@ -103,6 +103,20 @@ def test_run_latest_from_s3_is_the_promoted_run_every_file_checked(tiny_model, t
     assert not (tmp_path / "work" / "base-runs" / "20261201-000000-a" / MANIFEST_NAME).exists()  # never complete
 
 
+def test_run_latest_stays_the_run_a_flow_run_first_saw(tiny_model, tmp_path):
+    """The flow resolves the base twice (tokenizer, then weights once the data is good): a promotion in
+    between must not give it another run's weights than the tokenizer it checked the data with."""
+    output = str(tmp_path / "out")
+    for run_id in ("20261201-000000-a", "20261201-000001-b"):
+        publish(output, run_id, tiny_model, tmp_path / "staging")
+    promote(output, "20261201-000000-a", {"promote": True})
+    first = resolve_base_run("run:latest", output, str(tmp_path / "work"), weights=False)
+    promote(output, "20261201-000001-b", {"promote": True})
+    second = resolve_base_run("run:latest", output, str(tmp_path / "work"), pinned_run=first.run_id)
+    assert first.run_id == second.run_id == "20261201-000000-a"
+    assert resolve_base_run("run:latest", output, str(tmp_path / "work2"), weights=False).run_id == "20261201-000001-b"
+
+
 def test_the_config_checks_the_spelling_of_a_run(tmp_path):
     data = str(tmp_path / "rows.jsonl")
     assert FinetuneConfig(model="run:latest", data=data).model == "run:latest"

@@ -64,3 +64,15 @@ def test_data_checks_validate_every_setting_at_once(tmp_path):
     assert FinetuneConfig(model="m", data=str(tmp_path)).data == str(tmp_path)  # a folder of files
     assert FinetuneConfig(model="m", data="s3://bucket/datasets/support/").data_checks.on_invalid == "fail"
     assert FinetuneConfig(model="m", data="d.jsonl", data_format="text").data_format == "text"
+
+
+def test_the_objective_its_settings_and_the_gpus_must_agree():
+    FinetuneConfig(model="m", data="d.jsonl", objective="dpo", preference={"sft_weight": 0.5})  # DPO takes it
+    with pytest.raises(ValidationError) as caught:
+        FinetuneConfig(model="m", data="d.jsonl", objective="orpo", preference={"sft_weight": 0.5},
+                       training={"num_gpus": 2})
+    text = str(caught.value)
+    assert "ORPO has that NLL already" in text and "set it to 0, or objective to 'dpo'" in text
+    assert "trains in one process for now" in text  # both problems, in one error
+    with pytest.raises(ValidationError, match="but objective is 'sft'"):
+        FinetuneConfig(model="m", data="d.jsonl", preference={"sft_weight": 1.0})

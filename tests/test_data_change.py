@@ -62,6 +62,9 @@ def test_the_same_rows_under_another_objective_or_its_settings_retrain(tmp_path)
     assert unchanged_since_published(config_for(tmp_path, data, objective="dpo", preference={"beta": 0.3})) is None
     assert unchanged_since_published(config_for(tmp_path, data, objective="orpo", preference={"beta": 0.1})) is None
     assert unchanged_since_published(config_for(tmp_path, data)) is None  # sft
+    older = {**dpo.model_dump(mode="json"), "preference": {"beta": 0.1}}  # a manifest from before a setting existed
+    publish_fake_run(tmp_path / "out", "20261128-020000-bbbb", {str(data): sha256_file(data)}, config=older)
+    assert "not retraining" in unchanged_since_published(dpo)  # its missing settings read as their defaults
 
 
 def test_published_runs_are_found_in_s3(empty_bucket, tmp_path):

@@ -319,3 +319,15 @@ def test_a_side_without_answer_tokens_is_refused(tiny_tokenizer, tiny_model):
     cut = encode_pairs(tiny_tokenizer, PAIRS[:1], 6)  # max_seq_len cuts both answers off
     with pytest.raises(ValueError, match="pair 0: the chosen side has no answer token"):
         pair_logps(base_model(tiny_model), cut, "cpu")
+
+
+def test_prompt_sharing_is_measured_again_for_another_attention_and_off_with_attention_dropout(tiny_model):
+    model = base_model(tiny_model)
+    install_packed_attention(model)
+    assert shares_prompts(model, "cpu")
+    model.set_attn_implementation("sdpa")  # SDPA would ignore the key positions: never share there
+    assert not shares_prompts(model, "cpu")
+    dropping = base_model(tiny_model)
+    dropping.config.attention_dropout = 0.1  # training would take the general attention path
+    install_packed_attention(dropping)
+    assert not shares_prompts(dropping, "cpu")

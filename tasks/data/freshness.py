@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from typing import Protocol
 
+from pydantic import BaseModel
+
 from tasks.data.dataset import content_sha256
 from tasks.data.hub_datasets import is_hub_dataset, resolve_split
 from tasks.data.settings import DataSourceSpec
@@ -30,6 +32,7 @@ class DataVersion(Protocol):
     data_etag: str | None
     output: str
     objective: str
+    preference: BaseModel  # tasks.planning.settings.PreferenceSettings
 
     def data_sources(self) -> list[DataSourceSpec]: ...
 
@@ -47,7 +50,8 @@ def unchanged_since_published(config: DataVersion) -> str | None:
     if newest is None:
         return None
     run_id, manifest = newest
-    if _objective_of(manifest.get("config", {})) != _objective_of(config.model_dump(mode="json")):
+    defaults = type(config.preference)().model_dump(mode="json")  # settings added since that run: their defaults
+    if _objective_of(manifest.get("config", {}), defaults) != _objective_of(config.model_dump(mode="json"), defaults):
         return None  # the same rows, another thing to learn from them
     recorded = manifest.get("data", {})
     if isinstance(config.data, list) and _mix_of(config) != _recorded_mix(recorded.get("mix")):
@@ -62,10 +66,10 @@ def unchanged_since_published(config: DataVersion) -> str | None:
             "not retraining. Upload new data, or start finetune/gpu to train anyway")
 
 
-def _objective_of(config: dict) -> tuple:
+def _objective_of(config: dict, defaults: dict) -> tuple:
     """What a run learns from its rows: the objective, and for dpo/orpo their settings."""
     objective = config.get("objective", "sft")
-    return (objective, config.get("preference") if objective != "sft" else None)
+    return (objective, {**defaults, **(config.get("preference") or {})} if objective != "sft" else None)
 
 
 def _same_content(spec: DataSourceSpec, sources: list[dict], config) -> bool:

@@ -188,7 +188,8 @@ def _require_answers(counts: torch.Tensor) -> None:
                          "training.max_seq_len or drop pairs whose prompt fills it")
 
 
-SHARES_PROMPTS = "_finetune_shares_prompts"  # attribute set on a model: whether a pair's prompt runs once
+# attribute set on a model: (the attention measured with, whether a pair's prompt runs once); a bool forces it
+SHARES_PROMPTS = "_finetune_shares_prompts"
 
 
 @torch.no_grad()
@@ -198,10 +199,13 @@ def shares_prompts(model, device) -> bool:
     tasks/engine/attention.py) and the rejected side's log-probs must equal those of the side laid out
     whole. Anything else (SDPA on CPU, eager, a family that drops the key index) keeps each side whole."""
     known = getattr(model, SHARES_PROMPTS, None)
-    if known is not None:
+    if isinstance(known, bool):  # set by hand (tests, benchmarks)
         return known
+    if known is not None and known[0] == _attention(model):
+        return known[1]
     exact = False
-    if _attention(model) == PACKED_VARLEN and getattr(model, PACKING_EXACT, True):
+    dropout = getattr(model.config, "attention_dropout", 0.0) or 0.0  # trains on the general path, which cannot share
+    if _attention(model) == PACKED_VARLEN and getattr(model, PACKING_EXACT, True) and not dropout:
         vocab = model.get_input_embeddings().weight.shape[0]
         generator = torch.Generator().manual_seed(0)
         prompt, chosen, rejected = (torch.randint(min(3, vocab - 1), vocab, (n,), generator=generator).tolist()
@@ -217,7 +221,7 @@ def shares_prompts(model, device) -> bool:
             model.train(was_training)
         tolerance = (2e-2 if torch.device(device).type == "cuda" else 1e-4) * max(apart.abs().max().item(), 1.0)
         exact = bool((together - apart).abs().max().item() <= tolerance)
-    setattr(model, SHARES_PROMPTS, exact)
+    setattr(model, SHARES_PROMPTS, (_attention(model), exact))  # measured for this attention only
     return exact
 
 

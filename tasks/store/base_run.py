@@ -50,10 +50,13 @@ def run_reference_problem(model: str, revision: str | None) -> str | None:
 
 
 def resolve_base_run(model: str, output: str, work_dir: str, weights: bool = True,
-                     concurrency: int = 8) -> ResolvedModel:
+                     concurrency: int = 8, pinned_run: str | None = None) -> ResolvedModel:
     """The local folder of the merged model of run `model` (run:<id> | run:latest) in `output`'s registry.
-    `weights=False`: config.json and the tokenizer only (what ingest and plan read)."""
+    `weights=False`: config.json and the tokenizer only (what ingest and plan read). `pinned_run`: the run an
+    earlier call resolved `model` to; when run:latest has moved since, that run is kept (one flow run, one base)."""
     run_id, pointer = _run_id(model, output)
+    if pinned_run and run_id != pinned_run:
+        run_id, pointer = pinned_run, None
     manifest_bytes = _manifest_bytes(model, output, run_id)
     manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     if pointer and manifest_sha256 != pointer["manifest_sha256"]:
@@ -82,7 +85,12 @@ def _run_id(model: str, output: str) -> tuple[str, dict | None]:
         raise BaseRunUnavailable(f"model={model!r}: {join_uri(output, LATEST)} does not exist, so no run of "
                                  f"output={output!r} has been promoted; give the run as run:<run-id>, or promote "
                                  "one first: `prefect-finetune promote OUTPUT RUN_ID`")
-    return pointer["run_id"], pointer
+    run_id = str(pointer.get("run_id", ""))
+    if "/" in run_id or (problem := key_problem(run_id)):
+        raise BaseRunUnavailable(f"model={model!r}: {join_uri(output, LATEST)} names run {run_id!r}, which is not "
+                                 "one folder name under runs/; promote a run again with `prefect-finetune promote "
+                                 "OUTPUT RUN_ID`, or give run:<run-id>")
+    return run_id, pointer
 
 
 def _manifest_bytes(model: str, output: str, run_id: str) -> bytes:

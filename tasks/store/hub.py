@@ -80,6 +80,11 @@ class ResolvedModel(BaseModel):
     published: str | None = None  # the hub.mirror snapshot this call published after fetching from the Hub
     base_run: dict | None = None  # set when `model` was a published run (run:<id>): tasks/store/base_run.py
 
+    @property
+    def run_id(self) -> str | None:
+        """The published run a `run:` model resolved to (run:latest may point elsewhere a moment later)."""
+        return self.base_run["run_id"] if self.base_run else None
+
     def describe(self) -> dict:
         """What the manifest records of a Hub model or a published run (nothing for a local folder)."""
         if self.base_run:
