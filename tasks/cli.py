@@ -174,20 +174,18 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _model_files(args: argparse.Namespace, scratch: Path) -> Path:
     """A local folder with the model's config.json (and its tokenizer when there is one)."""
-    from tasks.store.base_run import is_run_reference, resolve_base_run, run_reference_problem
-    from tasks.store.hub import hub_config, is_hub_id, model_problem, resolve_model
+    from tasks.store.base_run import is_run_reference, model_spelling_problem, resolve_base_run
+    from tasks.store.hub import hub_config, is_hub_id, resolve_model
     from tasks.store.objects import is_s3_uri, join_uri, read_object
 
     model = args.model
+    if problem := model_spelling_problem(model, args.revision):
+        raise CheckFailed(problem.replace("model_revision", "--revision").replace("model=", "--model="))
     if is_run_reference(model):
-        if problem := run_reference_problem(model, args.revision):
-            raise CheckFailed(problem.replace("model_revision", "--revision").replace("model=", "--model="))
         if not args.output:
             raise CheckFailed(f"--model {model} is a published run: give --output, the folder or s3:// prefix "
                               "whose registry holds it")
         return Path(resolve_base_run(model, args.output, str(scratch), weights=False).path)
-    if problem := model_problem(model, args.revision):
-        raise CheckFailed(problem.replace("model_revision", "--revision").replace("model=", "--model="))
     if is_hub_id(model) and not args.data:  # config.json alone, never the weights
         return hub_config(model, args.revision, args.cache_dir).parent
     if is_hub_id(model):  # and the tokenizer, to count the data's tokens

@@ -20,8 +20,8 @@ from tasks.planning.settings import PREFERENCE_OBJECTIVES, LoraSettings, Objecti
 from tasks.reports.settings import ArtifactSettings
 from tasks.scoring.metrics import PAIR_SCORES
 from tasks.scoring.settings import EvaluationSettings
-from tasks.store.base_run import is_run_reference, run_reference_problem
-from tasks.store.hub import HubSettings, ResolvedModel, model_problem
+from tasks.store.base_run import model_spelling_problem
+from tasks.store.hub import HubSettings, ResolvedModel
 from tasks.store.objects import is_s3_uri, split_s3_uri
 from tasks.store.weight_safety import ModelLoadingSettings
 from tasks.tracking.settings import TrackingSettings
@@ -207,8 +207,7 @@ class FinetuneConfig(_Settings):
         if not self.model.strip():
             problems.append("model is empty: give a Hugging Face Hub id (org/name) or the folder of a Hugging Face "
                             "model")
-        elif problem := (run_reference_problem(self.model, self.model_revision) if is_run_reference(self.model)
-                         else model_problem(self.model, self.model_revision)):
+        elif problem := model_spelling_problem(self.model, self.model_revision):
             problems.append(problem)
         problems += self._objective_problems()
         if problems:

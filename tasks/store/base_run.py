@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from tasks.store.hub import CONFIG, TOKENIZER_FILES, ResolvedModel
+from tasks.store.hub import CONFIG, TOKENIZER_FILES, ResolvedModel, model_problem
 from tasks.store.manifest import file_problems
 from tasks.store.objects import MANIFEST_NAME, StorageNotFoundError, join_uri, key_problem, read_object
 from tasks.store.registry import LATEST, RUNS, read_latest, run_uri
@@ -47,6 +47,11 @@ def run_reference_problem(model: str, revision: str | None) -> str | None:
         return (f"model_revision={revision!r} is for a Hugging Face Hub id, but model={model!r} is a published "
                 "run (its id pins it): drop model_revision")
     return None
+
+
+def model_spelling_problem(model: str, revision: str | None) -> str | None:
+    """What is wrong with `model` as written (a published run, a Hub id or a folder), with its fix; None: nothing."""
+    return run_reference_problem(model, revision) if is_run_reference(model) else model_problem(model, revision)
 
 
 def resolve_base_run(model: str, output: str, work_dir: str, weights: bool = True,
@@ -86,7 +91,7 @@ def _run_id(model: str, output: str) -> tuple[str, dict | None]:
                                  f"output={output!r} has been promoted; give the run as run:<run-id>, or promote "
                                  "one first: `prefect-finetune promote OUTPUT RUN_ID`")
     run_id = str(pointer.get("run_id", ""))
-    if "/" in run_id or (problem := key_problem(run_id)):
+    if "/" in run_id or key_problem(run_id):
         raise BaseRunUnavailable(f"model={model!r}: {join_uri(output, LATEST)} names run {run_id!r}, which is not "
                                  "one folder name under runs/; promote a run again with `prefect-finetune promote "
                                  "OUTPUT RUN_ID`, or give run:<run-id>")
