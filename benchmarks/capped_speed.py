@@ -39,7 +39,7 @@ WARM_STEPS, TIMED_STEPS = 3, 10
 SEED_CASES = [("llama-8b", "qlora", 8, True, "chat"), ("llama-1b", "full", 4, False, "fixed")]
 
 
-def plan_for_cap(shape: str, method: str, examples: list, rows: int, cap_gib: float):
+def plan_for_cap(shape: str, method: str, examples: list, rows: int, cap_gib: float, full_precision: str = "auto"):
     """What the planner picks for `method` on a GPU of `cap_gib` (90% of it, as for a work pool of that GPU)."""
     from gpu_memory import SHAPES as CONFIGS
 
@@ -50,7 +50,8 @@ def plan_for_cap(shape: str, method: str, examples: list, rows: int, cap_gib: fl
     largest, typical = step_tokens(lengths, rows)
     return select_plan(ModelShape.from_config(CONFIGS[shape]), budget_bytes=int(GPU_SAFETY * cap_gib * GIB),
                        budget_source=f"{GPU_SAFETY:.0%} of a {cap_gib:g} GiB cap", device="cuda", method=method,
-                       longest_row=max(lengths), largest_step=largest, typical_step=typical)
+                       longest_row=max(lengths), largest_step=largest, typical_step=typical,
+                       full_precision=full_precision)
 
 
 def timed_training(model, examples: list, rows: int, capacity: int, steps: tuple[int, int] = (WARM_STEPS, TIMED_STEPS)):
@@ -87,13 +88,15 @@ def ours(args) -> None:
     for cap in args.caps:
         started = time.time()
         try:
-            plan = plan_for_cap(args.shape, args.method, examples[8:], args.rows, cap)
+            plan = plan_for_cap(args.shape, args.method, examples[8:], args.rows, cap, args.full_precision)
             layers = plan.checkpointed_layers if plan.gradient_checkpointing else 0
             if model is None:
-                model = random_model(args.shape, plan.method.value, plan.gradient_checkpointing, lora_dropout=0.0)
+                model = random_model(args.shape, plan.method.value, plan.gradient_checkpointing, lora_dropout=0.0,
+                                     full_precision=plan.estimate.full_precision)
             checkpoint_layers(model, layers)
             cap_memory(cap)
             result = {"planned_gib": round(plan.estimate.gib, 2), "token_capacity": plan.tokens_per_micro_batch,
+                      "full_precision": plan.estimate.full_precision,
                       "checkpointed_layers": plan.estimate.checkpointed_layers, "plan": plan.reason,
                       **timed_training(model, examples, args.rows, plan.tokens_per_micro_batch)}
         except Exception as error:  # an OOM or a failure is a result too
@@ -139,15 +142,21 @@ def run(args) -> None:
 
 def seed(args) -> None:
     """The seed's 8B QLoRA at its 8 rows/step beside ours (uncapped, as planned for the whole GPU), and
-    the seed's 1B full fine-tuning beside ours capped at the seed's own peak."""
+    the seed's 1B full fine-tuning beside ours capped at the seed's own peak: as planned (auto: bf16
+    weights there) and with fp32 master weights forced (what it was before full_precision)."""
     for case in SEED_CASES:
-        _python(HERE / "training_speed.py", "case", "seed", *map(str, case), "--out", args.out, "--capacity", "0")
-    _python(__file__, "ours", "--method", "qlora", "--rows", "8", "--caps", "141", "--label", "ours-8rows",
-            "--out", args.out)
+        if case[1] in args.methods:
+            _python(HERE / "training_speed.py", "case", "seed", *map(str, case), "--out", args.out, "--capacity", "0")
+    if "qlora" in args.methods:
+        _python(__file__, "ours", "--method", "qlora", "--rows", "8", "--caps", "141", "--label", "ours-8rows",
+                "--out", args.out)
+    if "full" not in args.methods:
+        return
     peaks = [r.get("peak_gib") for r in map(json.loads, open(args.out)) if r.get("recipe") == "seed"
              and (r["shape"], r["method"]) == ("llama-1b", "full")]
-    _python(__file__, "ours", "--shape", "llama-1b", "--method", "full", "--rows", "4", "--data", "fixed",
-            "--caps", str(peaks[-1] or 33.6), "--label", "ours-at-seed-peak", "--out", args.out)
+    for label, precision in (("ours-at-seed-peak", "auto"), ("ours-at-seed-peak-fp32", "fp32")):
+        _python(__file__, "ours", "--shape", "llama-1b", "--method", "full", "--rows", "4", "--data", "fixed",
+                "--caps", str(peaks[-1] or 33.6), "--label", label, "--full-precision", precision, "--out", args.out)
 
 
 def summary(args) -> None:
@@ -175,7 +184,7 @@ def summary(args) -> None:
               f"| {peer.get('peak_gib', '-')} | {ratio} | {_mfu(r['shape'], r['method'], r.get('useful_tokens_per_s'))} "
               f"| {_mfu(r['shape'], r['method'], peer.get('useful_tokens_per_s'))} |")
     seeds = {(r["shape"], r["method"]): r for r in results if r["recipe"] == "seed"}
-    for label in ("ours-8rows", "ours-at-seed-peak"):
+    for label in ("ours-8rows", "ours-at-seed-peak", "ours-at-seed-peak-fp32"):
         for r in (r for r in results if r["recipe"] == label):
             base = seeds.get((r["shape"], r["method"]), {})
             print(f"| {r['shape']} {r['method']} {r['data']} ({label}) vs seed | {r['cap_gib']:g} "
@@ -221,12 +230,13 @@ def main() -> None:
     for name in ("run", "seed"):
         command = commands.add_parser(name)
         command.add_argument("--caps", type=float, nargs="+", default=list(CAPS_GIB))
-        command.add_argument("--methods", nargs="+", default=["lora", "qlora"])
+        command.add_argument("--methods", nargs="+", default=["lora", "qlora"] if name == "run" else ["qlora", "full"])
         command.add_argument("--recipes", nargs="+", default=["ours", "unsloth"])
         command.add_argument("--out", required=True)
     one = _training_case(commands.add_parser("ours"))
     one.add_argument("--caps", type=float, nargs="+", default=list(CAPS_GIB))
     one.add_argument("--label", default="ours")
+    one.add_argument("--full-precision", default="auto", choices=["auto", "fp32", "bf16"])
     grid = _training_case(commands.add_parser("sweep"))
     grid.add_argument("--capacities", type=int, nargs="+", default=[2048, 8192, 16384])
     grid.add_argument("--layers", type=int, nargs="+", default=[0, 16, 32])

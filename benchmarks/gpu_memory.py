@@ -108,6 +108,11 @@ POINTS = {  # set -> (shape, method, gradient checkpointing, rows of SEQ tokens 
         ("mistral-7b", "lora", True, 8), ("llama-8b", "lora", False, 1), ("qwen2.5-0.5b", "full", False, 16),
         ("llama-1b", "lora", False, 16), ("llama-8b", "qlora", True, 16),
     ],
+    # full_precision bf16 (tasks/engine/bf16_adamw.py), first measured on 2026-12-01 (issue 17).
+    "full-bf16": [
+        *[("llama-1b", "full-bf16", c, r) for c in (False, True) for r in (1, 4)], ("qwen2.5-0.5b", "full-bf16", False, 4),
+        ("qwen3-1.7b", "full-bf16", True, 4), ("llama-8b", "full-bf16", True, 2),
+    ],
     # Issue 16's families, first measured on 2026-12-01.
     "new-families": [
         ("gemma2-2b", "lora", False, 4), ("gemma2-2b", "full", True, 2), ("gemma3-1b", "full", False, 2),
@@ -160,7 +165,8 @@ def measure_point(shape: str, path: Path, method: str, checkpointing: bool, rows
     from tasks.engine.train_loop import train
 
     torch.cuda.empty_cache()
-    model = load_for_training(str(path), method, "cuda", LoraSettings(**LORA), checkpointing)
+    method, precision = split_method(method)
+    model = load_for_training(str(path), method, "cuda", LoraSettings(**LORA), checkpointing, full_precision=precision)
     loaded = torch.cuda.memory_allocated()
     generator = torch.Generator().manual_seed(0)
     token_rows = [torch.randint(0, SHAPES[shape]["vocab_size"], (SEQ,), generator=generator).tolist()
@@ -249,9 +255,16 @@ def probe_estimate_for(point: dict):
     return measured_estimate(result, point["tokens"], result.layers if point["grad_ckpt"] else 0)
 
 
+def split_method(method: str) -> tuple[str, str]:
+    """A point's method, "full-bf16" being full fine-tuning with full_precision bf16: (method, full_precision)."""
+    return ("full", "bf16") if method == "full-bf16" else (method, "fp32")
+
+
 def estimate_for(point: dict):
-    return estimate_memory(ModelShape.from_config(point["config"]), point["method"], "cuda", point["tokens"],
-                           point["grad_ckpt"], point["lora"]["r"], "all-linear", point["fused_kernels"])
+    method, precision = split_method(point["method"])
+    return estimate_memory(ModelShape.from_config(point["config"]), method, "cuda", point["tokens"],
+                           point["grad_ckpt"], point["lora"]["r"], "all-linear", point["fused_kernels"],
+                           full_precision=precision)
 
 
 def table(args) -> None:

@@ -50,7 +50,8 @@ def run_seed(shape: str, method: str, rows: int, checkpointing: bool, data: str)
             "error": result.get("error"), "grad_ckpt": checkpointing, "rows_per_step": rows}
 
 
-def random_model(shape: str, method: str, checkpointing: bool, lora_dropout: float = 0.05):
+def random_model(shape: str, method: str, checkpointing: bool, lora_dropout: float = 0.05,
+                 full_precision: str = "fp32"):
     """A random-init Llama of `shape` on the current CUDA device, prepared for `method` as the train
     task prepares a loaded one (tasks/engine/modeling.py). Also used by benchmarks/multi_gpu_scaling.py."""
     import torch
@@ -66,8 +67,8 @@ def random_model(shape: str, method: str, checkpointing: bool, lora_dropout: flo
     config._attn_implementation = "sdpa"
     if method == "qlora":
         model = _load_4bit(str(checkpoint_for(shape, Path(tempfile.gettempdir()))), "cuda")
-    else:  # full fine-tuning keeps fp32 master weights; LoRA freezes a bf16 base (tasks/engine/modeling.py)
-        torch.set_default_dtype(torch.float32 if method == "full" else torch.bfloat16)
+    else:  # full fine-tuning keeps fp32 master weights unless bf16; LoRA freezes a bf16 base (tasks/engine/modeling.py)
+        torch.set_default_dtype(torch.float32 if method == "full" and full_precision == "fp32" else torch.bfloat16)
         with torch.device("cuda"):
             model = LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)

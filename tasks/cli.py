@@ -134,6 +134,8 @@ def _add_plan(subparsers) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=TrainingSettings().micro_batch_size,
                         help="at most this many longest rows per forward pass")
     parser.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--full-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="full fine-tuning's weights (training.full_precision)")
     parser.add_argument("--lora-r", type=int, default=LoraSettings().r)
     parser.add_argument("--safety", type=float, default=0.9, help="share of each GPU's memory to plan for")
     parser.add_argument("--no-fused-kernels", action="store_true",
@@ -157,7 +159,8 @@ def _plan(args: argparse.Namespace) -> None:
         pool, plan = select_work_pool(
             shape, pools, safety=args.safety, method=args.method, longest_row=longest, largest_step=largest_step,
             typical_step=typical_step, max_rows_per_micro_batch=args.micro_batch_size, gradient_checkpointing=args.gradient_checkpointing,
-            lora_r=args.lora_r, fused_kernels=not args.no_fused_kernels, objective=args.objective)
+            lora_r=args.lora_r, fused_kernels=not args.no_fused_kernels, objective=args.objective,
+            full_precision=args.full_precision)
     except PlanError as error:
         raise CheckFailed(str(error)) from error
     print(f"model: {shape.model_type}, {shape.parameters / 1e9:.2f}B parameters; rows: {origin}")

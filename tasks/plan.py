@@ -50,7 +50,7 @@ def plan_training(config: FinetuneConfig, data: IngestResult) -> PlanResult:
         max_rows_per_micro_batch=settings.micro_batch_size, gradient_checkpointing=settings.gradient_checkpointing,
         lora_r=config.lora.r, lora_targets=config.lora.target_list(),
         fused_kernels=fused_kernels_available(shape.model_type, device), num_gpus=gpus,
-        objective=config.objective,
+        objective=config.objective, full_precision=settings.full_precision,
     )
     if device == "cuda" and not shape.verified:
         # No formula for this family: measure it on this GPU (seconds) rather than plan conservatively.

@@ -42,7 +42,8 @@ def train_model(config: FinetuneConfig, run: RunInfo, data: IngestResult, planne
     checkpoints, resumed_from = _checkpoints(config, run, data, planned, logger)
     best = Path(run.run_dir) / "best"
     attempt = Attempt(method=plan.method, tokens_per_micro_batch=plan.tokens_per_micro_batch,
-                      gradient_checkpointing=plan.gradient_checkpointing, checkpointed_layers=plan.checkpointed_layers)
+                      gradient_checkpointing=plan.gradient_checkpointing, checkpointed_layers=plan.checkpointed_layers,
+                      full_precision=plan.estimate.full_precision)
     processes, nodes = processes_per_node(config, plan), Nodes.from_environment()
     progress = TrainingProgress(config.artifacts, logger)
     try:
@@ -88,7 +89,8 @@ def _train(config: FinetuneConfig, run: RunInfo, plan, attempt: Attempt, process
         seed(settings.seed)  # before the model is built: LoRA's initialisation is random too
         model = load_for_training(config.model, attempt.method, plan.device, config.lora,
                                   attempt.gradient_checkpointing, loading=config.model_loading,
-                                  checkpointed_layers=attempt.checkpointed_layers)
+                                  checkpointed_layers=attempt.checkpointed_layers,
+                                  full_precision=attempt.full_precision)
         sizes["trainable"], sizes["total"] = parameter_counts(model)
         loaded["objective"] = preference_objective(config, attempt.method, plan.device)
         logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed "

@@ -101,10 +101,14 @@ def test_plan_measures_the_data_in_tokens_and_needs_no_prefect(tiny_model, capsy
 def test_plan_picks_the_smallest_gpu_that_fits(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
     assert main(["plan", "--model", str(tmp_path / "config.json"), "--gpu-gib", "141", "24", "80",
-                 "--method", "full", "--max-seq-len", "2048", "--safety", "0.95"]) == 0
+                 "--method", "full", "--max-seq-len", "2048", "--safety", "0.95", "--full-precision", "fp32"]) == 0
     out = capsys.readouterr().out
-    assert "GPU: 141 GiB" in out and "every row taken as 2048 tokens" in out  # 8B full: only the H200 (measured
-    # there: 122.5 GiB with checkpointing, benchmarks/results/README.md)
+    assert "GPU: 141 GiB" in out and "every row taken as 2048 tokens" in out  # 8B full, fp32: only the H200
+    # (measured there: 122.5 GiB with checkpointing, benchmarks/results/README.md)
+    assert main(["plan", "--model", str(tmp_path / "config.json"), "--gpu-gib", "141", "24", "80",
+                 "--method", "full", "--max-seq-len", "2048", "--safety", "0.95"]) == 0
+    out = capsys.readouterr().out  # auto: bf16 weights and moments fit an 80 GiB GPU (measured: 61.6 GiB at 4k tokens)
+    assert "GPU: 80 GiB" in out and "bf16 weights and AdamW moments" in out
     assert main(["plan", "--model", str(tmp_path), "--gpu-gib", "24", "80", "141", "--max-seq-len", "2048"]) == 0
     assert "GPU: 24 GiB" in capsys.readouterr().out  # auto: LoRA or QLoRA fits the smallest
     assert main(["plan", "--model", str(tmp_path), "--gpu-gib", "141", "--gpus", "2", "--method", "full",

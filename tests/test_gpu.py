@@ -13,6 +13,38 @@ def test_methods_on_gpu(tiny_model, tmp_path, method):
     assert result.tuned_eval_loss < result.base_eval_loss
 
 
+def test_bf16_full_fine_tuning_through_the_flow_on_gpu(tiny_model, tmp_path):
+    """full_precision bf16 on CUDA: bf16 weights trained by the Triton AdamW kernel; the loss falls."""
+    training = {"learning_rate": 3e-3, "lr_schedule": "constant", "max_steps": 8, "batch_size": 8,
+                "max_seq_len": 128, "eval_every": 4, "early_stopping_patience": 0, "full_precision": "bf16"}
+    result = finetune(tiny_config(tiny_model, tmp_path, method="full", training=training))
+    assert result.tuned_eval_loss < result.base_eval_loss - 0.2
+
+
+def test_the_bf16_adamw_kernel_rounds_fp32_adamw_to_a_neighbour_without_bias():
+    """The CUDA kernel of Bf16AdamW against fp32 AdamW on the CPU, from the same bf16 start: each weight
+    lands on one of the two bf16 values around the fp32 result, and on average on the result itself."""
+    import torch
+
+    from tasks.engine.bf16_adamw import Bf16AdamW
+
+    torch.manual_seed(0)
+    start = (torch.randn(1 << 20) + 4).bfloat16().float()  # ~4: a bf16 step (1/32) far above one update
+    gradient = torch.randn(1 << 20)
+    reference = torch.nn.Parameter(start.clone())
+    reference.grad = gradient.clone()
+    torch.optim.AdamW([reference], lr=1e-3, weight_decay=0.1).step()
+    ours = torch.nn.Parameter(start.clone().bfloat16().cuda())
+    ours.grad = gradient.bfloat16().cuda()
+    Bf16AdamW([ours], lr=1e-3, weight_decay=0.1).step()
+    got, expected = ours.detach().float().cpu(), reference.detach()
+    below = expected.bfloat16().float()
+    other = torch.nextafter(below.bfloat16(), torch.where(expected > below, torch.inf, -torch.inf).bfloat16()).float()
+    assert torch.all((got == below) | (got == other))
+    moved = (start - expected).abs().mean()
+    assert (got - expected).mean().abs() < 0.01 * moved  # unbiased: the errors cancel across a million weights
+
+
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_varlen_packing_matches_padded_batches_on_gpu(tiny_model, tiny_tokenizer, method):
     """On CUDA the packed rows go through varlen FlashAttention and the fused loss in bf16."""

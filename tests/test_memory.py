@@ -105,6 +105,7 @@ def test_parameter_counts_of_other_architectures(config):
 
 
 def plan(budget_gib, method="auto", **kw):
+    kw.setdefault("full_precision", "fp32")  # the planner's choices over fp32 full fine-tuning; auto: its own tests
     return select_plan(ModelShape.from_config(LLAMA_8B), budget_bytes=int(budget_gib * GIB), budget_source="test",
                        device="cuda", method=method, longest_row=2048, largest_step=16384, **kw)
 
@@ -242,13 +243,15 @@ def test_smallest_work_pool_that_fits():
     assert pool.name == ("l4" if need("lora", 1, True) <= 24 * 0.9 else "a100")
     assert chosen.budget_bytes == int(pool.gpu_gib * 0.9 * GIB) and pool.name in chosen.reason
     llama_1b = ModelShape.from_config(LLAMA_1B)
-    pool, chosen = select_work_pool(llama_1b, pools, **{**kw, "method": "full"})
+    pool, chosen = select_work_pool(llama_1b, pools, **{**kw, "method": "full", "full_precision": "fp32"})
     assert (pool.name, chosen.method) == ("a100", "full")  # 16 bytes per parameter alone is 18.5 GiB
+    pool, chosen = select_work_pool(llama_1b, pools, **{**kw, "method": "full"})  # auto: bf16 at 8 bytes fits an L4
+    assert (pool.name, chosen.method, chosen.estimate.full_precision) == ("l4", "full", "bf16")
     with pytest.raises(PlanError, match=r"no work pool's GPU fits(.|\n)*l4 \(24 GiB\)(.|\n)*a100(.|\n)*h200"):
-        select_work_pool(ModelShape.from_config(LLAMA_8B), pools, **{**kw, "method": "full"})
+        select_work_pool(ModelShape.from_config(LLAMA_8B), pools, **{**kw, "method": "full", "full_precision": "fp32"})
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "full-bf16", "lora", "qlora"])
 @pytest.mark.parametrize("checkpointed", [0, 2, 4], ids=["no-ckpt", "ckpt-2-of-4", "ckpt"])
 def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpointed, tmp_path):
     """Binds the estimator to the trainer: the bytes autograd keeps from the trainer's own forward
@@ -271,12 +274,15 @@ def test_estimate_follows_what_the_trainer_keeps_for_backward(method, checkpoint
     if method == "qlora":
         model.save_pretrained(tmp_path)
         model = _load_4bit(str(tmp_path), "cpu")
+    method, precision = (method, "fp32") if method != "full-bf16" else ("full", "bf16")
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)  # as load_for_training loads it for full_precision bf16
     model = prepare_for_training(model, method, "cpu", LoraSettings(r=8, dropout=0.05), checkpointed > 0,
                                  checkpointed_layers=checkpointed).train()
     rows = [Example(input_ids=list(range(1, 129)), labels=list(range(1, 129)), truncated=False)] * 4
     kept = bytes_kept_for_backward(model, rows)
     estimated = kept_for_backward(ModelShape.from_config(config), method, "cpu", 512, checkpointed > 0, lora_r=8,
-                                  checkpointed_layers=checkpointed)
+                                  checkpointed_layers=checkpointed, full_precision=precision)
     assert estimated == pytest.approx(kept, rel=0.15)
 
 
@@ -292,7 +298,7 @@ def test_sharding_lets_full_fine_tuning_fit_on_several_gpus():
                          method="auto", longest_row=2048, largest_step=16384, num_gpus=2)
     assert (chosen.method, chosen.num_gpus) == ("full", 2) and "2 GPUs (FSDP2, sharded)" in chosen.reason
     alone = select_plan(shape, budget_bytes=int(141 * 0.9 * GIB), budget_source="test", device="cuda",
-                        method="auto", longest_row=2048, largest_step=16384)
+                        method="auto", longest_row=2048, largest_step=16384, full_precision="fp32")
     assert alone.method == "lora"
 
 
@@ -316,3 +322,40 @@ def bytes_kept_for_backward(model, rows) -> int:
     with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
         summed_loss(model, pack(rows), "cpu")
     return sum(kept.values())
+
+
+def test_bf16_full_fine_tuning_holds_half_the_bytes_a_parameter():
+    """bf16 weights and moments (tasks/engine/bf16_adamw.py): 2 + 4 bytes a parameter where fp32 master
+    weights hold 4 + 8 (gradients are weighed against the activations in both), and no autocast copies."""
+    shape = ModelShape.from_config(LLAMA_1B)
+    fp32, bf16 = (estimate_memory(shape, "full", "cuda", 8192, False, full_precision=p) for p in ("fp32", "bf16"))
+    assert bf16.weights == 2 * shape.parameters and bf16.trainable_state == 4 * shape.parameters
+    assert fp32.weights > 4 * shape.parameters and fp32.trainable_state == 8 * shape.parameters
+    assert bf16.activations < fp32.activations and bf16.full_precision == "bf16"
+    lora = estimate_memory(shape, "lora", "cuda", 8192, False, full_precision="bf16")
+    assert lora == estimate_memory(shape, "lora", "cuda", 8192, False)  # adapters ignore it
+
+
+def test_auto_full_precision_takes_bf16_only_where_fp32_would_recompute():
+    """'auto' keeps fp32 master weights where they train without checkpointing, and takes bf16 where
+    fp32 would recompute layers (or not fit); on the CPU and on several GPUs it stays fp32. A forced
+    bf16 on several GPUs is refused with the fix."""
+    shape = ModelShape.from_config(LLAMA_1B)
+
+    def plan_1b(budget_gib, **kw):
+        kw = {"device": "cuda", "method": "full", **kw}
+        return select_plan(shape, budget_bytes=int(budget_gib * GIB), budget_source="test", longest_row=2048,
+                           largest_step=8192, **kw)
+
+    roomy = plan_1b(120)
+    assert (roomy.estimate.full_precision, roomy.gradient_checkpointing) == ("fp32", False)
+    fp32_tight = plan_1b(30, full_precision="fp32")
+    assert fp32_tight.gradient_checkpointing  # fp32 master weights at the seed recipe's peak: recomputation
+    tight = plan_1b(30)
+    assert tight.estimate.full_precision == "bf16" and not tight.gradient_checkpointing
+    assert "bf16 weights and AdamW moments" in tight.reason
+    assert plan_1b(30, device="cpu").estimate.full_precision == "fp32"
+    assert plan_1b(30, full_precision="bf16", device="cpu").estimate.full_precision == "bf16"  # asked for
+    assert plan_1b(60, num_gpus=2).estimate.full_precision == "fp32"
+    with pytest.raises(PlanError, match="set training.num_gpus to 1, or full_precision to 'fp32' or 'auto'"):
+        plan_1b(60, num_gpus=2, full_precision="bf16")

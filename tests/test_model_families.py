@@ -425,14 +425,14 @@ def test_every_family_in_the_readme_table_has_its_cpu_tests():
     assert sorted(listed) == sorted(FAMILY_NAMES)
 
 
-def measured_errors() -> dict[str, list[float]]:
+def measured_errors(files: tuple[str, ...] = GPU_MEMORY_POINTS) -> dict[str, list[float]]:
     """Per model_type, the estimate's error against each H200 peak in the committed results, recomputed with the
     estimator as it is now (benchmarks/gpu_memory.py's own `table` arithmetic)."""
     spec = importlib.util.spec_from_file_location("gpu_memory_benchmark", ROOT / "benchmarks" / "gpu_memory.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     errors: dict[str, list[float]] = {}
-    for name in GPU_MEMORY_POINTS:
+    for name in files:
         for line in (ROOT / "benchmarks" / "results" / name).read_text().splitlines():
             point = json.loads(line) if line.strip() else {}
             if "shape" in point and "error" not in point:
@@ -456,3 +456,10 @@ def test_the_readme_gpu_memory_column_is_what_the_committed_h200_points_give():
     new = [e for t, found in errors.items() if t in NEW_FAMILY_TYPES for e in found]
     assert len(new) == 14 and all(abs(e) <= 0.10 for e in new)  # the README's "14 points, all within ±10%"
 
+
+
+def test_bf16_full_fine_tuning_estimates_are_within_ten_percent_of_the_h200_peaks():
+    """full_precision bf16 (README, "Speed at a memory budget"): its 7 committed H200 points, 0.5B to 8B,
+    with and without checkpointing, are each within 10% of the estimate as it is now."""
+    errors = [e for found in measured_errors(("gpu_memory_h200_2026-12-01_full_bf16.jsonl",)).values() for e in found]
+    assert len(errors) == 7 and all(abs(e) <= 0.10 for e in errors)

@@ -126,7 +126,7 @@ def test_the_selector_steps_down_when_the_reference_copy_does_not_fit():
                                     "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
                                     "num_key_value_heads": 4, "max_position_embeddings": 2048})
     common = dict(budget_source="test", device="cuda", method="auto", longest_row=1024, largest_step=1024,
-                  gradient_checkpointing="on")  # one configuration per method
+                  gradient_checkpointing="on", full_precision="fp32")  # one configuration per method
     sft = select_plan(shape, budget_bytes=int(1e12), objective="sft", **common)
     budget = sft.estimate.total + shape.parameters  # full sft fits; its fp32 reference copy would not
     assert select_plan(shape, budget_bytes=budget, objective="sft", **common).method == Method.FULL

@@ -36,7 +36,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], step):
             h = hidden[start:start + step].to(compute_dtype)
             target = targets[start:start + step]
-            logits = _transformed((h @ weight_c.T).float(), scale, softcap)
+            logits = _transformed(_fp32_product(h, weight_c.T), scale, softcap)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
             # d(cap * tanh(z / cap))/dz = 1 - tanh(z / cap)^2, read off the capped logits before they are overwritten
@@ -51,7 +51,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = probs.to(compute_dtype)
             grad_hidden[start:start + step] = (g @ weight_c).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (g.T @ h).float()
+                _accumulate_product(grad_weight, g.T, h)
             del logits, probs, g, slope  # else they live on while the next chunk's logits are made: 2 chunks at once
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
@@ -71,10 +71,28 @@ def _loss_only(hidden, weight, targets, compute_dtype, scale=1.0, softcap=None) 
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     step = chunk_rows(weight.shape[0])
     for start in range(0, hidden.shape[0], step):
-        logits = _transformed((hidden[start:start + step].to(compute_dtype) @ weight_c.T).float(), scale, softcap)
+        logits = _transformed(_fp32_product(hidden[start:start + step].to(compute_dtype), weight_c.T), scale, softcap)
         target = targets[start:start + step]
         total += (torch.logsumexp(logits, -1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
     return total
+
+
+def _fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32. On CUDA from 16-bit inputs cuBLAS writes its fp32 accumulator out directly (no
+    16-bit product to round and then copy up: a pass over the chunk's logits saved)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+def _accumulate_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total (fp32) += a @ b. On CUDA in the matmul itself (beta = 1, fp32 output from 16-bit inputs):
+    with a vocabulary of 128k, the head's gradient is 1 GiB, which a separate product, cast and add
+    read and write several times over for every chunk of tokens."""
+    if a.is_cuda and a.dtype != torch.float32:
+        torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    else:
+        total += (a @ b).float()
 
 
 def _transformed(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:

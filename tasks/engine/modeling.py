@@ -19,21 +19,27 @@ from tasks.planning.settings import LoraSettings
 from tasks.store.weight_safety import SAFE, ModelLoadingSettings, pretrained_kwargs, require_safe_weights
 
 
+_FULL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
 def load_for_training(path: str, method: Method | str, device: str, lora: LoraSettings, gradient_checkpointing: bool,
-                      loading: ModelLoadingSettings = SAFE, checkpointed_layers: int | None = None):
+                      loading: ModelLoadingSettings = SAFE, checkpointed_layers: int | None = None,
+                      full_precision: str = "fp32"):
+    """`full_precision` (full fine-tuning): "fp32" master weights, or "bf16" weights (trained by
+    tasks/engine/bf16_adamw.py, which the train loop picks for bf16 parameters)."""
     method = Method(method)
     use_expandable_segments(device)
     require_safe_weights(path, loading)
     if method.quantized:
         model = _load_4bit(path, device, loading)
     else:
-        # Full fine-tuning keeps fp32 master weights (bf16 autocast on CUDA); LoRA freezes a
-        # compute-dtype base.
-        dtype = compute_dtype(device) if method.trains_adapter else torch.float32
+        # Full fine-tuning keeps fp32 master weights (bf16 autocast on CUDA) unless asked for bf16;
+        # LoRA freezes a compute-dtype base.
+        dtype = compute_dtype(device) if method.trains_adapter else _FULL_DTYPES[full_precision]
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device},
                                                      **pretrained_kwargs(loading))
     model = prepare_for_training(model, method, device, lora, gradient_checkpointing, checkpointed_layers)

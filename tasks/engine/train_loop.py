@@ -91,7 +91,8 @@ def summed_loss(model, packed: PackedRows, device: str) -> torch.Tensor:
     else:
         with _autocast(device):
             outputs = model.get_decoder()(**batch, use_cache=False, **router)
-        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        # bf16 logits on CUDA, and for bf16 weights on the CPU as well (full_precision bf16)
+        compute = torch.bfloat16 if device == "cuda" or head.weight.dtype == torch.bfloat16 else torch.float32
         loss = linear_cross_entropy_sum(outputs.last_hidden_state[0][keep], head.weight, targets[keep], compute,
                                         **transform)
     return add_balance_loss(model, outputs, loss, packed.trainable_tokens) if router else loss
@@ -231,8 +232,7 @@ def train(
     if parallel.distributed:  # before the optimizer: FSDP2 swaps in sharded parameters
         parallel.wrap(model, lambda m, packed: summed_loss(m, packed, device))
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay,
-                                  fused=device == "cuda")
+    optimizer = adamw_for(parameters, settings, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
     stopping = EarlyStopping(settings.early_stopping_patience, settings.early_stopping_min_delta)
     history, start_step, counts = [], 0, {"trained": 0, "processed": 0}
@@ -430,6 +430,17 @@ def _batches(n_rows: int, batch_size: int, seed: int):
             pending.extend(epoch)
         yield pending[:batch_size]
         pending = pending[batch_size:]
+
+
+def adamw_for(parameters: list, settings: TrainingSettings, device: str) -> torch.optim.Optimizer:
+    """AdamW for the weights as loaded: bf16 weights (full fine-tuning, full_precision bf16) get the
+    stochastically rounding AdamW of tasks/engine/bf16_adamw.py; fp32 weights torch's own (fused on CUDA)."""
+    if parameters and all(p.dtype == torch.bfloat16 for p in parameters):
+        from tasks.engine.bf16_adamw import Bf16AdamW
+
+        return Bf16AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                             fused=device == "cuda")
 
 
 def _schedule(settings: TrainingSettings):

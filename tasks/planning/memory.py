@@ -4,10 +4,10 @@ It models this project's trainer (tasks/engine/train_loop.py, tasks/engine/model
 trainer on CPU and checks the estimate against it, and benchmarks/gpu_memory.py measures it on a
 GPU (benchmarks/results/). What it counts:
 - weights: full fine-tuning keeps fp32 master weights, plus on CUDA the bf16 copies autocast makes of
-  every linear weight for the step; LoRA freezes a base in the compute dtype (bf16 on CUDA, fp32
+  every linear weight for the step, or (full_precision "bf16") bf16 weights only; LoRA freezes a base in the compute dtype (bf16 on CUDA, fp32
   on CPU); QLoRA's linear layers are NF4 with double quantisation, everything else in the compute
   dtype, plus one dequantised weight at a time.
-- trainable state: AdamW's two fp32 moments, and the adapters' fp32 gradients (full fine-tuning's
+- trainable state: AdamW's two moments (fp32; bf16 with bf16 weights: tasks/engine/bf16_adamw.py), and the adapters' fp32 gradients (full fine-tuning's
   gradients are weighed against the activations instead: backward frees one as it fills the other).
 - activations: what autograd keeps per token of a packed micro-batch, layer by layer, for the
   kernels the trainer uses (varlen FlashAttention on CUDA; Liger's RMSNorm/RoPE/SwiGLU when
@@ -305,6 +305,7 @@ class MemoryEstimate(BaseModel):
     tokens: int  # packed tokens per micro-batch
     gradient_checkpointing: bool
     checkpointed_layers: int = 0  # decoder layers recomputed in backward (the first ones), when checkpointing
+    full_precision: str = "fp32"  # full fine-tuning's weights: fp32 master weights, or bf16 (adapters: fp32)
     fused_kernels: bool
     weights: int
     trainable_state: int  # optimizer states (and the adapters' gradients)
@@ -344,6 +345,7 @@ def estimate_memory(
     num_gpus: int = 1,
     checkpointed_layers: int | None = None,
     objective: str = "sft",
+    full_precision: str = "fp32",
 ) -> MemoryEstimate:
     """Peak memory of one GPU (or the CPU) in a training step on micro-batches of `tokens` packed tokens.
 
@@ -359,13 +361,16 @@ def estimate_memory(
     `objective`: dpo and orpo make their log-probs with the model's own head (tasks/engine/preference.py),
     not the fused loss; DPO's full fine-tuning also holds a frozen fp32 copy of the base as its reference
     (tasks/train.preference_objective), where adapters need none (the base with the adapter switched off).
+
+    `full_precision`: full fine-tuning's weights: "fp32" (master weights, bf16 autocast on CUDA) or
+    "bf16" (bf16 weights, gradients and AdamW moments; tasks/engine/bf16_adamw.py). Adapters ignore it.
     """
     method = Method(method)  # a ValueError naming the value when it is no method
     layers = shape.num_layers
     checkpointed = checkpointed_count(layers, gradient_checkpointing, checkpointed_layers)
     fused = device == "cuda" if fused_kernels is None else fused_kernels and device == "cuda"
-    compute = 2 if device == "cuda" else 4  # bytes per element of a matmul output: bf16 autocast, or fp32
-    stream = 4 if method == Method.FULL or device == "cpu" else compute  # the residual stream: fp32 master weights
+    compute, stream = _element_bytes(method, device, full_precision)
+    master = method == Method.FULL and stream == 4  # fp32 master weights (a bf16 full run has none)
     params, linear = shape.parameters, shape.linear_parameters
     unquantized = linear + shape.expert_parameters  # matmul weights (experts run on autocast copies too)
     adapters = shape.lora_parameters(lora_r, lora_targets) if method.trains_adapter else 0
@@ -373,9 +378,9 @@ def estimate_memory(
         # Autocast's bf16 copies of the linear weights live until backward reaches their layer; a
         # checkpointed layer's forward keeps none, so of those only the recomputed layer's copies exist.
         per_layer_copies = 2 * unquantized // layers
-        copies = 0 if device != "cuda" else per_layer_copies * (layers - checkpointed + (1 if checkpointed else 0))
-        weights = 4 * params + copies + (4 * params if objective == "dpo" else 0)
-        trainable = 8 * params  # two AdamW moments; the fp32 gradients are counted with the activations
+        copies = 0 if device != "cuda" or not master else per_layer_copies * (layers - checkpointed + (1 if checkpointed else 0))
+        weights = stream * params + copies + (4 * params if objective == "dpo" else 0)  # the reference is fp32
+        trainable = 2 * stream * params  # two AdamW moments; the gradients are counted with the activations
     else:
         base = compute * params
         if method.quantized:
@@ -394,7 +399,7 @@ def estimate_memory(
                                        MOE_BUFFERS_IN_FLIGHT * shape.experts_per_token * shape.expert_intermediate_size,
                                        shape.shared_expert_intermediate_size)
     recomputed = tokens * per_layer if checkpointed else 0
-    activations = saved_by_forward(shape, tokens, checkpointed, per_layer, stream) + recomputed + in_flight
+    activations = saved_by_forward(shape, tokens, checkpointed, per_layer, stream, fused) + recomputed + in_flight
     if shape.attention_softcapping:  # eager attention: the score matrices of each plain layer, and
         # with checkpointing the recomputed layer's scores and their gradient
         scored = layers - checkpointed + (2 if checkpointed else 0)
@@ -408,8 +413,8 @@ def estimate_memory(
         # Backward frees each layer's activations as it fills that layer's gradients, so the step
         # holds (most of) the activations or the fp32 gradients, not both: the larger counts. The
         # vocabulary matrix's gradient is formed once more than it is kept (twice when tied).
-        vocab_gradient = 4 * shape.vocab_size * shape.hidden_size * (2 if shape.tied_embeddings else 1)
-        activations = max(activations, 4 * params // num_gpus + vocab_gradient - logits)
+        vocab_gradient = stream * shape.vocab_size * shape.hidden_size * (2 if shape.tied_embeddings else 1)
+        activations = max(activations, stream * params // num_gpus + vocab_gradient - logits)
     if num_gpus > 1:
         if method == Method.FULL:  # FSDP2: shards, plus gathered whole: the root (embeddings, head, final norm)
             layer = 4 * (linear // shape.num_layers)  # and two layers (one in use, one prefetched)
@@ -419,7 +424,8 @@ def estimate_memory(
             trainable += 4 * adapters
     return MemoryEstimate(
         method=method, device=device, tokens=tokens, gradient_checkpointing=bool(checkpointed),
-        checkpointed_layers=checkpointed, fused_kernels=fused, weights=weights, trainable_state=trainable, activations=activations, logits=logits,
+        checkpointed_layers=checkpointed, full_precision=full_precision if method == Method.FULL else "fp32",
+        fused_kernels=fused, weights=weights, trainable_state=trainable, activations=activations, logits=logits,
         overhead=overhead_bytes(device, method, checkpointed, weights + trainable + activations + logits),
         verified=shape.verified, basis=shape.basis,
     )
@@ -435,27 +441,40 @@ def overhead_bytes(device: str, method: Method, checkpointed: int, allocated: in
 
 
 def kept_for_backward(shape: ModelShape, method: Method | str, device: str, tokens: int, gradient_checkpointing: bool,
-                      lora_r: int = 16, fused_kernels: bool = False, checkpointed_layers: int | None = None) -> int:
+                      lora_r: int = 16, fused_kernels: bool = False, checkpointed_layers: int | None = None,
+                      full_precision: str = "fp32") -> int:
     """What autograd keeps from the forward pass of one micro-batch of `tokens` packed tokens for backward:
     the layers' activations (or their inputs, with checkpointing), eager attention's score matrices and
     the loss's. The part of the estimate tests measure with saved-tensor hooks on the trainer's own forward."""
     method = Method(method)
-    compute = 2 if device == "cuda" else 4
-    stream = 4 if method == Method.FULL or device == "cpu" else compute
+    compute, stream = _element_bytes(method, device, full_precision)
     fused = fused_kernels and device == "cuda"
     per_layer = _layer_activation_bytes(shape, method, fused, stream, compute, lora_r if method.trains_adapter else 0)
     checkpointed = checkpointed_count(shape.num_layers, gradient_checkpointing, checkpointed_layers)
-    kept = saved_by_forward(shape, tokens, checkpointed, per_layer, stream)
+    kept = saved_by_forward(shape, tokens, checkpointed, per_layer, stream, fused)
     if shape.attention_softcapping:
         kept += (shape.num_layers - checkpointed) * eager_attention_bytes(shape, tokens, compute)
     kept += _loss_bytes(shape, method, compute, stream, tokens)[1]
     return kept if shape.verified else int(kept * CONSERVATIVE_MARGIN)
 
 
-def saved_by_forward(shape: ModelShape, tokens: int, checkpointed: int, per_layer: int, stream: int) -> int:
+def _element_bytes(method: Method, device: str, full_precision: str) -> tuple[int, int]:
+    """(compute, stream): bytes per element of a matmul output (bf16 on CUDA, or in a bf16 full run;
+    else fp32), and of the residual stream (fp32 with fp32 master weights or on the CPU)."""
+    if method == Method.FULL and full_precision == "bf16":
+        return 2, 2
+    compute = 2 if device == "cuda" else 4
+    return compute, 4 if method == Method.FULL or device == "cpu" else compute
+
+
+def saved_by_forward(shape: ModelShape, tokens: int, checkpointed: int, per_layer: int, stream: int,
+                     fused: bool = True) -> int:
     """What autograd keeps from the forward pass for backward: a plain layer's activations, and only
-    the input of each of the `checkpointed` layers (tests/test_memory.py measures it with saved-tensor hooks)."""
-    return tokens * (checkpointed * shape.hidden_size * stream + (shape.num_layers - checkpointed) * per_layer)
+    the input of each of the `checkpointed` layers (tests/test_memory.py measures it with saved-tensor hooks);
+    with a 16-bit stream and unfused norms, the final norm's fp32 copy of its input as well."""
+    final_norm = 4 * shape.hidden_size if stream == 2 and not fused else 0
+    return tokens * (checkpointed * shape.hidden_size * stream + (shape.num_layers - checkpointed) * per_layer
+                     + final_norm)
 
 
 def checkpointed_count(layers: int, gradient_checkpointing: bool, checkpointed_layers: int | None) -> int:
@@ -479,7 +498,7 @@ def _layer_activation_bytes(shape: ModelShape, method: Method, fused: bool, stre
     norm = stream * h if fused else 4 * h + stream * h
     if f.layer_norm and not fused:
         norm += 4 * h
-    if method == Method.FULL and compute == 2:  # autocast
+    if method == Method.FULL and stream != compute:  # autocast over fp32 weights
         norm_outputs = 5 * compute * h
     else:
         norm_outputs = (1 if f.parallel else 2) * stream * h
@@ -531,13 +550,13 @@ def _loss_bytes(shape: ModelShape, method: Method, compute: int, stream: int, to
         working = tokens * shape.vocab_size * (4 + compute)
         kept = tokens * shape.vocab_size * 4 + tokens * shape.hidden_size * stream
         if method == Method.FULL:
-            kept += shape.vocab_size * shape.hidden_size * (4 + compute)
+            kept += shape.vocab_size * shape.hidden_size * (4 + compute if stream == 4 else 4)
         return working, kept
     chunk = min(tokens, max(64, LOSS_CHUNK_BYTES // (4 * shape.vocab_size)))
     working = chunk * shape.vocab_size * (6 if compute == 2 else 4)  # fp32 logits + bf16 source/gradient
     if shape.logit_softcapping:
         working += chunk * shape.vocab_size * 4  # the soft cap's slope (fp32)
     kept = 2 * tokens * shape.hidden_size * stream
-    if method == Method.FULL:
-        kept += shape.vocab_size * shape.hidden_size * (4 + compute)
+    if method == Method.FULL:  # the head's gradient, summed in fp32 (and with fp32 weights their compute-dtype copy)
+        kept += shape.vocab_size * shape.hidden_size * (4 + compute if stream == 4 else 4)
     return working, kept

@@ -63,6 +63,7 @@ def choose_work_pool(config: RoutedRun, pools: list[WorkPoolSpec],
         method=config.method, longest_row=row, largest_step=t.batch_size * row,
         max_rows_per_micro_batch=t.micro_batch_size, gradient_checkpointing=t.gradient_checkpointing,
         lora_r=config.lora.r, lora_targets=config.lora.target_list(), objective=config.objective,
+        full_precision=t.full_precision,
     )
 
 

@@ -94,6 +94,7 @@ def select_plan(
     num_gpus: int = 1,
     probes: Mapping[Method, MethodProbe] | None = None,
     objective: str = "sft",
+    full_precision: str = "auto",
 ) -> TrainingPlan:
     """`longest_row`: tokens of the longest (truncated) row; `largest_step`: tokens of the largest
     optimizer step (the `batch_size` longest rows), which memory is planned for; `typical_step`: the
@@ -102,30 +103,47 @@ def select_plan(
     are split across them, and full fine-tuning is sharded, so it may fit on several but not one);
     `budget_bytes` is per GPU; `probes`: what a probe measured on the GPU for some methods
     (tasks/planning/measured.py), whose estimates then replace the formula's (see select_measured_plan);
-    `objective`: sft, dpo or orpo (see estimate_memory)."""
+    `objective`: sft, dpo or orpo (see estimate_memory); `full_precision`: full fine-tuning's weights, "fp32"
+    (master weights), "bf16" (tasks/engine/bf16_adamw.py: half the bytes) or "auto": fp32 where it trains
+    without checkpointing, else bf16 where that needs less recomputation (one GPU, formula estimates only)."""
     forced = MethodChoice(method).fixed()
+    if full_precision == "bf16" and num_gpus > 1 and forced in (None, Method.FULL):
+        raise PlanError(f"full_precision 'bf16' trains full fine-tuning in one process for now, but the run gets "
+                        f"{num_gpus} GPUs; set training.num_gpus to 1, or full_precision to 'fp32' or 'auto'")
     per_gpu_step = -(-largest_step // num_gpus)
     usual_step = -(-min(typical_step or largest_step, largest_step) // num_gpus)
     capacities = token_capacities(longest_row, per_gpu_step, max_rows_per_micro_batch)
 
-    def estimate(m: Method, tokens: int, checkpointed: int) -> MemoryEstimate:
+    def estimate(m: Method, tokens: int, checkpointed: int, precision: str = "fp32") -> MemoryEstimate:
         probe = (probes or {}).get(m)
-        if probe is not None and (num_gpus == 1 or m.trains_adapter):
+        if probe is not None and precision == "fp32" and (num_gpus == 1 or m.trains_adapter):
             return measured_estimate(probe, tokens, min(checkpointed, probe.layers), num_gpus)
         return estimate_memory(shape, m, device, tokens, checkpointed > 0, lora_r, lora_targets, fused_kernels,
-                               num_gpus, checkpointed_layers=checkpointed, objective=objective)
+                               num_gpus, checkpointed_layers=checkpointed, objective=objective,
+                               full_precision=precision)
 
-    def best_for(m: Method) -> Candidate:
+    def best_for(m: Method, precision: str = "fp32") -> Candidate:
         fitting = [e for tokens in capacities
-                   if (e := _leanest_fit(lambda k: estimate(m, tokens, k), shape.num_layers, budget_bytes,
+                   if (e := _leanest_fit(lambda k: estimate(m, tokens, k, precision), shape.num_layers, budget_bytes,
                                          gradient_checkpointing))]
         if not fitting:  # the smallest configuration: what it needs at least
-            least = estimate(m, capacities[-1], 0 if gradient_checkpointing == "off" else shape.num_layers)
+            least = estimate(m, capacities[-1], 0 if gradient_checkpointing == "off" else shape.num_layers, precision)
             return Candidate(estimate=least, fits=False)
         return Candidate(estimate=min(fitting, key=lambda e: _step_cost(e, usual_step, shape.num_layers)), fits=True)
 
+    def best_full() -> Candidate:
+        bf16_allowed = device == "cuda" and num_gpus == 1 and Method.FULL not in (probes or {})
+        if full_precision == "bf16" or (full_precision == "auto" and not bf16_allowed):
+            return best_for(Method.FULL, "bf16" if full_precision == "bf16" else "fp32")
+        fp32 = best_for(Method.FULL)
+        if full_precision == "fp32" or (fp32.fits and not fp32.estimate.checkpointed_layers):
+            return fp32
+        bf16 = best_for(Method.FULL, "bf16")  # fp32 would recompute layers, or does not fit
+        cost = lambda c: _step_cost(c.estimate, usual_step, shape.num_layers)  # noqa: E731
+        return bf16 if bf16.fits and (not fp32.fits or cost(bf16) < cost(fp32)) else fp32
+
     # Every method is estimated, so the plan's table shows what else would (not) have fitted.
-    candidates = [best_for(m) for m in METHODS_BY_QUALITY]
+    candidates = [best_full() if m == Method.FULL else best_for(m) for m in METHODS_BY_QUALITY]
     allowed = [c for c in candidates if forced in (None, c.estimate.method)]
     chosen = next((c for c in allowed if c.fits), None)
     budget = f"{budget_bytes / GIB:.2f} GiB ({budget_source})" + (f" on each of {num_gpus} GPUs" if num_gpus > 1 else "")
@@ -150,6 +168,8 @@ def select_plan(
         f"{est.method}: the {'requested' if forced else 'highest-quality'} method that fits "
         f"{budget}; estimated peak {est.gib:.2f} GiB with micro-batches of up to {est.tokens} packed tokens, "
         f"gradient checkpointing {_checkpointing(est, shape.num_layers)}"
+        + ("; bf16 weights and AdamW moments, updates rounded stochastically (8 bytes a parameter, not 16)"
+           if est.method == Method.FULL and est.full_precision == "bf16" else "")
         + (f"; {num_gpus} GPUs ({'DDP' if est.method.trains_adapter else 'FSDP2, sharded'})" if num_gpus > 1 else "")
         + ("" if est.kind == "formula" else f"; estimate {est.basis}")
     )
@@ -242,6 +262,7 @@ class Attempt(BaseModel):
     tokens_per_micro_batch: int
     gradient_checkpointing: bool
     checkpointed_layers: int | None = None  # with checkpointing: the first this many layers (None: all)
+    full_precision: str = "fp32"  # full fine-tuning's weights (tasks/planning/memory.py); adapters: fp32
 
     @property
     def checkpointing(self) -> str:

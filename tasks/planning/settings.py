@@ -39,6 +39,12 @@ class TrainingSettings(BaseModel):
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="'auto' turns it on only when the plan needs it to fit."
     )
+    full_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Full fine-tuning only. 'fp32': fp32 master weights and AdamW moments under bf16 autocast "
+        "(16 bytes a parameter). 'bf16': bf16 weights, gradients and moments, each update computed in fp32 and "
+        "rounded stochastically, so small updates are not lost (8 bytes a parameter). 'auto': fp32 where it trains "
+        "without gradient checkpointing, else bf16 where that recomputes less (one GPU).",
+    )
     eval_every: int = Field(10, ge=1, description="Evaluate eval loss every N optimizer steps.")
     early_stopping_patience: int = Field(
         3, ge=0, description="Stop after this many evaluations without improvement (0: never stop early)."
