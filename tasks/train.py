@@ -92,7 +92,7 @@ def _train(config: FinetuneConfig, run: RunInfo, plan, attempt: Attempt, process
                                   checkpointed_layers=attempt.checkpointed_layers,
                                   full_precision=attempt.full_precision)
         sizes["trainable"], sizes["total"] = parameter_counts(model)
-        loaded["objective"] = preference_objective(config, attempt.method, plan.device)
+        loaded["objective"] = preference_objective(config, attempt.method, plan.device, attempt.full_precision)
         logger.info("training %s on %s: %s of %s parameters trainable; micro-batches of up to %d packed "
                     "tokens; gradient checkpointing %s; attention %s", attempt.method, plan.device,
                     f"{sizes['trainable']:,}", f"{sizes['total']:,}", attempt.tokens_per_micro_batch,
@@ -122,13 +122,14 @@ def _encoded(config: FinetuneConfig, split_path: str, tokenizer) -> list:
     return encoded_split(config, split_path, tokenizer=tokenizer)[1]
 
 
-def preference_objective(config: FinetuneConfig, method: Method, device: str):
+def preference_objective(config: FinetuneConfig, method: Method, device: str, full_precision: str = "fp32"):
     """None for sft; else what the train loop runs for dpo or orpo (tasks/engine/preference_training.py)."""
     if config.objective not in PREFERENCE_OBJECTIVES:
         return None
     from tasks.engine.preference_training import build_objective
 
-    return build_objective(config.objective, config.preference, method, device, config.model, config.model_loading)
+    return build_objective(config.objective, config.preference, method, device, config.model, config.model_loading,
+                           full_precision)
 
 
 def processes_per_node(config: FinetuneConfig, plan) -> int:

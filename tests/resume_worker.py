@@ -1,5 +1,6 @@
 """Trains the tiny model with checkpoints; with --kill-in-step N it SIGKILLs itself inside step N.
-With --objective dpo|orpo it trains on the demo's preference pairs instead of its chat rows.
+With --objective dpo|orpo it trains on the demo's preference pairs instead of its chat rows; with
+--full-bf16 it fine-tunes every weight in bf16 (full_precision bf16: the stochastically rounding AdamW).
 
 Run as a separate process by tests/test_resume.py and tests/test_preference_resume.py: a kill -9 leaves
 no chance to clean up, like a preempted GPU node or an out-of-memory kill.
@@ -32,7 +33,7 @@ PREFERENCE = SETTINGS.model_copy(update={"learning_rate": 1e-3})
 
 
 def run(model_dir: str, work: Path, resume_from: Path | None = None, kill_in_step: int | None = None,
-        objective: str = "sft"):
+        objective: str = "sft", full_bf16: bool = False):
     """Returns (model, outcome), and for dpo/orpo the PreferenceObjective (its reference cache) too."""
     tokenizer = load_tokenizer(model_dir)
     preference = None
@@ -44,7 +45,8 @@ def run(model_dir: str, work: Path, resume_from: Path | None = None, kill_in_ste
                                  for name in ("preference_train.jsonl", "preference_eval.jsonl"))
         preference = PreferenceObjective(objective, PreferenceSettings(beta=0.1), "cpu")
     torch.manual_seed(SETTINGS.seed)
-    model = load_for_training(model_dir, "lora", "cpu", LORA, False)
+    model = (load_for_training(model_dir, "full", "cpu", LORA, False, full_precision="bf16") if full_bf16
+             else load_for_training(model_dir, "lora", "cpu", LORA, False))
     if kill_in_step is not None:
         _die_in_step(kill_in_step, preference)
     checkpoints = trainer.Checkpoints(folder=work / "checkpoints", every=SETTINGS.checkpoint_every, keep=10,
@@ -74,5 +76,6 @@ if __name__ == "__main__":
     parser.add_argument("work", type=Path)
     parser.add_argument("--kill-in-step", type=int)
     parser.add_argument("--objective", default="sft", choices=["sft", "dpo", "orpo"])
+    parser.add_argument("--full-bf16", action="store_true")
     args = parser.parse_args()
-    run(args.model_dir, args.work, kill_in_step=args.kill_in_step, objective=args.objective)
+    run(args.model_dir, args.work, kill_in_step=args.kill_in_step, objective=args.objective, full_bf16=args.full_bf16)

@@ -90,6 +90,24 @@ def test_orpo_full_fine_tuning_trains_every_weight_without_a_reference(tiny_mode
     assert (tmp_path / "best" / "model.safetensors").is_file()
 
 
+def test_full_dpo_in_bf16_keeps_a_bf16_reference_and_learns(tiny_model, tiny_tokenizer, tmp_path):
+    """full_precision bf16 with DPO: the policy's weights and the frozen reference are both bf16 (what the
+    plan counts), and the rounding AdamW lowers the DPO loss on the pairs."""
+    from tasks.engine.modeling import load_for_training
+    from tasks.engine.preference_training import build_objective
+
+    pairs = encode_pairs(tiny_tokenizer, PAIRS, 128)
+    model = load_for_training(str(tiny_model), Method.FULL, "cpu", LoraSettings(), False, full_precision="bf16")
+    objective = build_objective("dpo", PreferenceSettings(beta=0.5), Method.FULL, "cpu", str(tiny_model),
+                                full_precision="bf16")
+    assert {p.dtype for p in objective.reference.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in objective.reference.parameters())
+    start = objective.eval_loss(model, pairs, 4096)
+    train(model, pairs, pairs, settings(learning_rate=1e-3), 4096, "cpu", tmp_path / "best", LOG, progress=False,
+          objective=objective)
+    assert objective.eval_loss(model, pairs, 4096) < start - 0.05
+
+
 def test_micro_batches_give_the_gradient_of_the_whole_step(tiny_model, tiny_tokenizer):
     """A step cut into micro-batches (a small token capacity) accumulates the gradient of one batch."""
     pairs = encode_pairs(tiny_tokenizer, PAIRS[:4], 128)

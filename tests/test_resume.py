@@ -16,17 +16,21 @@ def trainable(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_a_killed_run_resumes_to_the_same_result(tiny_model, tmp_path):
+@pytest.mark.parametrize("full_bf16", [False, True], ids=["lora", "full-bf16"])
+def test_a_killed_run_resumes_to_the_same_result(tiny_model, tmp_path, full_bf16):
+    """LoRA with dropout, and bf16 full fine-tuning, whose AdamW rounds at random: the checkpoint's random
+    state makes the resumed steps draw what the straight run draws."""
     worker = Path(__file__).with_name("resume_worker.py")
     killed = subprocess.run([sys.executable, str(worker), str(tiny_model), str(tmp_path / "killed"),
-                             "--kill-in-step", "6"], capture_output=True, text=True, timeout=300)
+                             "--kill-in-step", "6", *(["--full-bf16"] if full_bf16 else [])],
+                            capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     saved = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert saved == ["step-0000002", "step-0000004"]  # step 6's checkpoint was never written
 
     resumed_model, resumed = run(str(tiny_model), tmp_path / "killed",
-                                 resume_from=tmp_path / "killed" / "checkpoints" / "step-0000004")
-    straight_model, straight = run(str(tiny_model), tmp_path / "straight")
+                                 resume_from=tmp_path / "killed" / "checkpoints" / "step-0000004", full_bf16=full_bf16)
+    straight_model, straight = run(str(tiny_model), tmp_path / "straight", full_bf16=full_bf16)
 
     assert resumed.resumed_from_step == 4 and straight.resumed_from_step == 0
     assert [r["train_loss"] for r in resumed.history] == pytest.approx(

@@ -359,7 +359,7 @@ def estimate_memory(
     adapters' gradients for the all-reduce.
 
     `objective`: dpo and orpo make their log-probs with the model's own head (tasks/engine/preference.py),
-    not the fused loss; DPO's full fine-tuning also holds a frozen fp32 copy of the base as its reference
+    not the fused loss; DPO's full fine-tuning also holds a frozen copy of the base as its reference, as the weights
     (tasks/train.preference_objective), where adapters need none (the base with the adapter switched off).
 
     `full_precision`: full fine-tuning's weights: "fp32" (master weights, bf16 autocast on CUDA) or
@@ -379,7 +379,7 @@ def estimate_memory(
         # checkpointed layer's forward keeps none, so of those only the recomputed layer's copies exist.
         per_layer_copies = 2 * unquantized // layers
         copies = 0 if device != "cuda" or not master else per_layer_copies * (layers - checkpointed + (1 if checkpointed else 0))
-        weights = stream * params + copies + (4 * params if objective == "dpo" else 0)  # the reference is fp32
+        weights = stream * params + copies + (stream * params if objective == "dpo" else 0)  # the reference: as the weights
         trainable = 2 * stream * params  # two AdamW moments; the gradients are counted with the activations
     else:
         base = compute * params
@@ -498,6 +498,8 @@ def _layer_activation_bytes(shape: ModelShape, method: Method, fused: bool, stre
     norm = stream * h if fused else 4 * h + stream * h
     if f.layer_norm and not fused:
         norm += 4 * h
+    if method == Method.FULL and not fused:  # a trained norm weight keeps its normalised input for its gradient
+        norm += stream * h
     if method == Method.FULL and stream != compute:  # autocast over fp32 weights
         norm_outputs = 5 * compute * h
     else:
