@@ -197,13 +197,16 @@ def _checkpoints(config: FinetuneConfig, run: RunInfo, data: IngestResult, plann
     from tasks.engine.train_loop import Checkpoints
 
     run_key = run.flow_run_id or run.run_id
-    # num_gpus is left out: adapters resume on any number of processes, FSDP shards on any number above one
+    # num_gpus is left out: adapters resume on any number of processes, FSDP shards on any number above one;
+    # full_precision as the plan resolved it (below), not as asked: auto and fp32 train alike where auto picks fp32
     settings = config.training.model_dump(exclude={"max_steps", "eval_every", "checkpoint_every", "num_gpus",
-                                                   "early_stopping_patience", "early_stopping_min_delta"})
+                                                   "early_stopping_patience", "early_stopping_min_delta",
+                                                   "full_precision"})
     identity = training_fingerprint(model=config.model, data=[s.sha256 for s in data.sources],
                                     method=planned.plan.method, lora=config.lora.model_dump(), training=settings,
                                     eval_origin=data.eval_origin, **_objective_identity(config),
-                                    **({"mix": data.mix} if data.mix else {}))  # other weights: other rows
+                                    **({"mix": data.mix} if data.mix else {}),  # other weights: other rows
+                                    **({"full_precision": "bf16"} if planned.plan.estimate.full_precision == "bf16" else {}))
     local = Path(run.run_dir) / "checkpoints"
     resume_from = found = None
     for uri in candidate_checkpoints(config.output, run_key, identity if config.resume else None):
