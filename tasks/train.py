@@ -109,7 +109,8 @@ def _train(config: FinetuneConfig, run: RunInfo, plan, attempt: Attempt, process
 
     outcome, attempt, step_downs = train_within_memory(
         load, run_attempt, attempt, planned_tokens=plan.tokens_per_micro_batch, longest_row=plan.longest_row,
-        method_fixed=config.method.fixed() is not None, log=logger)
+        method_fixed=config.method.fixed() is not None, log=logger,
+        bf16_allowed=settings.full_precision == "auto" and plan.device == "cuda")
     return outcome, attempt, step_downs, sizes["trainable"], sizes["total"], world_size
 
 

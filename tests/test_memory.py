@@ -231,6 +231,12 @@ def test_out_of_memory_steps_down_in_order():
                     ("qlora", 8192, True), ("qlora", 4096, True), ("qlora", 2048, True)]
     forced = Attempt(method="full", tokens_per_micro_batch=2048, gradient_checkpointing=True)
     assert step_down(forced, planned_tokens=8192, longest_row=2048, method_fixed=True) is None
+    # full_precision auto on one GPU: bf16 weights (half the bytes) before giving up full fine-tuning
+    bf16 = step_down(forced, planned_tokens=8192, longest_row=2048, method_fixed=True, bf16_allowed=True)
+    assert (bf16.method, bf16.full_precision, bf16.tokens_per_micro_batch, bf16.checkpointed_layers) == \
+        ("full", "bf16", 8192, None)
+    last = bf16.model_copy(update={"tokens_per_micro_batch": 2048})
+    assert step_down(last, planned_tokens=8192, longest_row=2048, method_fixed=False, bf16_allowed=True).method == "lora"
 
 
 def test_smallest_work_pool_that_fits():
@@ -361,3 +367,19 @@ def test_auto_full_precision_takes_bf16_only_where_fp32_would_recompute():
     assert plan_1b(60, num_gpus=2).estimate.full_precision == "fp32"
     with pytest.raises(PlanError, match="set training.num_gpus to 1, or full_precision to 'fp32' or 'auto'"):
         plan_1b(60, num_gpus=2, full_precision="bf16")
+    # checkpointing forced on: fp32 recomputes as much as bf16 would, so it stays; off: fp32 while it fits at all
+    assert plan_1b(30, gradient_checkpointing="on").estimate.full_precision == "fp32"
+    off = plan_1b(30, gradient_checkpointing="off")
+    assert (off.estimate.full_precision, off.gradient_checkpointing) == ("fp32", False)
+    assert plan_1b(18, gradient_checkpointing="off").estimate.full_precision == "bf16"  # fp32 does not fit at all
+
+
+def test_auto_plans_8b_full_fine_tuning_in_bf16_on_an_80_gib_gpu():
+    """With method and full_precision auto, full fine-tuning (the best quality) of an 8B model fits an 80 GiB GPU
+    in bf16, where with fp32 master weights only LoRA did."""
+    kw = dict(budget_bytes=int(0.9 * 80 * GIB), budget_source="test", device="cuda", method="auto",
+              longest_row=2048, largest_step=16384)
+    shape = ModelShape.from_config(LLAMA_8B)
+    chosen = select_plan(shape, **kw)
+    assert (chosen.method, chosen.estimate.full_precision) == ("full", "bf16")
+    assert select_plan(shape, full_precision="fp32", **kw).method == "lora"

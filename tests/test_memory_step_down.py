@@ -67,7 +67,7 @@ def test_out_of_memory_everywhere_names_every_attempt(tiny_model, tiny_tokenizer
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     load, _, longest = _parts(tiny_model, tiny_tokenizer, "cpu", tmp_path)
-    with pytest.raises(MemoryError, match=r"every configuration tried \(full at \d+ tokens.*qlora at \d+ tokens "
+    with pytest.raises(MemoryError, match=r"every configuration tried \(full \(fp32 weights\) at \d+ tokens.*qlora at \d+ tokens "
                                           r"per micro-batch, gradient checkpointing on\)"):
         _within_memory(load, nothing_fits, longest)
 

@@ -9,7 +9,9 @@ is rounded to bf16 stochastically: up with probability equal to its distance fro
 below, so its expectation is the fp32 result and small updates add up over steps as in fp32.
 
 On CUDA one Triton kernel updates a tensor in one read and one write of each state (random bits
-from Philox, in the kernel); on CPU the same arithmetic runs in torch, a chunk at a time.
+from Philox, in the kernel); on CPU the same arithmetic runs in torch, a chunk at a time. fp32
+parameters among them (a family that keeps some modules in fp32) get the same update, unrounded.
+Gradients still add up across micro-batches in bf16, rounded to nearest, as in any pure-bf16 run.
 """
 from __future__ import annotations
 
@@ -32,34 +34,36 @@ def round_stochastically(x: torch.Tensor, noise: torch.Tensor | None = None) -> 
 
 
 def adamw_update(weight, grad, exp_avg, exp_avg_sq, *, lr: float, beta1: float, beta2: float, eps: float,
-                 weight_decay: float, step: int) -> None:
-    """One AdamW update (decoupled weight decay, bias-corrected) of a bf16 weight and its bf16 moments,
-    in place, computed in fp32 and rounded stochastically. The CPU's path, and the reference of the
-    CUDA kernel."""
-    views = [t.view(-1) for t in (weight, grad, exp_avg, exp_avg_sq)]
-    step_size, correction2 = lr / (1 - beta1 ** step), 1 - beta2 ** step
+                 weight_decay: float, step_size: float, correction2: float) -> None:
+    """One AdamW update (decoupled weight decay; `step_size` = lr / (1 - beta1^t), `correction2` = 1 - beta2^t)
+    of a weight and its moments, in place, computed in fp32 and stored rounded stochastically where they are
+    bf16. The CPU's path (and fp32 parameters' on CUDA), and the reference of the CUDA kernel."""
+    views = [weight.view(-1), grad.reshape(-1), exp_avg.view(-1), exp_avg_sq.view(-1)]  # in place: views only
     for start in range(0, views[0].numel(), CPU_CHUNK):
         w, g, m, v = (t[start:start + CPU_CHUNK] for t in views)
         g32 = g.float()
         m32 = m.float() * beta1 + g32 * (1 - beta1)
         v32 = v.float() * beta2 + g32 * g32 * (1 - beta2)
         w32 = w.float() * (1 - lr * weight_decay) - step_size * m32 / ((v32 / correction2).sqrt() + eps)
-        w.copy_(round_stochastically(w32))
-        m.copy_(round_stochastically(m32))
-        v.copy_(round_stochastically(v32))
+        for target, value in ((w, w32), (m, m32), (v, v32)):
+            target.copy_(round_stochastically(value) if target.dtype == torch.bfloat16 else value)
+
+
+TRAINED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class Bf16AdamW(torch.optim.Optimizer):
-    """AdamW over bf16 parameters, moments kept in bf16, every result rounded stochastically (see the
-    module's docstring). Its state_dict saves and loads as any torch optimizer's, so checkpoints resume it."""
+    """AdamW over bf16 parameters (fp32 ones alongside), moments kept in the parameter's dtype, every bf16
+    result rounded stochastically (see the module's docstring). Its state_dict saves and loads as any torch
+    optimizer's, so checkpoints resume it."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         for group in self.param_groups:
             for parameter in group["params"]:
-                if parameter.dtype != torch.bfloat16:
-                    raise TypeError(f"Bf16AdamW trains bf16 parameters; got {parameter.dtype} "
+                if parameter.dtype not in TRAINED_DTYPES:
+                    raise TypeError(f"Bf16AdamW trains bf16 (and fp32) parameters; got {parameter.dtype} "
                                     f"(a {tuple(parameter.shape)} tensor)")
 
     @torch.no_grad()
@@ -79,15 +83,19 @@ class Bf16AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
                 state["step"] += 1
-                update = _cuda_update if parameter.is_cuda else adamw_update
-                update(parameter, parameter.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], beta1=beta1,
-                       beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                       step=int(state["step"].item()))
+                step = int(state["step"].item())
+                kernel = parameter.is_cuda and parameter.dtype == torch.bfloat16
+                (_cuda_update if kernel else adamw_update)(
+                    parameter, parameter.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], beta1=beta1,
+                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    step_size=group["lr"] / (1 - beta1 ** step), correction2=1 - beta2 ** step)
         return loss
 
 
 def _cuda_update(weight, grad, exp_avg, exp_avg_sq, **hyperparameters) -> None:
     from tasks.engine.bf16_adamw_kernel import update_on_cuda  # Triton: imported on CUDA only
 
+    if not (weight.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
+        raise ValueError(f"Bf16AdamW's kernel updates contiguous tensors; a {tuple(weight.shape)} weight is not")
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # from torch's generator: a seeded run repeats
     update_on_cuda(weight, grad.contiguous(), exp_avg, exp_avg_sq, seed=seed, **hyperparameters)

@@ -19,7 +19,7 @@ from tasks.planning.settings import LoraSettings
 from tasks.store.weight_safety import SAFE, ModelLoadingSettings, pretrained_kwargs, require_safe_weights
 
 
-_FULL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FULL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # full fine-tuning's weights, by full_precision
 
 
 def compute_dtype(device: str) -> torch.dtype:
@@ -39,7 +39,7 @@ def load_for_training(path: str, method: Method | str, device: str, lora: LoraSe
     else:
         # Full fine-tuning keeps fp32 master weights (bf16 autocast on CUDA) unless asked for bf16;
         # LoRA freezes a compute-dtype base.
-        dtype = compute_dtype(device) if method.trains_adapter else _FULL_DTYPES[full_precision]
+        dtype = compute_dtype(device) if method.trains_adapter else FULL_DTYPES[full_precision]
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device},
                                                      **pretrained_kwargs(loading))
     model = prepare_for_training(model, method, device, lora, gradient_checkpointing, checkpointed_layers)

@@ -118,11 +118,10 @@ def build_objective(objective: str, settings: PreferenceSettings, method: Method
     """The objective for a run. DPO's reference: with an adapter, the same model with it switched off (no
     copy); full fine-tuning, a frozen copy of the base in the policy's weights' dtype (fp32 master weights,
     or bf16 with full_precision bf16; the plan counts it: tasks/planning/memory.py)."""
-    from tasks.engine.modeling import load_for_inference
+    from tasks.engine.modeling import FULL_DTYPES, load_for_inference
 
     reference = None
     if objective == "dpo" and not method.trains_adapter:
-        dtype = torch.bfloat16 if full_precision == "bf16" else torch.float32
-        reference = load_for_inference(model_path, device, dtype=dtype, loading=loading or SAFE)
+        reference = load_for_inference(model_path, device, dtype=FULL_DTYPES[full_precision], loading=loading or SAFE)
         reference.requires_grad_(False)
     return PreferenceObjective(objective, settings, device, reference)

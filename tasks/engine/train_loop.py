@@ -313,7 +313,7 @@ def train(
 
 
 def train_within_memory(load: Callable, run: Callable, attempt: Attempt, *, planned_tokens: int, longest_row: int,
-                        method_fixed: bool, log) -> tuple[TrainOutcome, Attempt, list[dict]]:
+                        method_fixed: bool, log, bf16_allowed: bool = False) -> tuple[TrainOutcome, Attempt, list[dict]]:
     """`run(load(attempt), attempt, restarted)` until it fits: after each out-of-memory error, the next
     leaner attempt (tasks/selector.step_down), recorded and logged. Returns the outcome, the attempt
     that trained, and the record of each step down; fails naming every attempt when none is left."""
@@ -326,7 +326,7 @@ def train_within_memory(load: Callable, run: Callable, attempt: Attempt, *, plan
         except torch.OutOfMemoryError as error:
             _release(model)
             leaner = step_down(attempt, planned_tokens=planned_tokens, longest_row=longest_row,
-                               method_fixed=method_fixed)
+                               method_fixed=method_fixed, bf16_allowed=bf16_allowed)
             step_downs.append({"out_of_memory": attempt.model_dump(), "error": str(error).splitlines()[0][:300],
                                "next": leaner.model_dump() if leaner else None})
             if leaner is None:
@@ -363,8 +363,9 @@ def _release(model) -> None:
 
 
 def _describe(attempt: Attempt) -> str:
-    return (f"{attempt.method} at {attempt.tokens_per_micro_batch} tokens per micro-batch, gradient checkpointing "
-            f"{attempt.checkpointing}")
+    weights = f" ({attempt.full_precision} weights)" if attempt.method == "full" else ""
+    return (f"{attempt.method}{weights} at {attempt.tokens_per_micro_batch} tokens per micro-batch, gradient "
+            f"checkpointing {attempt.checkpointing}")
 
 
 def _out_of_memory_message(step_downs: list[dict], method_fixed: bool) -> str:
@@ -433,9 +434,10 @@ def _batches(n_rows: int, batch_size: int, seed: int):
 
 
 def adamw_for(parameters: list, settings: TrainingSettings, device: str) -> torch.optim.Optimizer:
-    """AdamW for the weights as loaded: bf16 weights (full fine-tuning, full_precision bf16) get the
-    stochastically rounding AdamW of tasks/engine/bf16_adamw.py; fp32 weights torch's own (fused on CUDA)."""
-    if parameters and all(p.dtype == torch.bfloat16 for p in parameters):
+    """AdamW for the weights as loaded: bf16 weights (full fine-tuning, full_precision bf16; any fp32 ones a
+    family keeps beside them too) get the stochastically rounding AdamW of tasks/engine/bf16_adamw.py; all-fp32
+    weights torch's own (fused on CUDA)."""
+    if any(p.dtype == torch.bfloat16 for p in parameters):
         from tasks.engine.bf16_adamw import Bf16AdamW
 
         return Bf16AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)

@@ -23,12 +23,14 @@ Pure: no torch, no Prefect.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, computed_field
 
 from tasks.planning.methods import Method
 
 GIB = 2**30
+FullPrecision = Literal["fp32", "bf16"]  # full fine-tuning's weights: fp32 master weights, or bf16 (bf16_adamw.py)
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
 RUNTIME_OVERHEAD = {"cuda": int(1.0 * GIB), "cpu": int(1.5 * GIB)}  # CUDA context + allocator; Python + libraries
 FRAGMENTATION = {"cuda": 0.01, "cpu": 0.0}  # allocator slack, a share of what is allocated
@@ -305,7 +307,7 @@ class MemoryEstimate(BaseModel):
     tokens: int  # packed tokens per micro-batch
     gradient_checkpointing: bool
     checkpointed_layers: int = 0  # decoder layers recomputed in backward (the first ones), when checkpointing
-    full_precision: str = "fp32"  # full fine-tuning's weights: fp32 master weights, or bf16 (adapters: fp32)
+    full_precision: FullPrecision = "fp32"  # full fine-tuning's weights (adapters: fp32)
     fused_kernels: bool
     weights: int
     trainable_state: int  # optimizer states (and the adapters' gradients)
@@ -345,7 +347,7 @@ def estimate_memory(
     num_gpus: int = 1,
     checkpointed_layers: int | None = None,
     objective: str = "sft",
-    full_precision: str = "fp32",
+    full_precision: FullPrecision = "fp32",
 ) -> MemoryEstimate:
     """Peak memory of one GPU (or the CPU) in a training step on micro-batches of `tokens` packed tokens.
 
@@ -442,7 +444,7 @@ def overhead_bytes(device: str, method: Method, checkpointed: int, allocated: in
 
 def kept_for_backward(shape: ModelShape, method: Method | str, device: str, tokens: int, gradient_checkpointing: bool,
                       lora_r: int = 16, fused_kernels: bool = False, checkpointed_layers: int | None = None,
-                      full_precision: str = "fp32") -> int:
+                      full_precision: FullPrecision = "fp32") -> int:
     """What autograd keeps from the forward pass of one micro-batch of `tokens` packed tokens for backward:
     the layers' activations (or their inputs, with checkpointing), eager attention's score matrices and
     the loss's. The part of the estimate tests measure with saved-tensor hooks on the trainer's own forward."""
@@ -458,7 +460,7 @@ def kept_for_backward(shape: ModelShape, method: Method | str, device: str, toke
     return kept if shape.verified else int(kept * CONSERVATIVE_MARGIN)
 
 
-def _element_bytes(method: Method, device: str, full_precision: str) -> tuple[int, int]:
+def _element_bytes(method: Method, device: str, full_precision: FullPrecision) -> tuple[int, int]:
     """(compute, stream): bytes per element of a matmul output (bf16 on CUDA, or in a bf16 full run;
     else fp32), and of the residual stream (fp32 with fp32 master weights or on the CPU)."""
     if method == Method.FULL and full_precision == "bf16":
@@ -541,6 +543,11 @@ def eager_attention_bytes(shape: ModelShape, tokens: int, compute: int) -> int:
     return shape.num_heads * tokens * tokens * (compute + 4 + cast_copy)
 
 
+def _head_gradient_bytes(shape: ModelShape, compute: int, stream: int) -> int:
+    """A training head's gradient, summed in fp32, and with fp32 master weights their compute-dtype copy."""
+    return shape.vocab_size * shape.hidden_size * (4 + compute if stream == 4 else 4)
+
+
 def _loss_bytes(shape: ModelShape, method: Method, compute: int, stream: int, tokens: int,
                 fused: bool = True) -> tuple[int, int]:
     """The fused loss, as (working, kept): a chunk of logits (fp32, and the compute-dtype gradient)
@@ -552,13 +559,13 @@ def _loss_bytes(shape: ModelShape, method: Method, compute: int, stream: int, to
         working = tokens * shape.vocab_size * (4 + compute)
         kept = tokens * shape.vocab_size * 4 + tokens * shape.hidden_size * stream
         if method == Method.FULL:
-            kept += shape.vocab_size * shape.hidden_size * (4 + compute if stream == 4 else 4)
+            kept += _head_gradient_bytes(shape, compute, stream)
         return working, kept
     chunk = min(tokens, max(64, LOSS_CHUNK_BYTES // (4 * shape.vocab_size)))
     working = chunk * shape.vocab_size * (6 if compute == 2 else 4)  # fp32 logits + bf16 source/gradient
     if shape.logit_softcapping:
         working += chunk * shape.vocab_size * 4  # the soft cap's slope (fp32)
     kept = 2 * tokens * shape.hidden_size * stream
-    if method == Method.FULL:  # the head's gradient, summed in fp32 (and with fp32 weights their compute-dtype copy)
-        kept += shape.vocab_size * shape.hidden_size * (4 + compute if stream == 4 else 4)
+    if method == Method.FULL:
+        kept += _head_gradient_bytes(shape, compute, stream)
     return working, kept

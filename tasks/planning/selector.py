@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 from pydantic import BaseModel
 
 from tasks.planning.measured import MethodProbe, measured_estimate
-from tasks.planning.memory import GIB, MemoryEstimate, ModelShape, estimate_memory
+from tasks.planning.memory import GIB, FullPrecision, MemoryEstimate, ModelShape, estimate_memory
 from tasks.planning.methods import Method, MethodChoice
 
 METHODS_BY_QUALITY = tuple(Method)  # full, lora, qlora: the enum lists them best first
@@ -94,7 +95,7 @@ def select_plan(
     num_gpus: int = 1,
     probes: Mapping[Method, MethodProbe] | None = None,
     objective: str = "sft",
-    full_precision: str = "auto",
+    full_precision: Literal["auto", "fp32", "bf16"] = "auto",
 ) -> TrainingPlan:
     """`longest_row`: tokens of the longest (truncated) row; `largest_step`: tokens of the largest
     optimizer step (the `batch_size` longest rows), which memory is planned for; `typical_step`: the
@@ -107,6 +108,8 @@ def select_plan(
     (master weights), "bf16" (tasks/engine/bf16_adamw.py: half the bytes) or "auto": fp32 where it trains
     without checkpointing, else bf16 where that needs less recomputation (one GPU, formula estimates only)."""
     forced = MethodChoice(method).fixed()
+    if full_precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"full_precision must be 'auto', 'fp32' or 'bf16', not {full_precision!r}")
     if full_precision == "bf16" and num_gpus > 1 and forced in (None, Method.FULL):
         raise PlanError(f"full_precision 'bf16' trains full fine-tuning in one process for now, but the run gets "
                         f"{num_gpus} GPUs; set training.num_gpus to 1, or full_precision to 'fp32' or 'auto'")
@@ -114,7 +117,7 @@ def select_plan(
     usual_step = -(-min(typical_step or largest_step, largest_step) // num_gpus)
     capacities = token_capacities(longest_row, per_gpu_step, max_rows_per_micro_batch)
 
-    def estimate(m: Method, tokens: int, checkpointed: int, precision: str = "fp32") -> MemoryEstimate:
+    def estimate(m: Method, tokens: int, checkpointed: int, precision: FullPrecision = "fp32") -> MemoryEstimate:
         probe = (probes or {}).get(m)
         if probe is not None and precision == "fp32" and (num_gpus == 1 or m.trains_adapter):
             return measured_estimate(probe, tokens, min(checkpointed, probe.layers), num_gpus)
@@ -122,7 +125,7 @@ def select_plan(
                                num_gpus, checkpointed_layers=checkpointed, objective=objective,
                                full_precision=precision)
 
-    def best_for(m: Method, precision: str = "fp32") -> Candidate:
+    def best_for(m: Method, precision: FullPrecision = "fp32") -> Candidate:
         fitting = [e for tokens in capacities
                    if (e := _leanest_fit(lambda k: estimate(m, tokens, k, precision), shape.num_layers, budget_bytes,
                                          gradient_checkpointing))]
@@ -262,7 +265,7 @@ class Attempt(BaseModel):
     tokens_per_micro_batch: int
     gradient_checkpointing: bool
     checkpointed_layers: int | None = None  # with checkpointing: the first this many layers (None: all)
-    full_precision: str = "fp32"  # full fine-tuning's weights (tasks/planning/memory.py); adapters: fp32
+    full_precision: FullPrecision = "fp32"  # full fine-tuning's weights (tasks/planning/memory.py); adapters: fp32
 
     @property
     def checkpointing(self) -> str:
@@ -272,18 +275,23 @@ class Attempt(BaseModel):
         return "on" if self.checkpointed_layers is None else f"on for the first {self.checkpointed_layers} layers"
 
 
-def step_down(attempt: Attempt, *, planned_tokens: int, longest_row: int, method_fixed: bool) -> Attempt | None:
+def step_down(attempt: Attempt, *, planned_tokens: int, longest_row: int, method_fixed: bool,
+              bf16_allowed: bool = False) -> Attempt | None:
     """The next, leaner way to train after `attempt` ran out of memory, or None when none is left.
 
     In order: halve the micro-batch (more of them per step: the same update), down to the longest
-    row; then gradient checkpointing of every layer, from the planned micro-batch again; then LoRA,
-    then QLoRA (unless the config forces its method), each again from the planned micro-batch.
+    row; then gradient checkpointing of every layer, from the planned micro-batch again; then, for
+    full fine-tuning with fp32 master weights where `bf16_allowed` (full_precision auto, one GPU), bf16
+    weights; then LoRA, then QLoRA (unless the config forces its method), each again from the planned
+    micro-batch.
     """
     if attempt.tokens_per_micro_batch // 2 >= longest_row:
         return attempt.model_copy(update={"tokens_per_micro_batch": attempt.tokens_per_micro_batch // 2})
     if not attempt.gradient_checkpointing or attempt.checkpointed_layers is not None:
         return attempt.model_copy(update={"tokens_per_micro_batch": planned_tokens, "gradient_checkpointing": True,
                                           "checkpointed_layers": None})
+    if attempt.method == Method.FULL and attempt.full_precision == "fp32" and bf16_allowed:
+        return attempt.model_copy(update={"tokens_per_micro_batch": planned_tokens, "full_precision": "bf16"})
     leaner = METHODS_BY_QUALITY.index(attempt.method) + 1
     if method_fixed or leaner == len(METHODS_BY_QUALITY):
         return None
