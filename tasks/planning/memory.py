@@ -4,11 +4,12 @@ It models this project's trainer (tasks/engine/train_loop.py, tasks/engine/model
 trainer on CPU and checks the estimate against it, and benchmarks/gpu_memory.py measures it on a
 GPU (benchmarks/results/). What it counts:
 - weights: full fine-tuning keeps fp32 master weights, plus on CUDA the bf16 copies autocast makes of
-  every linear weight for the step, or (full_precision "bf16") bf16 weights only; LoRA freezes a base in the compute dtype (bf16 on CUDA, fp32
-  on CPU); QLoRA's linear layers are NF4 with double quantisation, everything else in the compute
-  dtype, plus one dequantised weight at a time.
-- trainable state: AdamW's two moments (fp32; bf16 with bf16 weights: tasks/engine/bf16_adamw.py), and the adapters' fp32 gradients (full fine-tuning's
-  gradients are weighed against the activations instead: backward frees one as it fills the other).
+  every linear weight for the step, or (full_precision "bf16") bf16 weights only; LoRA freezes a base
+  in the compute dtype (bf16 on CUDA, fp32 on CPU); QLoRA's linear layers are NF4 with double
+  quantisation, everything else in the compute dtype, plus one dequantised weight at a time.
+- trainable state: AdamW's two moments (fp32; bf16 with bf16 weights: tasks/engine/bf16_adamw.py), and
+  the adapters' fp32 gradients (full fine-tuning's gradients are weighed against the activations
+  instead: backward frees one as it fills the other).
 - activations: what autograd keeps per token of a packed micro-batch, layer by layer, for the
   kernels the trainer uses (varlen FlashAttention on CUDA; Liger's RMSNorm/RoPE/SwiGLU when
   installed; LoRA dropout fused into the adapter); for each checkpointed layer only its input, plus
