@@ -247,6 +247,9 @@ class FinetuneConfig(_Settings):
         if preference and (self.training.num_gpus or 1) > 1:
             problems.append(f"objective {self.objective!r} trains in one process for now: set training.num_gpus to "
                             "1 (or leave it empty on a one-GPU machine)")
+        if self.training.full_precision == "bf16" and (self.training.num_gpus or 1) > 1:
+            problems.append("training.full_precision 'bf16' trains in one process for now: set training.num_gpus to 1, "
+                            "or full_precision to 'fp32' or 'auto' (auto keeps fp32 on several GPUs)")
         return problems
 
     def with_local_model(self, model: ResolvedModel) -> FinetuneConfig:

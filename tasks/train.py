@@ -77,6 +77,9 @@ def _train(config: FinetuneConfig, run: RunInfo, plan, attempt: Attempt, process
     if processes * nodes.count > 1 and config.objective in PREFERENCE_OBJECTIVES:
         raise ValueError(f"objective {config.objective!r} trains in one process for now, but this run would start "
                          f"{processes * nodes.count}; set training.num_gpus=1 and run on one machine")
+    if processes * nodes.count > 1 and attempt.method == "full" and attempt.full_precision == "bf16":
+        raise ValueError(f"full fine-tuning in bf16 trains in one process for now, but this run would start "
+                         f"{processes * nodes.count}; set training.full_precision to 'fp32', or run on one GPU")
     if processes * nodes.count > 1:
         # No out-of-memory step-down across processes (yet): a process out of memory fails the task.
         outcome, trainable, total, world_size = _train_in_processes(

@@ -74,5 +74,8 @@ def test_the_objective_its_settings_and_the_gpus_must_agree():
     text = str(caught.value)
     assert "ORPO has that NLL already" in text and "set it to 0, or objective to 'dpo'" in text
     assert "trains in one process for now" in text  # both problems, in one error
+    with pytest.raises(ValidationError, match="full_precision 'bf16' trains in one process for now"):
+        FinetuneConfig(model="m", data="d.jsonl", training={"num_gpus": 2, "full_precision": "bf16"})
+    FinetuneConfig(model="m", data="d.jsonl", training={"num_gpus": 2})  # auto: fp32 on several GPUs
     with pytest.raises(ValidationError, match="but objective is 'sft'"):
         FinetuneConfig(model="m", data="d.jsonl", preference={"sft_weight": 1.0})
