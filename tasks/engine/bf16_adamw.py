@@ -20,16 +20,14 @@ import torch
 CPU_CHUNK = 1 << 22  # elements updated at a time on the CPU: bounds the fp32 working copies
 
 
-def round_stochastically(x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+def round_stochastically(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> bf16, rounding up or down at random with probability by distance: unbiased.
 
     A bf16 value is an fp32 value with its low 16 bits zero. Adding a uniform 16-bit integer to the
     bits and clearing them rounds the magnitude up exactly when the noise reaches the distance to the
-    next bf16 value (the carry moves into the kept bits): with that probability. `noise`: int32 in
-    [0, 65536), drawn here when not given."""
+    next bf16 value (the carry moves into the kept bits): with that probability."""
     bits = x.view(torch.int32)
-    if noise is None:
-        noise = torch.randint_like(bits, 0, 1 << 16)
+    noise = torch.randint_like(bits, 0, 1 << 16)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 

@@ -81,10 +81,15 @@ def _loss_only(hidden, weight, targets, compute_dtype, scale=1.0, softcap=None) 
 FP32_OUTPUT_MATMULS = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
+def _fp32_output(a: torch.Tensor) -> bool:
+    """Whether cuBLAS can take 16-bit `a` and write its fp32 accumulator out directly."""
+    return FP32_OUTPUT_MATMULS and a.is_cuda and a.dtype != torch.float32
+
+
 def _fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in fp32. On CUDA from 16-bit inputs cuBLAS writes its fp32 accumulator out directly (no
     16-bit product to round and then copy up: a pass over the chunk's logits saved)."""
-    if FP32_OUTPUT_MATMULS and a.is_cuda and a.dtype != torch.float32:
+    if _fp32_output(a):
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
 
@@ -93,7 +98,7 @@ def _accumulate_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -
     """total (fp32) += a @ b. On CUDA in the matmul itself (beta = 1, fp32 output from 16-bit inputs):
     with a vocabulary of 128k, the head's gradient is 1 GiB, which a separate product, cast and add
     read and write several times over for every chunk of tokens."""
-    if FP32_OUTPUT_MATMULS and a.is_cuda and a.dtype != torch.float32:
+    if _fp32_output(a):
         torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
     else:
         total += (a @ b).float()
